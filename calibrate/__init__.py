@@ -1,0 +1,1 @@
+"""calibrate: see issue; thin until built."""

@@ -1,0 +1,2 @@
+"""Replay agent traces through the simulator or a live OpenAI-compatible server, into one
+results layout (calls.csv, programs.csv, timeseries.csv, summary.json)."""

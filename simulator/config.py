@@ -1,0 +1,199 @@
+"""Simulation configuration: frozen dataclasses, one per section, validated on construction.
+
+Every field carries its help text (`field(metadata={"help": ...})`); `describe()` prints them,
+so the documentation of every engine knob and policy parameter lives in this one place.
+Keys use vLLM's names where vLLM has one. `None` means "the engine's default for this device"
+and is resolved by `resolve_engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote that cannot run (unknown key, bad value)."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int | None = _f(None, "KV block size in tokens (vLLM: 16 on GPU, 128 on the CPU backend).")
+    max_num_seqs: int | None = _f(None, "Most requests running at once (vLLM default for the device when unset).")
+    max_num_batched_tokens: int | None = _f(None, "Token budget of one scheduler step (vLLM default for the device when unset).")
+    num_gpu_blocks_override: int | None = _f(None, "KV capacity in blocks, ideally what the real engine reported; overrides the memory estimate.")
+    gpu_memory_utilization: float = _f(0.9, "Fraction of device memory vLLM may use (weights + activations + KV).")
+    enable_prefix_caching: bool = _f(True, "Automatic prefix caching (vLLM v1 default: on).")
+    enable_chunked_prefill: bool = _f(True, "Chunked prefill (vLLM v1: always on for the default scheduler).")
+    max_model_len: int | None = _f(None, "Longest sequence (prompt + output); the model's max_position_embeddings when unset.")
+    long_prefill_token_threshold: int = _f(0, "Cap on one request's prefill chunk per step (0 = no cap), as vLLM.")
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f"engine.{name} must be a positive integer, got {v!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.long_prefill_token_threshold < 0:
+            raise ConfigError("engine.long_prefill_token_threshold must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    instances: int = _f(1, "Number of serving instances (each a vLLM engine) behind the router.")
+    tensor_parallel_size: int = _f(1, "GPUs per instance (tensor parallel); adds all-reduce over the intra-node link.")
+
+    def __post_init__(self):
+        if self.instances < 1 or self.tensor_parallel_size < 1:
+            raise ConfigError("cluster.instances and cluster.tensor_parallel_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    scheduler: str = _f("fcfs", "Scheduling policy: fcfs (vLLM), program-fcfs (Continuum), plas (Autellix).")
+    kv: str = _f("lru", "KV retention policy: lru (vLLM), drop, pin-ttl (Continuum), offload.")
+    router: str = _f("round-robin", "Router: round-robin, least-loaded, session-affinity, prefix-aware.")
+    kv_ttl_s: float = _f(2.0, "pin-ttl: seconds a program's blocks stay pinned after a call that is followed by a tool gap.")
+    kv_pin_max_tool_s: float | None = _f(None, "pin-ttl: pin only when the trace's tool_s is at most this (None: always pin).")
+    kv_drop_shared_prefix: bool = _f(False, "drop: also forget blocks of the shared prefix (default keeps them cached, LRU).")
+    kv_offload_tiers: tuple = _f(("host-dram", "cxl-expander"), "offload: memory tiers (hardware/memory_tiers names), fastest first.")
+    kv_offload_capacity_gb: tuple = _f((), "offload: capacity per tier in GiB, overriding the tier files (same order).")
+    kv_offload_min_tool_s: float = _f(0.0, "offload: offload only when the tool gap is at least this long (s).")
+    plas_quantum_s: float = _f(0.0, "plas: attained service (s) is rounded down to multiples of this (0 = exact), Autellix-style priority levels.")
+    router_cache_threshold: float = _f(0.5, "prefix-aware: route to the best-matching instance when its match ratio exceeds this (sgl-router cache_threshold).")
+    router_balance_abs_threshold: int = _f(32, "prefix-aware: load imbalance (max - min outstanding) above which it routes least-loaded (sgl-router).")
+    router_balance_rel_threshold: float = _f(1.0001, "prefix-aware: and max > rel * min outstanding (sgl-router balance_rel_threshold).")
+
+    def __post_init__(self):
+        if self.kv_ttl_s < 0:
+            raise ConfigError("policy.kv_ttl_s must be >= 0")
+        object.__setattr__(self, "kv_offload_tiers", tuple(self.kv_offload_tiers))
+        object.__setattr__(self, "kv_offload_capacity_gb", tuple(float(x) for x in self.kv_offload_capacity_gb))
+
+
+@dataclass(frozen=True)
+class ToolConfig:
+    mode: str = _f("trace", "Where tool gaps come from: trace (the trace's tool_s), fixed (fixed_s), sample (per-tool distributions).")
+    fixed_s: float = _f(1.0, "mode=fixed: every gap lasts this long (s).")
+    distributions: dict = _f({}, "mode=sample: {tool name or 'default': {dist: lognormal|exponential|constant, ...params}}.")
+    time_scale: float = _f(1.0, "Multiply every tool gap by this.")
+
+    def __post_init__(self):
+        if self.mode not in ("trace", "fixed", "sample"):
+            raise ConfigError(f"tools.mode must be trace, fixed or sample, got {self.mode!r}")
+        if self.fixed_s < 0 or self.time_scale < 0:
+            raise ConfigError("tools.fixed_s and tools.time_scale must be >= 0")
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    host_overhead_s: float | None = _f(None, "Per-step host (scheduler + launch) overhead; from the profile when unset.")
+    host_overhead_per_seq_s: float | None = _f(None, "Extra host overhead per scheduled request per step.")
+    gemm_efficiency: float | None = _f(None, "Roofline: fraction of peak FLOP/s the dense layers reach.")
+    attention_efficiency: float | None = _f(None, "Roofline: fraction of peak FLOP/s attention reaches.")
+    memory_efficiency: float | None = _f(None, "Roofline: fraction of peak memory bandwidth reached.")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    sample_interval_s: float = _f(1.0, "Period of timeseries.csv samples (s); 0 disables sampling.")
+
+    def __post_init__(self):
+        if self.sample_interval_s < 0:
+            raise ConfigError("metrics.sample_interval_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    seed: int = 0
+    fast_forward: bool = True  # advance runs of pure-decode steps together (exact)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in fields(SimConfig)}
+_SECTION_CLS = {"engine": EngineConfig, "cluster": ClusterConfig, "policy": PolicyConfig,
+                "tools": ToolConfig, "latency": LatencyConfig, "metrics": MetricsConfig}
+
+
+def _coerce(section: str, key: str, cls, value):
+    ftypes = {f.name: f for f in fields(cls)}
+    if key not in ftypes:
+        raise ConfigError(f"unknown key '{section}.{key}' (known: {', '.join(sorted(ftypes))})")
+    default = ftypes[key].default
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{section}.{key} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, tuple) and isinstance(value, (list, str)):
+        value = tuple(value) if isinstance(value, list) else tuple(v for v in value.split(",") if v)
+    return value
+
+
+def build_config(mapping: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> SimConfig:
+    """A SimConfig from a nested mapping (a YAML file) and dotted overrides (`--set`)."""
+    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for src in (mapping or {}), _undot(overrides or {}):
+        for k, v in src.items():
+            if k in _SECTION_CLS:
+                if not isinstance(v, dict):
+                    raise ConfigError(f"'{k}' must be a mapping")
+                nested.setdefault(k, {}).update(v)
+            elif k in ("seed", "fast_forward"):
+                top[k] = v
+            else:
+                raise ConfigError(f"unknown config section '{k}' (known: {', '.join(sorted(_SECTIONS))})")
+    kwargs: dict[str, Any] = {}
+    for section, values in nested.items():
+        cls = _SECTION_CLS[section]
+        coerced = {k: _coerce(section, k, cls, v) for k, v in values.items()}
+        try:
+            kwargs[section] = cls(**coerced)
+        except TypeError as e:
+            raise ConfigError(f"{section}: {e}") from None
+    if "seed" in top:
+        if not isinstance(top["seed"], int) or isinstance(top["seed"], bool):
+            raise ConfigError(f"seed must be an integer, got {top['seed']!r}")
+        kwargs["seed"] = top["seed"]
+    if "fast_forward" in top:
+        kwargs["fast_forward"] = bool(top["fast_forward"])
+    return SimConfig(**kwargs)
+
+
+def _undot(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        if len(parts) == 1:
+            out[key] = value
+        elif len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ConfigError(f"bad key '{key}': use section.key (e.g. engine.max_num_seqs)")
+    return out
+
+
+def describe() -> list[str]:
+    """One line per configurable key: `section.key (default): help`."""
+    lines = []
+    for section, cls in _SECTION_CLS.items():
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{section}.{f.name} ({default!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,140 @@
+"""A deployment: model + device (or calibrated profile) + engine settings, resolved.
+
+Resolves what vLLM would pick when the user leaves a knob unset (block size, token budget,
+max_num_seqs, KV block count) and builds the latency model. A calibrated profile's
+recorded engine facts (its real KV block count and limits) are the defaults when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, SimConfig
+from .hardware import DeviceSpec, ModelArch, load_memory_tier
+from .latency import LatencyModel, LinearStepModel, RooflineModel
+
+GiB = 1 << 30
+
+# vLLM v1 defaults for the OpenAI API server (vllm/engine/arg_utils.py, _set_default_args):
+# GPUs with >= 70 GiB (except A100): 8192 batched tokens, 1024 seqs; smaller GPUs: 2048 / 256;
+# the CPU backend: 2048 / 128 (per data-parallel rank). Block size: 16 on GPU, 128 on CPU.
+def vllm_defaults(device: DeviceSpec) -> dict[str, int]:
+    if device.kind == "cpu":
+        return {"block_size": 128, "max_num_batched_tokens": 2048, "max_num_seqs": 128}
+    big = device.memory_bytes >= 70 * GiB and "a100" not in device.name
+    return {"block_size": 16, "max_num_batched_tokens": 8192 if big else 2048, "max_num_seqs": 1024 if big else 256}
+
+
+# Memory vLLM keeps outside weights and KV on a GPU: CUDA graphs and the non-torch allocator
+# (an assumption, about 1 GiB on the runs we have seen logged), plus the activation peak of a
+# profile forward pass, estimated from its largest tensors (see estimate_num_gpu_blocks).
+NON_TORCH_BYTES = 1 * GiB
+
+
+@dataclass(frozen=True)
+class ResolvedEngine:
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_gpu_blocks: int
+    max_model_len: int
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    long_prefill_token_threshold: int
+    num_gpu_blocks_source: str
+
+
+@dataclass
+class Deployment:
+    model: ModelArch
+    device: DeviceSpec
+    engine: ResolvedEngine
+    latency: LatencyModel
+    tp: int
+    tiers: list = field(default_factory=list)  # [(MemoryTierSpec, capacity_blocks)]
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model.name, "device": self.device.name, "tp": self.tp,
+                "engine": self.engine.__dict__, "latency": self.latency.describe(),
+                "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
+
+
+def estimate_num_gpu_blocks(model: ModelArch, device: DeviceSpec, tp: int, block_size: int,
+                            util: float, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """vLLM's KV capacity on one GPU: util·memory - weights - activation peak - non-torch."""
+    weights = model.weight_bytes() / tp
+    act = max_num_batched_tokens * (4 * model.hidden_size + 2 * model.intermediate_size // tp) * model.dtype_bytes
+    act += max_num_seqs * model.vocab_size * 4  # fp32 logits of the sampler warm-up
+    free = util * device.memory_bytes - weights - act - NON_TORCH_BYTES
+    per_block = block_size * model.kv_bytes_per_token() / tp
+    n = int(free // per_block)
+    if n < 2:
+        raise ConfigError(f"{model.name} does not fit on {device.name} with tp={tp} "
+                          f"(weights {weights / GiB:.1f} GiB per GPU); raise tensor_parallel_size")
+    return n
+
+
+def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict) -> LatencyModel:
+    lat = cfg.latency
+    spec = profile.get("latency_model") if profile else None
+    if spec:
+        kind = spec.get("kind")
+        if kind == "linear":
+            m = LinearStepModel(spec["intercept"], spec.get("coefficients", {}), source=spec.get("fit", {}))
+            if lat.host_overhead_s is not None:
+                m.intercept = lat.host_overhead_s
+            return m
+        if kind == "roofline":
+            eff = spec.get("efficiencies", {})
+            return RooflineModel(model, device, tp,
+                                 gemm_efficiency=lat.gemm_efficiency or eff.get("gemm"),
+                                 attention_efficiency=lat.attention_efficiency or eff.get("attention"),
+                                 memory_efficiency=lat.memory_efficiency or eff.get("memory"),
+                                 host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
+                                 host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"))
+        raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline)")
+    return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency,
+                         attention_efficiency=lat.attention_efficiency, memory_efficiency=lat.memory_efficiency,
+                         host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s)
+
+
+def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profile: dict | None = None) -> Deployment:
+    profile = profile or {}
+    e = cfg.engine
+    tp = cfg.cluster.tensor_parallel_size
+    facts = profile.get("engine", {}) if profile else {}
+    d = vllm_defaults(device)
+    block_size = e.block_size or facts.get("block_size") or d["block_size"]
+    max_num_seqs = e.max_num_seqs or facts.get("max_num_seqs") or d["max_num_seqs"]
+    mnbt = e.max_num_batched_tokens or facts.get("max_num_batched_tokens") or d["max_num_batched_tokens"]
+    max_model_len = e.max_model_len or facts.get("max_model_len") or model.max_position_embeddings or 1 << 20
+    if e.num_gpu_blocks_override:
+        nblocks, src = e.num_gpu_blocks_override, "engine.num_gpu_blocks_override"
+    elif facts.get("num_gpu_blocks") and facts.get("block_size", block_size) == block_size:
+        nblocks, src = int(facts["num_gpu_blocks"]), "profile (reported by the engine)"
+    else:
+        if device.kind == "cpu":
+            raise ConfigError("a CPU device needs engine.num_gpu_blocks_override or a calibrated profile "
+                              "(vLLM-CPU's KV pool is VLLM_CPU_KVCACHE_SPACE, not a memory fraction)")
+        nblocks = estimate_num_gpu_blocks(model, device, tp, block_size, e.gpu_memory_utilization, mnbt, max_num_seqs)
+        src = f"estimated from memory (gpu_memory_utilization={e.gpu_memory_utilization})"
+    if not e.enable_chunked_prefill and mnbt < max_model_len:
+        mnbt = max(mnbt, max_model_len)  # vLLM raises the budget to max_model_len without chunking
+    engine = ResolvedEngine(block_size=int(block_size), max_num_seqs=int(max_num_seqs),
+                            max_num_batched_tokens=int(mnbt), num_gpu_blocks=int(nblocks),
+                            max_model_len=int(max_model_len), enable_prefix_caching=e.enable_prefix_caching,
+                            enable_chunked_prefill=e.enable_chunked_prefill,
+                            long_prefill_token_threshold=e.long_prefill_token_threshold,
+                            num_gpu_blocks_source=src)
+    latency = build_latency(model, device, tp, cfg, profile)
+    tiers = []
+    if cfg.policy.kv == "offload":
+        per_block = block_size * model.kv_bytes_per_token() / tp
+        caps = cfg.policy.kv_offload_capacity_gb
+        for i, name in enumerate(cfg.policy.kv_offload_tiers):
+            spec = load_memory_tier(name)
+            cap_bytes = caps[i] * GiB if i < len(caps) else spec.capacity_bytes
+            tiers.append((spec, max(int(cap_bytes // (per_block * tp)), 0)))
+    return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers, profile=profile)

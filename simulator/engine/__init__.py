@@ -1,0 +1,1 @@
+"""A serving instance that mirrors vLLM v1: Scheduler -> KVCacheManager -> BlockPool."""

@@ -1,0 +1,222 @@
+"""vLLM v1's scheduler, one `schedule()` per engine step.
+
+One rule for every phase: a request's `num_computed_tokens` catches up with `num_tokens`,
+capped by the step's token budget. So chunked prefill, decode and a preempted request's
+recompute are one code path.
+
+1. Running requests first, in order. When `allocate_slots` fails, preempt the policy's
+   victim (FCFS: the tail of `running`, the most recently admitted), free its blocks, reset
+   it to recompute from scratch and put it back at the front of the waiting queue; retry.
+   If the victim is the request itself, stop scheduling running requests.
+2. Waiting requests only if this step preempted nothing, while budget and `max_num_seqs`
+   allow: a new (or preempted) request first looks up its prefix-cache hit; the first one
+   that cannot get blocks stops admission (no skipping ahead, no preemption for it).
+3. Every scheduled request's `num_computed_tokens` advances by its scheduled tokens.
+"""
+
+from __future__ import annotations
+
+from .kv_cache_manager import KVCacheManager
+from .request import PREEMPTED, RUNNING, WAITING, WAITING_FOR_REMOTE_KVS, Request
+
+
+class SchedulerOutput:
+    """What one step runs: (request, num_new_tokens) pairs and the batch shape the latency
+    model needs (prefill chunks with their context, decode count and context sum)."""
+
+    __slots__ = ("scheduled", "preempted", "prefill_chunks", "num_decodes", "decode_ctx_sum",
+                 "num_scheduled_tokens", "num_sampled")
+
+    def __init__(self):
+        self.scheduled: list[tuple[Request, int]] = []
+        self.preempted: list[Request] = []
+        self.prefill_chunks: list[tuple[int, int]] = []
+        self.num_decodes = 0
+        self.decode_ctx_sum = 0
+        self.num_scheduled_tokens = 0
+        self.num_sampled = 0
+
+    def __bool__(self):
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy, enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
+                 max_model_len: int = 1 << 40, connector=None):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.max_model_len = max_model_len
+        self.connector = connector  # KV tier loader (offload), or None
+        self.running: list[Request] = []
+        self.waiting = policy.make_queue()
+        self.num_preemptions = 0
+        self.on_admitted = None  # callback(req) after a request first gets its blocks
+        self.on_load_started = None  # callback(req) when an async tier load begins (req.load_done_time set)
+
+    # -- queue -----------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        req.status = WAITING
+        self.waiting.add(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+
+    # -- schedule --------------------------------------------------------------------------
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget, now)
+        self._update_after_schedule(out)
+        return out
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        n = req.num_tokens - req.num_computed_tokens
+        thr = self.long_prefill_token_threshold
+        if 0 < thr < n:
+            n = thr
+        if n > budget:
+            n = budget
+        # Never compute past max_model_len (the last position's KV is not needed).
+        room = self.max_model_len - 1 - req.num_computed_tokens
+        return n if n <= room else max(room, 0)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        running = self.running
+        scheduled = out.scheduled
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = self._num_new_tokens(req, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self.policy.pick_victim(running)
+                budget += self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                scheduled.append((req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the request itself was preempted
+        return budget
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
+        """Recompute preemption. Returns budget given back if the victim was already scheduled."""
+        given_back = 0
+        for j, (r, n) in enumerate(out.scheduled):
+            if r is victim:  # only possible with priority victims
+                del out.scheduled[j]
+                given_back = n
+                break
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.status = PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(victim)
+        out.preempted.append(victim)
+        return given_back
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        waiting = self.waiting
+        running = self.running
+        kv = self.kv
+        skipped = []
+        while waiting and budget > 0:
+            if len(running) >= self.max_num_seqs:
+                break
+            req = waiting.peek()
+            if req.status == WAITING_FOR_REMOTE_KVS:
+                if req.load_done_time > now:
+                    skipped.append(waiting.pop())
+                    continue
+                self._finish_loading(req)
+            num_ext = 0
+            if req.num_computed_tokens == 0:
+                hit_blocks, num_hit = kv.get_computed_blocks(req)
+                if self.connector is not None:
+                    num_ext, _ = self.connector.get_num_new_matched_tokens(req, num_hit, now)
+            else:
+                hit_blocks, num_hit = [], 0
+            if num_ext:
+                # vLLM: allocate for local hits + external tokens, then wait for the load.
+                if not kv.allocate_slots(req, num_ext, num_hit, hit_blocks, delay_cache_blocks=True):
+                    break
+                req.num_computed_tokens = num_hit
+                req.num_external_tokens = num_ext
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_hit + num_ext
+                req.status = WAITING_FOR_REMOTE_KVS
+                req.load_done_time = self.connector.begin_load(req, now)
+                if req.scheduled_time < 0:
+                    req.scheduled_time = now
+                skipped.append(waiting.pop())
+                if self.on_admitted is not None:
+                    self.on_admitted(req)
+                if self.on_load_started is not None:
+                    self.on_load_started(req)
+                continue
+            n = req.num_tokens - req.num_computed_tokens - num_hit
+            thr = self.long_prefill_token_threshold
+            if 0 < thr < n:
+                n = thr
+            if not self.enable_chunked_prefill and n > budget:
+                break
+            if n > budget:
+                n = budget
+            if not kv.allocate_slots(req, n, num_hit, hit_blocks):
+                break
+            waiting.pop()
+            running.append(req)
+            req.num_computed_tokens += num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            if req.scheduled_time < 0:
+                req.scheduled_time = now
+            req.status = RUNNING
+            out.scheduled.append((req, n))
+            budget -= n
+            if self.on_admitted is not None:
+                self.on_admitted(req)
+        for req in reversed(skipped):
+            waiting.prepend(req)
+
+    def _finish_loading(self, req: Request) -> None:
+        """The async tier load finished: the loaded tokens count as computed (and cached)."""
+        req.num_computed_tokens += req.num_external_tokens
+        req.status = WAITING
+        if self.kv.enable_caching:
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+
+    def _update_after_schedule(self, out: SchedulerOutput) -> None:
+        chunks = out.prefill_chunks
+        n_dec = ctx = total = sampled = 0
+        for req, n in out.scheduled:
+            c = req.num_computed_tokens
+            if n == 1 and c >= req.num_prompt_tokens:
+                n_dec += 1
+                ctx += c + 1
+            else:
+                chunks.append((n, c))
+            c += n
+            req.num_computed_tokens = c
+            total += n
+            if c >= req.num_tokens:
+                sampled += 1
+        out.num_decodes = n_dec
+        out.decode_ctx_sum = ctx
+        out.num_scheduled_tokens = total
+        out.num_sampled = sampled

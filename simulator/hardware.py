@@ -1,0 +1,289 @@
+"""Hardware and model descriptions, loaded from the YAML files under `hardware/`.
+
+A name (`h100-sxm`, `llama-3.1-8b`) resolves to `hardware/<kind>/<name>.yaml`; a path is
+read as is. A model may also be a Hugging Face `config.json` (or a directory holding one).
+This is the simulator's only I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HARDWARE_DIR = Path(os.environ.get("AGENTSERVESIM_HARDWARE", Path(__file__).resolve().parents[1] / "hardware"))
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "float32": 4, "float": 4,
+                "fp32": 4, "float8": 1, "fp8": 1, "int8": 1}
+
+
+class HardwareError(ValueError):
+    """A hardware or model description that cannot be found or is malformed (user error)."""
+
+
+def _resolve(kind: str, name_or_path: str | os.PathLike) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
+        if not p.exists():
+            raise HardwareError(f"{kind} file not found: {p}")
+        return p
+    candidate = HARDWARE_DIR / kind / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(f.stem for f in (HARDWARE_DIR / kind).glob("*.yaml")) if (HARDWARE_DIR / kind).is_dir() else []
+    raise HardwareError(f"unknown {kind[:-1] if kind.endswith('s') else kind} '{name_or_path}'"
+                        f" (known: {', '.join(known) or 'none'}; or pass a path)")
+
+
+def _resolve_msg(name) -> str:
+    known = []
+    for kind in ("devices", "profiles"):
+        if (HARDWARE_DIR / kind).is_dir():
+            known += sorted(f.stem for f in (HARDWARE_DIR / kind).glob("*.yaml"))
+    return f"unknown hardware '{name}' (known: {', '.join(known) or 'none'}; or pass a path to a device or profile YAML)"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise HardwareError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise HardwareError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def _req(data: dict, key: str, path: Path, typ=float):
+    if key not in data or data[key] is None:
+        raise HardwareError(f"{path}: missing field '{key}'")
+    try:
+        return typ(data[key])
+    except (TypeError, ValueError):
+        raise HardwareError(f"{path}: field '{key}' must be {typ.__name__}, got {data[key]!r}") from None
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link between two memories or devices: time(bytes) = latency_s + bytes / bandwidth_Bps."""
+
+    name: str
+    kind: str
+    bandwidth_Bps: float
+    latency_s: float
+    allreduce_efficiency: float = 0.8
+    source: str = ""
+
+    def transfer_time(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps if nbytes > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class MemoryTierSpec:
+    name: str
+    kind: str  # dram | cxl
+    capacity_bytes: float
+    bandwidth_Bps: float
+    latency_s: float
+    link: LinkSpec
+    source: str = ""
+
+    def transfer_time(self, nbytes: float) -> float:
+        """Time to move `nbytes` between HBM and this tier: the slower of link and memory."""
+        if nbytes <= 0:
+            return 0.0
+        bw = min(self.link.bandwidth_Bps, self.bandwidth_Bps)
+        return self.link.latency_s + self.latency_s + nbytes / bw
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    kind: str  # gpu | cpu
+    peak_flops: float  # dense bf16 FLOP/s
+    memory_bytes: float
+    memory_bandwidth_Bps: float
+    host_link: LinkSpec | None
+    intra_node_link: LinkSpec | None
+    description: str = ""
+    source: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Decoder-only transformer shape, from a Hugging Face config."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int
+    tie_word_embeddings: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    max_position_embeddings: int = 0
+    architecture: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V for every layer, all KV heads."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def attn_params_per_layer(self) -> int:
+        q = self.hidden_size * self.num_heads * self.head_dim
+        kv = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
+        o = self.num_heads * self.head_dim * self.hidden_size
+        return q + kv + o
+
+    def mlp_params_per_layer(self) -> int:
+        """Dense MLP (gate, up, down) or, for MoE, one expert's."""
+        inter = self.moe_intermediate_size if self.is_moe else self.intermediate_size
+        return 3 * self.hidden_size * inter
+
+    def weight_bytes(self) -> int:
+        per_layer = self.attn_params_per_layer()
+        per_layer += self.mlp_params_per_layer() * (self.num_experts if self.is_moe else 1)
+        if self.is_moe:
+            per_layer += self.hidden_size * self.num_experts  # router
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return (per_layer * self.num_layers + emb) * self.dtype_bytes
+
+
+def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config") -> ModelArch:
+    def get(*keys, default=None):
+        for k in keys:
+            if k in cfg and cfg[k] is not None:
+                return cfg[k]
+        if default is not None:
+            return default
+        raise HardwareError(f"{where}: missing field '{keys[0]}'")
+
+    # Multimodal / nested configs keep the language model under text_config.
+    if "text_config" in cfg and "num_hidden_layers" not in cfg:
+        cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
+    hidden = int(get("hidden_size", "d_model", "n_embd"))
+    heads = int(get("num_attention_heads", "n_head"))
+    kv_heads = int(get("num_key_value_heads", default=heads))
+    head_dim = int(get("head_dim", default=hidden // heads))
+    dtype = str(get("torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
+    if dtype not in _DTYPE_BYTES:
+        raise HardwareError(f"{where}: unsupported dtype {dtype!r}")
+    num_experts = int(get("num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
+    inter = int(get("intermediate_size", "ffn_dim", default=0) or 0)
+    moe_inter = int(get("moe_intermediate_size", default=inter if num_experts else 0) or 0)
+    archs = cfg.get("architectures") or [""]
+    return ModelArch(
+        name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model"),
+        num_layers=int(get("num_hidden_layers", "n_layer", "num_layers")),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=int(get("vocab_size")),
+        dtype_bytes=_DTYPE_BYTES[dtype],
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_experts=num_experts,
+        num_experts_per_tok=int(get("num_experts_per_tok", "moe_topk", default=0) or 0) if num_experts else 0,
+        moe_intermediate_size=moe_inter,
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
+        architecture=str(archs[0]),
+    )
+
+
+def load_model(name_or_path: str | os.PathLike) -> ModelArch:
+    p = Path(name_or_path)
+    if p.is_dir():
+        p = p / "config.json"
+        if not p.exists():
+            raise HardwareError(f"no config.json in model directory {name_or_path}")
+    if p.suffix == ".json":
+        if not p.exists():
+            raise HardwareError(f"model config not found: {p}")
+        try:
+            cfg = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise HardwareError(f"{p}: not valid JSON: {e}") from None
+        name = p.parent.name if p.name == "config.json" else p.stem
+        return model_from_hf_config(cfg, name=name, where=str(p))
+    path = _resolve("models", name_or_path)
+    data = _load_yaml(path)
+    cfg = data.get("hf_config")
+    if not isinstance(cfg, dict):
+        raise HardwareError(f"{path}: missing mapping 'hf_config'")
+    return model_from_hf_config(cfg, name=str(data.get("name", path.stem)), where=str(path))
+
+
+def load_link(name_or_path: str | os.PathLike) -> LinkSpec:
+    path = _resolve("interconnects", name_or_path)
+    d = _load_yaml(path)
+    return LinkSpec(
+        name=str(d.get("name", path.stem)),
+        kind=str(d.get("kind", "")),
+        bandwidth_Bps=_req(d, "bandwidth_Bps", path),
+        latency_s=float(d.get("latency_s") or 0.0),
+        allreduce_efficiency=float(d.get("allreduce_algo_bw_efficiency") or 0.8),
+        source=str(d.get("source", "")),
+    )
+
+
+def load_memory_tier(name_or_path: str | os.PathLike) -> MemoryTierSpec:
+    path = _resolve("memory_tiers", name_or_path)
+    d = _load_yaml(path)
+    return MemoryTierSpec(
+        name=str(d.get("name", path.stem)),
+        kind=str(d.get("kind", "")),
+        capacity_bytes=_req(d, "capacity_bytes", path),
+        bandwidth_Bps=_req(d, "bandwidth_Bps", path),
+        latency_s=float(d.get("latency_s") or 0.0),
+        link=load_link(_req(d, "link", path, str)),
+        source=str(d.get("source", "")),
+    )
+
+
+def device_from_dict(d: dict[str, Any], path: Path) -> DeviceSpec:
+    host = d.get("host_link")
+    intra = d.get("intra_node_link")
+    return DeviceSpec(
+        name=str(d.get("name", path.stem)),
+        kind=str(d.get("kind", "gpu")),
+        peak_flops=_req(d, "peak_bf16_flops", path),
+        memory_bytes=_req(d, "memory_bytes", path),
+        memory_bandwidth_Bps=_req(d, "memory_bandwidth_Bps", path),
+        host_link=load_link(host) if host else None,
+        intra_node_link=load_link(intra) if intra else None,
+        description=str(d.get("description", "")),
+        source=str(d.get("source", "")),
+        extra={k: v for k, v in d.items() if k not in {
+            "name", "kind", "peak_bf16_flops", "memory_bytes", "memory_bandwidth_Bps",
+            "host_link", "intra_node_link", "description", "source"}},
+    )
+
+
+def load_device(name_or_path: str | os.PathLike) -> tuple[DeviceSpec, dict[str, Any]]:
+    """A device spec, and the raw file (a calibrated profile carries more than the spec:
+    its `engine` facts and its fitted `latency_model`)."""
+    try:
+        path = _resolve("devices", name_or_path)
+    except HardwareError:
+        try:
+            path = _resolve("profiles", name_or_path)
+        except HardwareError:
+            raise HardwareError(_resolve_msg(name_or_path)) from None
+    d = _load_yaml(path)
+    if "device" in d and isinstance(d["device"], dict):  # a calibrated profile embeds its device
+        return device_from_dict(d["device"], path), d
+    return device_from_dict(d, path), d

@@ -1,0 +1,58 @@
+"""The latency model interface and the step features shared by every model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StepFeatures:
+    """Batch shape of one step, reduced to what latency depends on."""
+
+    prefill_tokens: int      # new tokens of prefill chunks
+    prefill_attn: float      # causal attention work of the chunks: Σ n·(ctx + (n+1)/2)
+    prefill_kv: int          # KV positions the chunks read: Σ (ctx + n)
+    num_prefills: int
+    num_decodes: int
+    decode_ctx_sum: int      # KV positions decodes read: Σ (ctx + 1)
+    num_sampled: int         # requests that produce a token this step
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_tokens + self.num_decodes
+
+    @property
+    def num_seqs(self) -> int:
+        return self.num_prefills + self.num_decodes
+
+
+def step_features(prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int) -> StepFeatures:
+    pt = pk = 0
+    pa = 0.0
+    for n, c in prefill_chunks:
+        pt += n
+        pk += c + n
+        pa += n * (c + (n + 1) * 0.5)
+    return StepFeatures(pt, pa, pk, len(prefill_chunks), num_decodes, decode_ctx_sum, num_sampled)
+
+
+class LatencyModel:
+    """Base class. Subclasses implement `time_of(features)` and `breakdown(features)`."""
+
+    kind = "base"
+
+    def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int) -> float:
+        return self.time_of(step_features(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled))
+
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int) -> float:
+        """A pure-decode step (every request samples). Hot path of decode runs."""
+        return self.time_of(StepFeatures(0, 0.0, 0, 0, num_decodes, decode_ctx_sum, num_decodes))
+
+    def time_of(self, f: StepFeatures) -> float:
+        raise NotImplementedError
+
+    def breakdown(self, f: StepFeatures) -> dict[str, float]:
+        return {"total": self.time_of(f)}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}

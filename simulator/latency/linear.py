@@ -1,0 +1,57 @@
+"""A step-time model linear in the step features, as fitted by `asim-calibrate`.
+
+time = intercept + Σ coef[f] · feature[f] over the features of `StepFeatures`
+(prefill_tokens, prefill_attn, prefill_kv, num_prefills, num_decodes, decode_ctx_sum,
+num_sampled, num_seqs). The intercept is the per-step host overhead.
+Optional `floor` clamps tiny negative predictions of an extrapolated fit.
+"""
+
+from __future__ import annotations
+
+from .base import LatencyModel, StepFeatures
+
+FEATURES = ("prefill_tokens", "prefill_attn", "prefill_kv", "num_prefills", "num_decodes",
+            "decode_ctx_sum", "num_sampled", "num_seqs")
+
+
+def feature_vector(f: StepFeatures) -> tuple:
+    return (f.prefill_tokens, f.prefill_attn, f.prefill_kv, f.num_prefills, f.num_decodes,
+            f.decode_ctx_sum, f.num_sampled, f.num_prefills + f.num_decodes)
+
+
+class LinearStepModel(LatencyModel):
+    kind = "linear"
+
+    def __init__(self, intercept: float, coefficients: dict[str, float], floor: float = 0.0,
+                 source: dict | None = None):
+        unknown = set(coefficients) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown latency features: {sorted(unknown)} (known: {FEATURES})")
+        self.intercept = float(intercept)
+        self.coefficients = {k: float(v) for k, v in coefficients.items()}
+        self._w = tuple(self.coefficients.get(k, 0.0) for k in FEATURES)
+        self.floor = floor
+        self.source = source or {}
+
+    def time_of(self, f: StepFeatures) -> float:
+        t = self.intercept
+        for w, x in zip(self._w, feature_vector(f)):
+            t += w * x
+        return t if t > self.floor else self.floor
+
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int) -> float:
+        w = self._w
+        t = self.intercept + (w[4] + w[6] + w[7]) * num_decodes + w[5] * decode_ctx_sum
+        return t if t > self.floor else self.floor
+
+    def breakdown(self, f: StepFeatures) -> dict[str, float]:
+        parts = {"host": self.intercept}
+        for name, w, x in zip(FEATURES, self._w, feature_vector(f)):
+            if w:
+                parts[name] = w * x
+        parts["total"] = self.time_of(f)
+        return parts
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "intercept": self.intercept, "coefficients": self.coefficients,
+                **({"source": self.source} if self.source else {})}

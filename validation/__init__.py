@@ -1,0 +1,1 @@
+"""validation: see issue; thin until built."""
