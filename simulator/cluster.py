@@ -32,7 +32,7 @@ class ProgramState:
     """What the orchestrator knows of a program in flight."""
 
     __slots__ = ("spec", "index", "key_base", "prefix_key_base", "input_tokens", "remaining_parents",
-                 "children", "calls_done", "instance", "attained_service_s", "pins", "tool_s_total",
+                 "children", "calls_done", "instance", "attained_tokens", "pins", "tool_s_total",
                  "failed")
 
     def __init__(self, spec: ProgramSpec, index: int, prefix_index: int):
@@ -49,7 +49,7 @@ class ProgramState:
                 self.children[p].append(k)
         self.calls_done = 0
         self.instance: int | None = None
-        self.attained_service_s = 0.0
+        self.attained_tokens = 0
         self.pins: dict[int, list] = {}
         self.tool_s_total = 0.0
         self.failed = False
@@ -86,7 +86,8 @@ class Simulation:
                 per_block = deployment.engine.block_size * deployment.model.kv_bytes_per_token() / deployment.tp
                 residency = KVResidency([TierStore(s, c) for s, c in deployment.tiers], per_block)
             inst = Instance(i, self.loop, deployment.engine, deployment.latency, self.sched_policy,
-                            self.retention, residency, on_finished=self._on_call_finished, itl_sink=itl)
+                            self.retention, residency, on_finished=self._on_call_finished, itl_sink=itl,
+                            fast_forward=config.fast_forward)
             inst.gap_of = self._gap_of
             self.instances.append(inst)
         self._programs: Iterator[ProgramSpec] = iter(programs)
@@ -145,6 +146,9 @@ class Simulation:
             self._fail(req, f"prompt + output ({req.num_prompt_tokens + req.max_tokens} tokens) can never fit "
                             f"the KV cache ({eng.num_gpu_blocks - 1} usable blocks of {bs} tokens)")
             return
+        if self.router.reads_cache:
+            for inst in self.instances:
+                inst.sync(now)
         i = self.router.choose(req, prog, self.instances, now)
         prog.instance = i
         self.instances[i].add_request(req)
@@ -182,6 +186,7 @@ class Simulation:
         self._record_call(req, "ok", "")
         prog = req.program
         prog.calls_done += 1
+        prog.attained_tokens += req.num_prompt_tokens - max(req.num_cached_tokens, 0) + req.num_output_tokens
         gap = self._gaps.pop(req.request_id, None)
         if gap is not None:
             prog.tool_s_total += gap
@@ -230,6 +235,7 @@ class Simulation:
         now = self.loop.now
         rows = self.result.timeseries
         for inst in self.instances:
+            inst.sync(now)
             kv = inst.kv
             rows.append({"t_s": now, "instance": inst.index, "running": inst.num_running(),
                          "waiting": inst.num_waiting(), "kv_usage": kv.usage(),

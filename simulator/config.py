@@ -67,7 +67,7 @@ class PolicyConfig:
     kv_offload_tiers: tuple = _f(("host-dram", "cxl-expander"), "offload: memory tiers (hardware/memory_tiers names), fastest first.")
     kv_offload_capacity_gb: tuple = _f((), "offload: capacity per tier in GiB, overriding the tier files (same order).")
     kv_offload_min_tool_s: float = _f(0.0, "offload: offload only when the tool gap is at least this long (s).")
-    plas_quantum_s: float = _f(0.0, "plas: attained service (s) is rounded down to multiples of this (0 = exact), Autellix-style priority levels.")
+    plas_quantum_tokens: int = _f(0, "plas: attained service (tokens) is rounded down to multiples of this (0 = exact): Autellix-style priority levels.")
     router_cache_threshold: float = _f(0.5, "prefix-aware: route to the best-matching instance when its match ratio exceeds this (sgl-router cache_threshold).")
     router_balance_abs_threshold: int = _f(32, "prefix-aware: load imbalance (max - min outstanding) above which it routes least-loaded (sgl-router).")
     router_balance_rel_threshold: float = _f(1.0001, "prefix-aware: and max > rel * min outstanding (sgl-router balance_rel_threshold).")

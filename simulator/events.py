@@ -12,11 +12,13 @@ from typing import Any, Callable
 
 # Priorities at equal times: lower runs first. A step that ends at t frees blocks and emits
 # tokens before a call released at t is routed, and samples see the state after both.
+# Step ends add the instance index, so simultaneous step ends of several instances run in
+# instance order whatever order they were scheduled in (fast-forward schedules them early).
 PRIO_STEP_END = 0
-PRIO_TRANSFER = 1
-PRIO_RELEASE = 2
-PRIO_TIMER = 3
-PRIO_SAMPLE = 9
+PRIO_TRANSFER = 1000
+PRIO_RELEASE = 2000
+PRIO_TIMER = 3000
+PRIO_SAMPLE = 9000
 
 
 class EventLoop:

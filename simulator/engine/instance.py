@@ -3,19 +3,57 @@
 The engine loop is vLLM's busy loop: when a step ends its tokens are emitted, finished
 requests leave, and the next step is scheduled at once; with nothing to run the instance
 idles until a request arrives, a pin is released or a KV load completes.
+
+Fast-forward (exact). When a step is a pure decode of every running request and nothing can
+join the batch (the waiting queue is empty, capped, or its head is already refused blocks —
+and free blocks only shrink while decodes run), the following steps are known in advance:
+the same requests, one token each, contexts growing by one. Such a run of M steps is
+planned at once: its step times, and the few block events it contains (a request allocates
+a block when its slot crosses a block boundary, and caches a block when it fills one), in
+the exact order the scheduler would do them. M stops before the first step that would
+finish a request's output (that step runs normally), before free blocks run out (that
+step would preempt), and is cut short at the step in progress when anything from outside
+reaches the instance (a request arrives, a pin is released, a KV load completes). Readers
+in the middle of a run (samples, routers) first apply the block events of the steps begun
+so far. The results are those of stepping one at a time, bit for bit: the same float
+additions in the same order.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 from ..events import PRIO_STEP_END, PRIO_TRANSFER, EventLoop
 from .kv_cache_manager import KVCacheManager
-from .request import FINISHED, Request
-from .scheduler import Scheduler
+from .request import FINISHED, WAITING_FOR_REMOTE_KVS, Request
+from .scheduler import Scheduler, SchedulerOutput
+
+_MAX_RUN = 1 << 15
+
+
+class _DecodeRun:
+    """A planned run of pure-decode steps 0..M-1 (step 0 already scheduled by the scheduler)."""
+
+    __slots__ = ("running", "base", "starts", "durs", "events", "ev_pos", "applied", "M", "out0",
+                 "ctx0", "handle")
+
+    def __init__(self, running, base, starts, durs, events, out0, ctx0):
+        self.running = running
+        self.base = base          # num_computed_tokens of each request before step 0
+        self.starts = starts      # start time of steps 0..M (starts[M] = end of the run)
+        self.durs = durs
+        self.events = events      # sorted (step, running index, kind 0=allocate 1=cache)
+        self.ev_pos = 0
+        self.applied = 0          # block events applied through this step
+        self.M = len(durs)
+        self.out0 = out0
+        self.ctx0 = ctx0
+        self.handle = -1
 
 
 class Instance:
     def __init__(self, index: int, loop: EventLoop, engine, latency, sched_policy, retention,
-                 residency=None, on_finished=None, itl_sink=None):
+                 residency=None, on_finished=None, itl_sink=None, fast_forward: bool = True):
         self.index = index
         self.loop = loop
         self.engine = engine
@@ -33,26 +71,33 @@ class Instance:
                                    engine.max_model_len, connector)
         self.scheduler.on_admitted = self._on_admitted
         self.scheduler.on_load_started = self._on_load_started
-        self.on_finished = on_finished  # callback(req, now) -> gap_s or None, called before retention
+        self.on_finished = on_finished  # callback(req, now) after a call's last token
+        self.gap_of = None  # callback(req) -> upcoming tool gap of the program, or None
         self.itl = itl_sink if itl_sink is not None else ([], [])
+        self.fast_forward = fast_forward
         self.busy = False
         self.num_pinned_blocks = 0
         self.num_steps = 0
         self.busy_time = 0.0
         self.num_tokens_computed = 0
-        self.gap_of = None  # callback(req) -> upcoming tool gap of the program, or None
+        self._prio = PRIO_STEP_END + index
+        self._run: _DecodeRun | None = None
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         req.instance_id = self.index
+        self._cut_run(self.loop.now)
         self.scheduler.add_request(req)
         self.wake()
 
     def wake(self) -> None:
-        if not self.busy:
+        if self._run is not None:
+            self._cut_run(self.loop.now)
+        elif not self.busy:
             self._start_step(self.loop.now)
 
     def release_pin(self, pin) -> None:
+        self.sync(self.loop.now)
         blocks = pin[0]
         if pin[1] >= 0:
             self.loop.cancel(pin[1])
@@ -78,9 +123,11 @@ class Instance:
             dur = self.latency.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum, out.num_sampled)
         else:
             dur = self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum)
-        self.loop.schedule(now + dur, PRIO_STEP_END, self._on_step_end, out, now, dur)
+            if self.fast_forward and not out.preempted and self._plan_run(out, now, dur):
+                return
+        self.loop.schedule(now + dur, self._prio, self._on_step_end, out, now, dur)
 
-    def _on_step_end(self, out, start: float, dur: float) -> None:
+    def _on_step_end(self, out: SchedulerOutput, start: float, dur: float) -> None:
         now = self.loop.now
         self.num_steps += 1
         self.busy_time += dur
@@ -90,7 +137,6 @@ class Instance:
         finished = []
         max_len = self.engine.max_model_len
         for req, n in out.scheduled:
-            req.program.attained_service_s += dur
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk that does not reach the end samples nothing
             req.num_output_tokens += 1
@@ -120,6 +166,179 @@ class Instance:
         self.retention.on_call_finished(self, req, gap, now)
         if self.on_finished is not None:
             self.on_finished(req, now)
+
+    # -- fast-forward of pure-decode runs ------------------------------------------------
+    def _batch_is_stable(self, out: SchedulerOutput) -> bool:
+        """Would the next steps schedule exactly this batch again (bar block shortage)?"""
+        sched = self.scheduler
+        running = sched.running
+        if len(out.scheduled) != len(running):
+            return False  # budget left some running request out
+        waiting = sched.waiting
+        if not waiting or len(running) >= sched.max_num_seqs or sched.max_num_batched_tokens - len(running) <= 0:
+            return True
+        head = waiting.peek()
+        if head.status == WAITING_FOR_REMOTE_KVS:
+            return False
+        # The head was refused blocks; decodes only consume blocks, so it stays refused unless
+        # a running call of its own program caches blocks it would hit (DAG siblings).
+        prog = head.program
+        return all(r.program is not prog for r in running)
+
+    def _plan_run(self, out: SchedulerOutput, now: float, d0: float) -> bool:
+        if not self._batch_is_stable(out):
+            return False
+        running = list(self.scheduler.running)
+        max_len = self.engine.max_model_len
+        R = _MAX_RUN
+        for r in running:
+            left = r.max_tokens - r.num_output_tokens
+            if left < R:
+                R = left
+            left = max_len - r.num_tokens
+            if left < R:
+                R = left
+        if R < 2:
+            return False
+        bs = self.kv.block_size
+        B = len(running)
+        base = [r.num_computed_tokens - 1 for r in running]
+        per_mod = [0] * bs
+        for c in base:
+            per_mod[c % bs] += 1
+        free = self.kv.pool.num_free
+        ctx0 = out.decode_ctx_sum
+        step_time = self.latency.decode_step_time
+        starts = [now]
+        durs = [d0]
+        t = now + d0
+        need = 0
+        for j in range(1, R):
+            need += per_mod[(-j) % bs]
+            if need > free:
+                break  # step j would preempt: it runs normally
+            starts.append(t)
+            d = step_time(B, ctx0 + j * B)
+            durs.append(d)
+            t = t + d
+        M = len(durs)
+        if M < 2:
+            return False
+        starts.append(t)
+        events = []
+        caching = self.kv.enable_caching
+        for i, c in enumerate(base):
+            j = (-c) % bs or bs
+            while j < M:
+                events.append((j, i, 0))
+                j += bs
+            if caching:
+                j = (-(c + 1)) % bs or bs
+                while j < M:
+                    events.append((j, i, 1))
+                    j += bs
+        events.sort()
+        run = _DecodeRun(running, base, starts, durs, events, out, ctx0)
+        run.handle = self.loop.schedule(starts[M], self._prio, self._end_run)
+        self._run = run
+        return True
+
+    def _apply_run_events(self, run: _DecodeRun, upto: int) -> None:
+        """Apply the block events of steps 1..upto (allocations, then caching, per request)."""
+        if upto <= run.applied:
+            return
+        events = run.events
+        pos = run.ev_pos
+        n = len(events)
+        kv = self.kv
+        pool = kv.pool
+        bs = kv.block_size
+        running = run.running
+        base = run.base
+        while pos < n and events[pos][0] <= upto:
+            j, i, kind = events[pos]
+            req = running[i]
+            blocks = kv.req_to_blocks[req.request_id]
+            if kind == 0:
+                blocks.extend(pool.get_new_blocks(1))
+            else:
+                idx = (base[i] + j + 1) // bs - 1
+                b = blocks[idx]
+                if pool.block_key[b] is None:
+                    pool.cache_block(b, req.block_key(idx))
+                kv.num_cached_block[req.request_id] = idx + 1
+            pos += 1
+        run.ev_pos = pos
+        run.applied = upto
+
+    def _step_at(self, run: _DecodeRun, now: float) -> int:
+        """Index of the step in progress at `now` (the last one begun at or before now)."""
+        s = bisect_right(run.starts, now, 0, run.M) - 1
+        return s if s > 0 else 0
+
+    def sync(self, now: float) -> None:
+        """Bring block state up to `now` inside a decode run (for readers)."""
+        run = self._run
+        if run is not None:
+            self._apply_run_events(run, self._step_at(run, now))
+
+    def _cut_run(self, now: float) -> None:
+        """Something from outside arrives: the run ends with the step in progress."""
+        run = self._run
+        if run is None:
+            return
+        s = self._step_at(run, now)
+        self._apply_run_events(run, s)
+        if s + 1 < run.M:
+            self.loop.cancel(run.handle)
+            run.M = s + 1
+            run.handle = self.loop.schedule(run.starts[s + 1], self._prio, self._end_run)
+
+    def _end_run(self) -> None:
+        run = self._run
+        self._run = None
+        M = run.M
+        self._apply_run_events(run, M - 1)
+        if M == 1:
+            self._on_step_end(run.out0, run.starts[0], run.durs[0])
+            return
+        starts, durs = run.starts, run.durs
+        running = run.running
+        B = len(running)
+        itl_v, itl_w = self.itl
+        # Outputs of steps 0..M-2 in bulk; step M-1 goes through the normal step end.
+        t0, e0 = starts[0], starts[1]
+        same = 0
+        for r in running:
+            if r.last_token_time == t0:
+                same += 1
+            else:
+                itl_v.append(e0 - r.last_token_time)
+                itl_w.append(1)
+            r.num_output_tokens += M - 1
+        if same:
+            itl_v.append(e0 - t0)
+            itl_w.append(same)
+        busy = self.busy_time
+        for j in range(1, M - 1):
+            itl_v.append(starts[j + 1] - starts[j])
+            itl_w.append(B)
+        for j in range(M - 1):
+            busy += durs[j]
+        self.busy_time = busy
+        self.num_steps += M - 1
+        self.num_tokens_computed += B * (M - 1)
+        last = starts[M - 1]
+        for i, r in enumerate(running):
+            r.num_computed_tokens = run.base[i] + M
+            r.last_token_time = last
+        out = SchedulerOutput()
+        out.scheduled = [(r, 1) for r in running]
+        out.num_decodes = B
+        out.decode_ctx_sum = run.ctx0 + (M - 1) * B
+        out.num_scheduled_tokens = B
+        out.num_sampled = B
+        self._on_step_end(out, last, durs[M - 1])
 
     # -- observation ---------------------------------------------------------------------
     def num_running(self) -> int:

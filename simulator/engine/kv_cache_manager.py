@@ -42,10 +42,13 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
-        num_hit = len(hits) * self.block_size
-        self.prefix_cache_queries += req.num_tokens
+        return hits, len(hits) * self.block_size
+
+    def record_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Prefix-cache stats, counted when a looked-up request is admitted. (vLLM's counters
+        also count lookups of a request that is then refused blocks and retried next step.)"""
+        self.prefix_cache_queries += num_tokens
         self.prefix_cache_hits += num_hit
-        return hits, num_hit
 
     def peek_hit_blocks(self, keys_fn, num_tokens: int) -> int:
         """How many leading full blocks would hit, without touching stats (for routers)."""

@@ -92,9 +92,19 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self.running
         scheduled = out.scheduled
+        bs = self.kv.block_size
+        max_len = self.max_model_len
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
+            c = req.num_computed_tokens
+            if req.num_prompt_tokens + req.num_output_tokens - c == 1 and c % bs and (c + 1) % bs and c + 1 < max_len:
+                # A decode whose slot is inside its last block and that fills no block:
+                # allocate_slots would allocate and cache nothing.
+                scheduled.append((req, 1))
+                budget -= 1
+                i += 1
+                continue
             n = self._num_new_tokens(req, budget)
             if n == 0:
                 i += 1
@@ -155,6 +165,7 @@ class Scheduler:
                 # vLLM: allocate for local hits + external tokens, then wait for the load.
                 if not kv.allocate_slots(req, num_ext, num_hit, hit_blocks, delay_cache_blocks=True):
                     break
+                kv.record_lookup(req.num_tokens, num_hit + num_ext)
                 req.num_computed_tokens = num_hit
                 req.num_external_tokens = num_ext
                 if req.num_cached_tokens < 0:
@@ -179,6 +190,8 @@ class Scheduler:
                 n = budget
             if not kv.allocate_slots(req, n, num_hit, hit_blocks):
                 break
+            if req.num_computed_tokens == 0:
+                kv.record_lookup(req.num_tokens, num_hit)
             waiting.pop()
             running.append(req)
             req.num_computed_tokens += num_hit

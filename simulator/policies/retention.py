@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from ..events import PRIO_TIMER, PRIO_TRANSFER
 from . import Registry
 
 RETENTION = Registry("kv")
@@ -64,7 +65,7 @@ class PinTTL(RetentionPolicy):
             inst.release_pin(old)
         blocks = inst.kv.take_blocks(req)
         pin = [blocks, -1]
-        pin[1] = inst.loop.schedule(now + self.params.kv_ttl_s, 3, self._expire, inst, prog, pin)
+        pin[1] = inst.loop.schedule(now + self.params.kv_ttl_s, PRIO_TIMER, self._expire, inst, prog, pin)
         prog.pins[inst.index] = pin
         inst.num_pinned_blocks += len(blocks)
 
@@ -98,7 +99,7 @@ class Offload(RetentionPolicy):
         if done <= now:
             inst.release_pin(pin)
         else:
-            pin[1] = inst.loop.schedule(done, 1, self._stored, inst, pin)
+            pin[1] = inst.loop.schedule(done, PRIO_TRANSFER, self._stored, inst, pin)
 
     def _stored(self, inst, pin):
         pin[1] = -1

@@ -33,6 +33,7 @@ def _least_loaded(instances) -> int:
 
 class Router:
     name = "base"
+    reads_cache = False  # True: instances bring block state up to date before choose()
 
     def __init__(self, params):
         self.params = params
@@ -69,6 +70,8 @@ class SessionAffinity(Router):
 
 @ROUTERS.register("prefix-aware")
 class PrefixAware(Router):
+    reads_cache = True
+
     def choose(self, req, program, instances, now):
         if len(instances) == 1:
             return 0

@@ -5,9 +5,12 @@
 - program-fcfs: Continuum. A call is ordered by its program's first arrival, so a program's
   later calls keep the place its first call had (vLLM's priority queue with
   priority = program arrival); the victim is the running request of the latest program.
-- plas: Autellix's program-level least attained service. Priority = the service time the
-  program has received so far (seconds in scheduled steps, fixed when the call is issued,
-  optionally quantised to `policy.plas_quantum_s` levels); least first.
+- plas: Autellix's program-level least attained service. Priority = the service the program
+  has received from its finished calls when the call is issued, least first. Autellix counts
+  service in time; we count tokens processed (prompt tokens computed, i.e. not served from
+  cache, plus output tokens), which tracks time for a given batch and is an exact integer,
+  so priorities never depend on float rounding. Optionally quantised to
+  `policy.plas_quantum_tokens` levels.
 """
 
 from __future__ import annotations
@@ -128,6 +131,6 @@ class ProgramFCFS(_PriorityPolicy):
 @SCHEDULERS.register("plas")
 class PLAS(_PriorityPolicy):
     def priority(self, program, now):
-        q = self.params.plas_quantum_s
-        s = program.attained_service_s
-        return s if q <= 0 else (s // q) * q
+        q = self.params.plas_quantum_tokens
+        s = program.attained_tokens
+        return float(s if q <= 0 else (s // q) * q)
