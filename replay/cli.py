@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0, or the config's)")
     p.add_argument("--endpoint", help="URL of a live OpenAI-compatible server (live replay instead of simulation)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary on stdout")
+    live = p.add_argument_group("live replay (with --endpoint or --launch)")
+    live.add_argument("--time-scale", type=float, default=1.0, help="multiply arrivals and tool gaps by this")
+    live.add_argument("--max-inflight", type=int, default=0, help="most calls in flight at once (0 = no cap)")
+    live.add_argument("--launch", metavar="MODEL_DIR",
+                      help="start a vLLM server for this model directory (served as --model), replay, stop it")
+    live.add_argument("--engine-arg", dest="engine_args", action="append", default=None, metavar="ARG",
+                      help="an argument for the launched server (repeat; e.g. --engine-arg=--max-num-seqs=8)")
     return p
 
 
@@ -82,7 +89,7 @@ def format_summary(s: dict, wall_s: float | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.endpoint:
+        if args.endpoint or args.launch:
             from .live import main_live
             return main_live(args)
         if not args.hardware:
