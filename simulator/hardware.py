@@ -257,12 +257,18 @@ def load_memory_tier(name_or_path: str | os.PathLike) -> MemoryTierSpec:
 def device_from_dict(d: dict[str, Any], path: Path) -> DeviceSpec:
     host = d.get("host_link")
     intra = d.get("intra_node_link")
+    kind = str(d.get("kind", "gpu"))
+
+    def spec(key):  # a CPU profile may leave datasheet figures out (its latency is fitted)
+        if kind == "cpu" and d.get(key) is None:
+            return 0.0
+        return _req(d, key, path)
     return DeviceSpec(
         name=str(d.get("name", path.stem)),
-        kind=str(d.get("kind", "gpu")),
-        peak_flops=_req(d, "peak_bf16_flops", path),
-        memory_bytes=_req(d, "memory_bytes", path),
-        memory_bandwidth_Bps=_req(d, "memory_bandwidth_Bps", path),
+        kind=kind,
+        peak_flops=spec("peak_bf16_flops"),
+        memory_bytes=spec("memory_bytes"),
+        memory_bandwidth_Bps=spec("memory_bandwidth_Bps"),
         host_link=load_link(host) if host else None,
         intra_node_link=load_link(intra) if intra else None,
         description=str(d.get("description", "")),
