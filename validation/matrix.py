@@ -1,0 +1,347 @@
+"""Validation matrices: for each case, measure (a live vLLM server, or a recorded real run),
+simulate the same trace with the case's profile and the engine's own settings, compare.
+
+A matrix YAML has a grid part and/or explicit cases:
+
+    name: cpu-small
+    engine_args: [--block-size, "128", --max-num-seqs, "8"]   # for every live case
+    models:                                                      # live models
+      tiny-llama: {dir: hardware/models/tiny-llama, profile: hardware/profiles/cpu-tiny-llama.yaml}
+    traces: {coding: sample_traces/tiny_cpu.jsonl}
+    loads: {light: 1.0, heavy: 0.3}          # arrival_s multiplied by this (smaller = more load)
+    variants: {prefix-on: {engine_args: [--enable-prefix-caching]},
+               prefix-off: {engine_args: [--no-enable-prefix-caching]}}
+    cases:                                    # explicit cases, e.g. recorded real runs
+      - name: rtx4090-llama-3.1-8b
+        recorded: {format: llmservingsim, dir: ../shared/reference/LLMServingSim/bench/examples/RTX4090/Llama-3.1-8B}
+        hardware: rtx4090-llama-3.1-8b       # profile name or path
+        model: llama-3.1-8b
+        set: {engine.max_num_seqs: 256}       # optional simulator overrides
+
+Grid cases are named `<model>-<trace>-<load>-<variant>`. Layout of the output directory:
+`<case>/trace.jsonl`, `<case>/measured/`, `<case>/simulated/`, `<case>/report/`, and
+`summary.md` / `summary.json` across cases. Paths in the matrix are relative to the
+repository root (or absolute). A failed case is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from replay.trace import load_trace, write_trace
+from simulator.config import ConfigError, build_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# vLLM engine flags -> simulator config keys (the subset that shapes scheduling and KV).
+_INT_FLAGS = {
+    "--max-num-seqs": "engine.max_num_seqs",
+    "--max-num-batched-tokens": "engine.max_num_batched_tokens",
+    "--block-size": "engine.block_size",
+    "--max-model-len": "engine.max_model_len",
+    "--num-gpu-blocks-override": "engine.num_gpu_blocks_override",
+    "--long-prefill-token-threshold": "engine.long_prefill_token_threshold",
+    "--tensor-parallel-size": "cluster.tensor_parallel_size",
+    "-tp": "cluster.tensor_parallel_size",
+}
+_BOOL_FLAGS = {
+    "--enable-prefix-caching": ("engine.enable_prefix_caching", True),
+    "--no-enable-prefix-caching": ("engine.enable_prefix_caching", False),
+    "--enable-chunked-prefill": ("engine.enable_chunked_prefill", True),
+    "--no-enable-chunked-prefill": ("engine.enable_chunked_prefill", False),
+}
+
+
+class MatrixError(ValueError):
+    """A matrix file a user wrote that cannot run."""
+
+
+def engine_args_to_config(args: list[str]) -> dict[str, Any]:
+    """Dotted simulator keys for the vLLM engine arguments that the simulator models."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = str(args[i])
+        key, val = (a.split("=", 1) + [None])[:2] if a.startswith("--") and "=" in a else (a, None)
+        if key in _BOOL_FLAGS:
+            k, v = _BOOL_FLAGS[key]
+            out[k] = v
+        elif key in _INT_FLAGS:
+            if val is None:
+                i += 1
+                if i >= len(args):
+                    raise MatrixError(f"engine argument {key} needs a value")
+                val = args[i]
+            try:
+                out[_INT_FLAGS[key]] = int(val)
+            except ValueError:
+                raise MatrixError(f"engine argument {key} needs an integer, got {val!r}") from None
+        i += 1
+    return out
+
+
+def _path(p: str | None) -> Path | None:
+    if p is None:
+        return None
+    q = Path(p)
+    return q if q.is_absolute() else REPO / q
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str                      # live | recorded
+    model: str                     # model dir (live) or model name/config (recorded)
+    hardware: str | None           # profile name/path; None -> calibrate
+    trace: Path | None = None
+    load: float = 1.0
+    engine_args: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    recorded: dict[str, Any] = field(default_factory=dict)
+    rank_group: str = ""           # cases of one group differ only by their variant
+    variant: str = ""
+
+
+def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
+    p = Path(path)
+    try:
+        m = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise MatrixError(f"matrix file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise MatrixError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(m, dict):
+        raise MatrixError(f"{p}: expected a mapping")
+    known = {"name", "engine_args", "models", "traces", "loads", "variants", "cases", "kv_cache_space_gib",
+             "python", "settings"}
+    bad = set(m) - known
+    if bad:
+        raise MatrixError(f"{p}: unknown keys {sorted(bad)} (known: {sorted(known)})")
+    base_args = [str(a) for a in m.get("engine_args") or []]
+    cases: list[Case] = []
+    models = m.get("models") or {}
+    traces = m.get("traces") or {}
+    loads = m.get("loads") or {"default": 1.0}
+    variants = m.get("variants") or {"default": {}}
+    if models and not traces:
+        raise MatrixError(f"{p}: 'models' needs 'traces'")
+    for mname, mspec in models.items():
+        if not isinstance(mspec, dict) or "dir" not in mspec:
+            raise MatrixError(f"{p}: models.{mname} needs a 'dir'")
+        for tname, tpath in traces.items():
+            for lname, lval in loads.items():
+                for vname, vspec in variants.items():
+                    vspec = vspec or {}
+                    cases.append(Case(
+                        name=f"{mname}-{tname}-{lname}-{vname}", kind="live", model=str(_path(mspec["dir"])),
+                        hardware=mspec.get("profile"), trace=_path(tpath), load=float(lval),
+                        engine_args=base_args + [str(a) for a in mspec.get("engine_args") or []]
+                        + [str(a) for a in vspec.get("engine_args") or []],
+                        overrides=dict(vspec.get("set") or {}), rank_group=f"{mname}-{tname}-{lname}", variant=vname))
+    for c in m.get("cases") or []:
+        if not isinstance(c, dict) or "name" not in c:
+            raise MatrixError(f"{p}: every case needs a name")
+        if "recorded" in c:
+            rec = c["recorded"]
+            if not isinstance(rec, dict) or "dir" not in rec:
+                raise MatrixError(f"{p}: case {c['name']}: recorded needs format and dir")
+            cases.append(Case(name=c["name"], kind="recorded", model=str(c.get("model", "")),
+                              hardware=c.get("hardware"), recorded={**rec, "dir": str(_path(rec["dir"]))},
+                              overrides=dict(c.get("set") or {}), load=float(c.get("load", 1.0)),
+                              rank_group=c.get("rank_group", ""), variant=c.get("variant", "")))
+        else:
+            if "trace" not in c or "model" not in c:
+                raise MatrixError(f"{p}: case {c['name']}: a live case needs model (dir) and trace")
+            cases.append(Case(name=c["name"], kind="live", model=str(_path(c["model"])), hardware=c.get("hardware"),
+                              trace=_path(c["trace"]), load=float(c.get("load", 1.0)),
+                              engine_args=base_args + [str(a) for a in c.get("engine_args") or []],
+                              overrides=dict(c.get("set") or {}), rank_group=c.get("rank_group", ""),
+                              variant=c.get("variant", "")))
+    names = [c.name for c in cases]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise MatrixError(f"{p}: duplicate case names {sorted(dup)}")
+    if not cases:
+        raise MatrixError(f"{p}: no cases")
+    settings = {"kv_cache_space_gib": m.get("kv_cache_space_gib", 1), "python": m.get("python"),
+                **(m.get("settings") or {})}
+    return str(m.get("name", p.stem)), cases, settings
+
+
+def scale_arrivals(programs, factor: float):
+    if factor == 1.0:
+        return programs
+    return [replace(p, arrival_s=p.arrival_s * factor) for p in programs]
+
+
+# -- running ---------------------------------------------------------------------------------
+
+class _ServerPool:
+    """At most one live server (2-core machines): reused while consecutive cases share the
+    model and engine arguments, its prefix cache reset between cases."""
+
+    def __init__(self, settings: dict, log: Callable[[str], None]):
+        self.settings = settings
+        self.log = log
+        self.server = None
+        self.key = None
+
+    def get(self, model: str, engine_args: list[str]):
+        from replay.vllm_server import VLLMServer
+
+        key = (model, tuple(engine_args))
+        if self.key == key and self.server is not None and self.server.running():
+            self._reset_prefix_cache()
+            return self.server
+        self.stop()
+        self.log(f"    starting vLLM: {Path(model).name} {' '.join(engine_args)}")
+        srv = VLLMServer(model, engine_args=engine_args, served_model_name="model",
+                         kv_cache_space_gib=self.settings.get("kv_cache_space_gib", 1),
+                         python=self.settings.get("python"), env={"VLLM_SERVER_DEV_MODE": "1"})
+        t0 = time.perf_counter()
+        srv.start()
+        self.log(f"    server up in {time.perf_counter() - t0:.0f} s at {srv.base_url}")
+        self.server, self.key = srv, key
+        return srv
+
+    def _reset_prefix_cache(self) -> None:
+        import urllib.request
+        req = urllib.request.Request(f"{self.server.base_url}/reset_prefix_cache", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.server, self.key = None, None
+
+
+def _calibrate(case: Case, case_dir: Path, pool: _ServerPool, log) -> str:
+    """No profile given: make a quick one for this model and these engine arguments."""
+    import subprocess
+    pool.stop()
+    prof = case_dir / "profile.yaml"
+    cmd = [sys.executable, "-m", "calibrate.cli", "run", "--model", case.model, "--quick", "--out", str(prof),
+           "--", *case.engine_args]
+    log(f"    calibrating: {' '.join(cmd)}")
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"calibration failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    return str(prof)
+
+
+def _simulate(programs, hardware: str, model: str, overrides: dict, out: Path) -> dict:
+    from replay.sim_backend import run_simulation
+    cfg = build_config(None, overrides)
+    return run_simulation(programs, hardware, model, cfg, out)
+
+
+def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
+    from replay.vllm_server import BASE_ENGINE_ARGS
+    from .compare_adapter import compare_dirs
+
+    case_dir.mkdir(parents=True, exist_ok=True)
+    measured, simulated, report = case_dir / "measured", case_dir / "simulated", case_dir / "report"
+    if case.kind == "recorded":
+        from .importers import RECORDED_FORMATS
+        fmt = case.recorded.get("format", "llmservingsim")
+        if fmt not in RECORDED_FORMATS:
+            raise MatrixError(f"case {case.name}: unknown recorded format '{fmt}' (known: {sorted(RECORDED_FORMATS)})")
+        run = RECORDED_FORMATS[fmt](case.recorded["dir"], measured)
+        programs = run.programs
+        overrides = {f"engine.{k}": v for k, v in run.engine.items()}
+        overrides["cluster.tensor_parallel_size"] = run.tp
+        model = case.model or run.model
+        if not case.hardware:
+            raise MatrixError(f"case {case.name}: a recorded case needs 'hardware' (a profile)")
+        hardware = case.hardware
+    else:
+        programs = scale_arrivals(load_trace(case.trace), case.load)
+        hardware = case.hardware or _calibrate(case, case_dir, pool, log)
+        srv = pool.get(case.model, case.engine_args)
+        from replay.live import run_live
+        log("    live replay ...")
+        run_live(programs, srv.base_url, "model", str(measured), quiet=True)
+        info = srv.engine_info()
+        overrides = engine_args_to_config([*BASE_ENGINE_ARGS, *case.engine_args])
+        if info.num_gpu_blocks:
+            overrides["engine.num_gpu_blocks_override"] = int(info.num_gpu_blocks)
+        if info.block_size:
+            overrides["engine.block_size"] = int(info.block_size)
+        model = str(Path(case.model) / "config.json")
+    write_trace(programs, case_dir / "trace.jsonl")
+    overrides.update(case.overrides)
+    log("    simulating ...")
+    _simulate(programs, hardware, model, overrides, simulated)
+    return compare_dirs(measured, simulated, report)
+
+
+def _ranking(rows: list[dict], cases: list[Case]) -> list[dict]:
+    """Where the real engine ran several variants of one setting, does the simulator order
+    them the same way?"""
+    by_group: dict[str, list[tuple[Case, dict]]] = {}
+    for case, row in zip(cases, rows):
+        if case.rank_group and row.get("status") == "ok":
+            by_group.setdefault(case.rank_group, []).append((case, row))
+    out = []
+    for group, members in sorted(by_group.items()):
+        if len(members) < 2:
+            continue
+        for metric in ("mean_jct_s", "mean_e2el_ms", "mean_ttft_ms"):
+            meas = [(r["measured"].get(metric), c.variant) for c, r in members]
+            sim = [(r["simulated"].get(metric), c.variant) for c, r in members]
+            if any(v is None for v, _ in meas + sim):
+                continue
+            mo = [v for _, v in sorted(meas)]
+            so = [v for _, v in sorted(sim)]
+            out.append({"group": group, "metric": metric, "measured_order": mo, "simulated_order": so,
+                        "agree": mo == so})
+    return out
+
+
+def run_matrix(path: str | Path, out_dir: str | Path, only: list[str] | None = None,
+               log: Callable[[str], None] = print) -> dict:
+    name, cases, settings = load_matrix(path)
+    if only:
+        unknown = set(only) - {c.name for c in cases}
+        if unknown:
+            raise MatrixError(f"no such cases: {sorted(unknown)}")
+        cases = [c for c in cases if c.name in only]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = _ServerPool(settings, log)
+    rows = []
+    t_start = time.perf_counter()
+    try:
+        for i, case in enumerate(cases, 1):
+            log(f"[{i}/{len(cases)}] {case.name}")
+            t0 = time.perf_counter()
+            try:
+                row = run_case(case, out / case.name, pool, log)
+                row["status"] = "ok"
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # a failed case is reported; the rest still run
+                (out / case.name).mkdir(parents=True, exist_ok=True)
+                (out / case.name / "error.txt").write_text(traceback.format_exc())
+                row = {"status": "failed", "error": f"{e.__class__.__name__}: {e}"}
+                log(f"    FAILED: {row['error']}")
+            row["case"] = case.name
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+    finally:
+        pool.stop()
+    result = {"matrix": name, "cases": rows, "ranking": _ranking(rows, cases),
+              "seconds": time.perf_counter() - t_start}
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    from .compare_adapter import summary_markdown
+    (out / "summary.md").write_text("\n".join(summary_markdown(result)) + "\n")
+    return result
