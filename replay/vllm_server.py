@@ -257,8 +257,13 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
 class VLLMServer:
     """A vLLM OpenAI-compatible server in its own process group; a context manager.
 
-    >>> with VLLMServer("hardware/models/tiny-llama", engine_args=TINY_ENGINE_ARGS) as srv:
-    ...     srv.base_url  # 'http://127.0.0.1:PORT'
+        with VLLMServer("hardware/models/tiny-llama") as srv:
+            post(srv.base_url + "/v1/completions", ...)
+            srv.engine_info().num_gpu_blocks
+        records = parse_iteration_log(srv.log_path)
+
+    The port is free when chosen; if another process takes it first, start() raises
+    ServerError with the log tail like any failed start.
     """
 
     def __init__(
@@ -336,10 +341,14 @@ class VLLMServer:
         env = self.environment()
         self._log_file = open(self.log_path, "wb")
         t0 = time.monotonic()
-        self._proc = subprocess.Popen(
-            self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
+        except OSError as e:
+            self._close_log()
+            raise ServerError(f"cannot run {self.python}: {e}") from e
         try:
             self._wait_healthy(t0)
         except BaseException:
@@ -393,10 +402,13 @@ class VLLMServer:
             code = proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
+        self._close_log()
+        return code
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        return code
 
     def log_text(self) -> str:
         try:
