@@ -182,6 +182,75 @@ def scale_arrivals(programs, factor: float):
     return [replace(p, arrival_s=p.arrival_s * factor) for p in programs]
 
 
+# -- comparing ----------------------------------------------------------------------------
+
+HEADLINE = [("ttft_ms", "mean"), ("ttft_ms", "p90"), ("ttft_ms", "p99"), ("tpot_ms", "mean"), ("tpot_ms", "p90"),
+            ("tpot_ms", "p99"), ("e2e_ms", "mean"), ("e2e_ms", "p90"), ("e2e_ms", "p99"), ("jct_s", "mean"),
+            ("jct_s", "p90"), ("jct_s", "p99")]
+_SUMMARY_KEYS = {"ttft_ms": "mean_ttft_ms", "tpot_ms": "mean_tpot_ms", "e2e_ms": "mean_e2el_ms", "jct_s": "mean_jct_s"}
+
+
+def compare_dirs(measured: Path, simulated: Path, report: Path) -> dict:
+    """Compare, write the case's report, and return its row for the matrix summary."""
+    from .compare import compare_runs, load_run
+    from .report import write_report
+
+    meas, sim = load_run(measured), load_run(simulated)
+    errors = compare_runs(meas, sim)
+    write_report(report, errors, meas, sim)
+    metrics = errors.get("metrics", {})
+    row: dict[str, Any] = {"errors": {}, "measured": {}, "simulated": {}}
+    for metric, stat in HEADLINE:
+        cell = metrics.get(metric, {}).get(stat) or {}
+        row["errors"][f"{stat}_{metric}"] = cell.get("error")
+    for metric, key in _SUMMARY_KEYS.items():
+        cell = metrics.get(metric, {}).get("mean") or {}
+        row["measured"][key] = cell.get("measured")
+        row["simulated"][key] = cell.get("simulated")
+    row["calls"] = errors.get("calls", {}).get("paired")
+    row["findings"] = [f.get("finding", "") for f in errors.get("findings", []) if not f.get("minor")][:3]
+    row["warnings"] = [w.get("code", "") for w in errors.get("warnings", [])]
+    return row
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def summary_markdown(result: dict) -> list[str]:
+    cols = [f"{stat} {metric.split('_')[0].upper()}" for metric, stat in HEADLINE]
+    lines = [f"# Validation matrix `{result['matrix']}`", "",
+             f"{len(result['cases'])} cases in {result['seconds']:.0f} s. Errors are (simulated - measured) / measured.", "",
+             "| case | calls | " + " | ".join(cols) + " | status |",
+             "|---|---:|" + "---:|" * len(cols) + "---|"]
+    for r in result["cases"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['case']} | | " + " | ".join([""] * len(cols)) + f" | failed: {r.get('error', '')[:80]} |")
+            continue
+        errs = [_pct(r["errors"].get(f"{stat}_{metric}")) for metric, stat in HEADLINE]
+        lines.append(f"| {r['case']} | {r.get('calls', '')} | " + " | ".join(errs) + " | ok |")
+    ok = [r for r in result["cases"] if r.get("status") == "ok"]
+    if ok:
+        lines += ["", "Worst |error| per metric across cases:", ""]
+        for metric, stat in HEADLINE:
+            vals = [(abs(r["errors"][f"{stat}_{metric}"]), r["case"]) for r in ok
+                    if r["errors"].get(f"{stat}_{metric}") is not None]
+            if vals:
+                v, c = max(vals)
+                lines.append(f"- {stat} {metric}: {100 * v:.1f}% ({c})")
+    if result.get("ranking"):
+        lines += ["", "Ranking: does the simulator order the variants as the real engine does?", "",
+                  "| group | metric | measured order | simulated order | agree |", "|---|---|---|---|---|"]
+        for rk in result["ranking"]:
+            lines.append(f"| {rk['group']} | {rk['metric']} | {' < '.join(rk['measured_order'])} | "
+                         f"{' < '.join(rk['simulated_order'])} | {'yes' if rk['agree'] else 'NO'} |")
+    findings = [(r["case"], f) for r in ok for f in r.get("findings", [])]
+    if findings:
+        lines += ["", "Where the simulator is off (top findings per case):", ""]
+        lines += [f"- {c}: {f}" for c, f in findings]
+    return lines
+
+
 # -- running ---------------------------------------------------------------------------------
 
 class _ServerPool:
@@ -246,7 +315,6 @@ def _simulate(programs, hardware: str, model: str, overrides: dict, out: Path) -
 
 def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
     from replay.vllm_server import BASE_ENGINE_ARGS
-    from .compare_adapter import compare_dirs
 
     case_dir.mkdir(parents=True, exist_ok=True)
     measured, simulated, report = case_dir / "measured", case_dir / "simulated", case_dir / "report"
@@ -342,6 +410,5 @@ def run_matrix(path: str | Path, out_dir: str | Path, only: list[str] | None = N
     result = {"matrix": name, "cases": rows, "ranking": _ranking(rows, cases),
               "seconds": time.perf_counter() - t_start}
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    from .compare_adapter import summary_markdown
     (out / "summary.md").write_text("\n".join(summary_markdown(result)) + "\n")
     return result

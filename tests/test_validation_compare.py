@@ -1,0 +1,294 @@
+"""validation.compare / diagnose / checks / report on hand-made results directories: known
+errors come out exactly, calls pair on (program_id, call_index), warnings appear when (and
+only when) the comparison is not meaningful, and a planted error is found in the right part."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+
+from simulator.metrics import CALL_COLUMNS, PROGRAM_COLUMNS, TIMESERIES_COLUMNS, summarize
+from validation.cli import main as validate_main
+from validation.compare import compare, load_run, ResultsInputError
+from validation.diagnose import interval_load, theil_sen
+from validation.report import write_report
+
+
+# -- builders -----------------------------------------------------------------------------------
+
+def build_calls(n_programs=10, calls_per=4, *, a=0.02, d=2e-5, tpot=0.01, ttft_offset=0.0, ttft_scale=1.0,
+                tpot_scale=1.0, tool_s=0.5, spacing=30.0, extra_cached=0, queue_s=0.0):
+    """Append-only chains; TTFT = (a + d * uncached) * ttft_scale + ttft_offset, programs far apart."""
+    calls, programs = [], []
+    for p in range(n_programs):
+        pid = f"p{p:03d}"
+        t = start = p * spacing
+        for k in range(calls_per):
+            inp = 1000 + 500 * k + 37 * p
+            cached = 512 * k + (extra_cached if k else 0)
+            ttft = queue_s + (a + d * (inp - cached)) * ttft_scale + ttft_offset
+            out = 20 + 5 * k
+            tp = tpot * tpot_scale
+            e2e = ttft + tp * (out - 1)
+            calls.append({"program_id": pid, "call_index": k, "instance": 0, "arrival_s": t, "scheduled_s": t + queue_s,
+                          "first_token_s": t + ttft, "finish_s": t + e2e, "input_tokens": inp, "cached_tokens": cached,
+                          "output_tokens": out, "ttft_s": ttft, "tpot_s": tp, "e2e_s": e2e, "preemptions": 0,
+                          "loaded_tokens": 0, "status": "ok", "error": ""})
+            end = t + e2e
+            t = end + tool_s
+        programs.append({"program_id": pid, "arrival_s": start, "finish_s": end, "jct_s": end - start,
+                         "calls": calls_per, "tool_s_total": tool_s * (calls_per - 1), "status": "ok"})
+    return calls, programs
+
+
+def write_run(path, calls, programs, *, backend="simulator", itl_ms=None, extra_columns=(), **summary_extra):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, rows, cols in (("calls", calls, CALL_COLUMNS + tuple(extra_columns)),
+                             ("programs", programs, PROGRAM_COLUMNS)):
+        with open(path / f"{name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(cols), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    with open(path / "timeseries.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(TIMESERIES_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows([{"t_s": float(t), "instance": 0, "running": 1, "waiting": 0, "kv_usage": 0.1} for t in range(5)])
+    s = summarize(calls, programs)
+    if itl_ms is not None:
+        s.update({f"{k}_itl_ms": v for k, v in itl_ms.items()})
+    s.update({"backend": backend, "trace": "hand.jsonl", "config": {"engine": {"max_num_seqs": 8}}})
+    s.update(summary_extra)
+    (path / "summary.json").write_text(json.dumps(s))
+    return path
+
+
+def pair_of_runs(tmp_path, meas_kw=None, sim_kw=None, **common):
+    m = write_run(tmp_path / "meas", *build_calls(**{**common, **(meas_kw or {})}))
+    s = write_run(tmp_path / "sim", *build_calls(**{**common, **(sim_kw or {})}))
+    return m, s
+
+
+def codes(errors):
+    return [w["code"] for w in errors["warnings"]]
+
+
+# -- the arithmetic --------------------------------------------------------------------------------
+
+def test_aggregate_errors_are_exact(tmp_path):
+    """TTFT x1.25 and TPOT x0.5 in every call give +25% and -50% at every statistic; ITL from summary."""
+    mc, mp = build_calls()
+    sc, sp = build_calls(ttft_scale=1.25, tpot_scale=0.5)
+    for c in sc[:3]:
+        c["preemptions"] = 1
+    write_run(tmp_path / "m", mc, mp, itl_ms={"mean": 10.0, "median": 8.0, "p90": 20.0, "p99": 40.0})
+    write_run(tmp_path / "s", sc, sp, itl_ms={"mean": 12.0, "median": 8.0, "p90": 15.0, "p99": 50.0})
+    e = compare(tmp_path / "m", tmp_path / "s")
+    for st in ("mean", "p50", "p90", "p99"):
+        assert e["metrics"]["ttft_ms"][st]["error"] == pytest.approx(0.25, abs=1e-12)
+        assert e["metrics"]["tpot_ms"][st]["error"] == pytest.approx(-0.5, abs=1e-12)
+    assert [e["metrics"]["itl_ms"][st]["error"] for st in ("mean", "p50", "p90", "p99")] == \
+        pytest.approx([0.2, 0.0, -0.25, 0.25])
+    assert e["metrics"]["ttft_ms"]["mean"]["measured"] == pytest.approx(
+        1000 * sum(c["ttft_s"] for c in mc) / len(mc))
+    assert e["metrics"]["preemptions"]["count"]["error"] == 3
+    assert e["metrics"]["prefix_cache_hit_rate"]["value"]["error"] == pytest.approx(0.0)
+    dur_m = max(c["finish_s"] for c in mc) - min(c["arrival_s"] for c in mc)
+    assert e["metrics"]["request_throughput"]["value"]["measured"] == pytest.approx(len(mc) / dur_m)
+
+
+def test_cache_hit_rate_error_is_in_points(tmp_path):
+    """The hit-rate error is simulated minus measured, in percentage points."""
+    m, s = pair_of_runs(tmp_path, sim_kw={"extra_cached": 64})
+    e = compare(m, s)
+    mc, _ = build_calls()
+    sc, _ = build_calls(extra_cached=64)
+    tin = sum(c["input_tokens"] for c in mc)
+    want = 100 * (sum(c["cached_tokens"] for c in sc) - sum(c["cached_tokens"] for c in mc)) / tin
+    row = e["metrics"]["prefix_cache_hit_rate"]["value"]
+    assert row["error_kind"] == "points" and row["error"] == pytest.approx(want)
+
+
+def test_calls_pair_on_program_and_index_not_row_order(tmp_path):
+    """Shuffled rows still pair; a failed measured call and a sim-only call are left out."""
+    mc, mp = build_calls()
+    sc, sp = build_calls(ttft_scale=1.25)
+    mc[5].update(status="failed", error="HTTP 500")
+    sc.append(dict(sc[-1], program_id="extra", call_index=0))
+    random.Random(1).shuffle(sc)
+    write_run(tmp_path / "m", mc, mp)
+    write_run(tmp_path / "s", sc, sp)
+    e = compare(tmp_path / "m", tmp_path / "s")
+    assert e["calls"]["paired"] == len(mc) - 1
+    assert e["calls"]["only_simulated"] == 1
+    p = e["paired"]["ttft"]
+    assert p["n"] == len(mc) - 1
+    assert p["median_abs_rel_error"] == pytest.approx(0.25)
+    assert p["mean_signed_rel_error"] == pytest.approx(0.25)
+    assert p["correlation"] == pytest.approx(1.0)
+    assert "failed_calls" in codes(e)
+
+
+# -- warnings --------------------------------------------------------------------------------------
+
+def test_no_warning_for_a_clean_comparison(tmp_path):
+    """Two runs of the same trace with enough calls and the same config: no warning at all."""
+    m, s = pair_of_runs(tmp_path, n_programs=10, calls_per=4, sim_kw={"ttft_scale": 1.1})
+    assert codes(compare(m, s)) == []
+
+
+def test_warns_for_too_few_calls(tmp_path):
+    m, s = pair_of_runs(tmp_path, n_programs=3, calls_per=4)
+    assert codes(compare(m, s)) == ["too_few_calls"]
+
+
+def test_warns_when_traces_differ(tmp_path):
+    """Different prompt lengths on paired calls, or a program missing on one side."""
+    mc, mp = build_calls()
+    sc, sp = build_calls()
+    sc[7]["input_tokens"] += 10
+    write_run(tmp_path / "m", mc, mp)
+    write_run(tmp_path / "s", sc, sp)
+    e = compare(tmp_path / "m", tmp_path / "s")
+    assert codes(e) == ["traces_differ"] and "prompt lengths differ on 1 of 40" in e["warnings"][0]["message"]
+    write_run(tmp_path / "s2", [c for c in sc if c["program_id"] != "p009"] + [], sp[:-1])
+    write_run(tmp_path / "m2", [c for c in mc if c["program_id"] != "p000"], mp[1:])
+    e = compare(tmp_path / "m2", tmp_path / "s2")
+    assert "traces_differ" in codes(e)
+    assert any("4 calls only measured, 4 only simulated" in w["message"] for w in e["warnings"])
+
+
+def test_warns_about_noise_client_lag_interruption_and_config(tmp_path):
+    """A jittery measured TPOT, a late client, an interrupted run and a different config all warn."""
+    mc, mp = build_calls()
+    for i, c in enumerate(mc):
+        c["tpot_s"] *= 1.3 if i % 2 else 0.7
+        c["issue_lag_s"] = 0.05 if i % 10 == 0 else 0.0
+    write_run(tmp_path / "m", mc, mp, backend="live", extra_columns=("issue_lag_s",), interrupted=True,
+              config={"time_scale": 1.0, "max_inflight": 4})
+    write_run(tmp_path / "s", *build_calls())
+    got = codes(compare(tmp_path / "m", tmp_path / "s"))
+    assert {"noisy_measurement", "client_lag", "interrupted", "configs_differ"} <= set(got)
+
+
+def test_warns_when_simulated_configs_differ(tmp_path):
+    mc, mp = build_calls()
+    write_run(tmp_path / "m", mc, mp, config={"engine": {"max_num_seqs": 8}})
+    write_run(tmp_path / "s", mc, mp, config={"engine": {"max_num_seqs": 64}})
+    e = compare(tmp_path / "m", tmp_path / "s")
+    assert codes(e) == ["configs_differ"] and "engine.max_num_seqs 8 vs 64" in e["warnings"][0]["message"]
+
+
+# -- diagnosis -------------------------------------------------------------------------------------
+
+def _finding(e, part):
+    return next(f for f in e["findings"] if f["part"] == part)
+
+
+def test_diagnosis_finds_a_planted_constant_ttft_offset(tmp_path):
+    """Measured TTFT = simulated + 50 ms on every call: host overhead, -50 ms, ranked first."""
+    m, s = pair_of_runs(tmp_path, meas_kw={"ttft_offset": 0.05})
+    e = compare(m, s)
+    top = e["findings"][0]
+    assert top["part"] == "host overhead"
+    assert top["impact_ms"] == pytest.approx(50.0, abs=1e-6)
+    assert top["evidence"]["offset_ms"] == pytest.approx(-50.0, abs=1e-6)
+    assert top["direction"] == "simulator faster"
+    assert _finding(e, "step time (prefill)")["impact_ms"] == pytest.approx(0.0, abs=1e-6)
+    assert _finding(e, "orchestration/client")["impact_ms"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_diagnosis_separates_prefill_cost_from_overhead(tmp_path):
+    """A per-token TTFT error is step time (prefill), with the measured and simulated costs."""
+    m, s = pair_of_runs(tmp_path, sim_kw={"d": 4e-5})
+    e = compare(m, s)
+    f = e["findings"][0]
+    assert f["part"] == "step time (prefill)"
+    assert f["evidence"]["measured_ms_per_1k_tokens"] == pytest.approx(20.0)
+    assert f["evidence"]["simulated_ms_per_1k_tokens"] == pytest.approx(40.0)
+    assert _finding(e, "host overhead")["impact_ms"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_diagnosis_names_decode_and_cache(tmp_path):
+    """Slower simulated decode ranks step time (decode) first; different hits show in cache hits."""
+    m, s = pair_of_runs(tmp_path, sim_kw={"tpot_scale": 1.5, "extra_cached": 128})
+    e = compare(m, s)
+    assert e["findings"][0]["part"] == "step time (decode)"
+    assert e["findings"][0]["evidence"]["unloaded_tpot_rel_error"] == pytest.approx(0.5)
+    cache = _finding(e, "cache hits")["evidence"]
+    assert cache["calls_sim_more"] == 30 and cache["calls_equal_cached"] == 10
+
+
+def test_diagnosis_attributes_queueing(tmp_path):
+    """Calls that waited in the measured run (scheduled_s) put their TTFT error on queueing."""
+    mc, mp = build_calls()
+    for c in mc[::4]:
+        c["scheduled_s"] += 0.5
+        for col in ("first_token_s", "finish_s"):
+            c[col] += 0.5
+        c["ttft_s"] += 0.5
+        c["e2e_s"] += 0.5
+    write_run(tmp_path / "m", mc, mp)
+    write_run(tmp_path / "s", *build_calls())
+    e = compare(tmp_path / "m", tmp_path / "s")
+    q = e["findings"][0]
+    assert q["part"] == "queueing"
+    assert q["evidence"]["queued_in_measured"] == 10
+    assert q["impact_ms"] == pytest.approx(500.0 * 10 / 40, rel=1e-6)
+
+
+def test_interval_load_and_theil_sen():
+    assert list(interval_load([0.0, 1.0], [2.0, 3.0])) == pytest.approx([1.5, 1.5])
+    assert list(interval_load([0.0, 0.0, 5.0], [1.0, 1.0, 6.0])) == pytest.approx([2.0, 2.0, 1.0])
+    slope, icpt = theil_sen([1, 2, 3, 4, 100], [3, 5, 7, 9, 0])
+    assert (slope, icpt) == pytest.approx((2.0, 1.0))
+    assert theil_sen([1, 1, 2], [1, 2, 3]) is None
+
+
+# -- reports and the CLI --------------------------------------------------------------------------
+
+def test_report_files_are_written_and_self_contained(tmp_path):
+    m, s = pair_of_runs(tmp_path, n_programs=3, meas_kw={"ttft_offset": 0.05})
+    paths = write_report(tmp_path / "rep", compare(m, s), load_run(m), load_run(s))
+    for p in paths.values():
+        assert p.exists() and p.stat().st_size > 0
+    errors = json.loads(paths["errors"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert errors["calls"]["paired"] == 12
+    md = paths["markdown"].read_text()
+    assert "too_few_calls" in md and "host overhead" in md and "| TTFT (ms) | p99 |" in md
+    html = paths["html"].read_text()
+    assert html.count("src='data:image/png;base64,") == 3
+    assert "src='http" not in html and 'src="http' not in html
+    assert "too_few_calls" in html
+
+
+def test_cli_compare_writes_report_and_prints_findings(tmp_path, capsys):
+    m, s = pair_of_runs(tmp_path, meas_kw={"ttft_offset": 0.05})
+    rc = validate_main(["compare", str(m), str(s), "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "1. host overhead" in out and "TTFT (ms)" in out
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        rc = validate_main(["compare", str(bad), str(bad), "--out", str(tmp_path / "rep")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("asim-validate: error:")
+    with pytest.raises(ResultsInputError):
+        load_run(tmp_path / "empty")
+
+
+def test_warns_when_cache_hits_betray_another_block_size(tmp_path):
+    """Measured hits in multiples of 512 tokens cannot come from the simulated 48-token blocks."""
+    mc, mp = build_calls()
+    write_run(tmp_path / "m", mc, mp, backend="live", config={"time_scale": 1.0, "max_inflight": 0})
+    write_run(tmp_path / "s", mc, mp, deployment={"engine": {"block_size": 48}})
+    e = compare(tmp_path / "m", tmp_path / "s")
+    assert codes(e) == ["configs_differ"] and "block size 48" in e["warnings"][0]["message"]
+    write_run(tmp_path / "s16", mc, mp, deployment={"engine": {"block_size": 16}})
+    assert codes(compare(tmp_path / "m", tmp_path / "s16")) == []

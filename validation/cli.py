@@ -1,0 +1,88 @@
+"""asim-validate: compare a measured run with a simulated run of the same trace, and say
+where the simulator is off.
+
+  asim-validate compare MEASURED_DIR SIMULATED_DIR --out REPORT_DIR
+
+writes errors.json, report.md and report.html (self-contained) into REPORT_DIR and prints a
+short table, the warnings and the top findings. The directories are `asim-replay --out` results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simulator.config import ConfigError
+
+from .compare import ResultsInputError, compare_runs, load_run
+from .matrix import MatrixError
+
+PROG = "asim-validate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("compare", help="compare a measured results dir with a simulated one",
+                       description="Compare MEASURED_DIR (e.g. a live replay) with SIMULATED_DIR (asim-replay "
+                                   "of the same trace); errors are (simulated - measured) / measured.")
+    c.add_argument("measured", metavar="MEASURED_DIR", help="results of the real engine (asim-replay --endpoint)")
+    c.add_argument("simulated", metavar="SIMULATED_DIR", help="results of the simulator on the same trace")
+    c.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="where to write errors.json, report.md, report.html")
+    c.add_argument("--top", type=int, default=3, help="findings to print (default 3; all are in the report)")
+    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    r = sub.add_parser("run", help="run a validation matrix (live vLLM and/or recorded runs vs the simulator)",
+                       description="For each case of MATRIX.yaml: measure (live vLLM or a recorded run), simulate "
+                                   "the same trace with the case's profile, compare. Writes DIR/<case>/{measured,"
+                                   "simulated,report}/ and DIR/summary.md.")
+    r.add_argument("matrix", metavar="MATRIX.yaml")
+    r.add_argument("--out", required=True, metavar="DIR")
+    r.add_argument("--case", action="append", default=None, help="run only this case (repeatable)")
+    return p
+
+
+def cmd_compare(args) -> int:
+    from .report import findings_lines, summary_lines, warnings_lines, write_report
+
+    meas = load_run(args.measured)
+    sim = load_run(args.simulated)
+    errors = compare_runs(meas, sim)
+    paths = write_report(args.out, errors, meas, sim)
+    if not args.quiet:
+        lines = summary_lines(errors) + [""] + warnings_lines(errors)
+        lines += ["", "where the simulator is off (largest first):"] + findings_lines(errors, top=args.top)
+        lines += ["", f"report: {paths['markdown']}, {paths['html']}, {paths['errors']}"]
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .matrix import run_matrix, summary_markdown
+
+    result = run_matrix(args.matrix, args.out, only=args.case, log=lambda m: print(m, flush=True))
+    print("\n".join(summary_markdown(result)))
+    failed = sum(r.get("status") != "ok" for r in result["cases"])
+    if failed:
+        print(f"{failed} case(s) failed; see {args.out}/<case>/error.txt", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "compare":
+            return cmd_compare(args)
+        if args.command == "run":
+            return cmd_run(args)
+    except (ResultsInputError, MatrixError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable --out, a disk full: the user's to fix
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
