@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import ConfigError, SimConfig
 from .hardware import DeviceSpec, ModelArch, load_memory_tier
-from .latency import LatencyModel, LinearStepModel, RooflineModel
+from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel
 
 GiB = 1 << 30
 
@@ -94,7 +94,16 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                                  memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                                  host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
                                  host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"))
-        raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline)")
+        if kind == "operators":
+            try:
+                return OperatorModel.from_profile(
+                    spec, model, tp, link=device.intra_node_link, profile=profile,
+                    host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
+                    max_tokens=max(cfg.engine.max_num_batched_tokens or 0, 8192),
+                    max_seqs=max(cfg.engine.max_num_seqs or 0, 1024))
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"profile {profile.get('name', '')}: {e}") from None
+        raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline, operators)")
     return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency,
                          attention_efficiency=lat.attention_efficiency, memory_efficiency=lat.memory_efficiency,
                          host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s)

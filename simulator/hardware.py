@@ -290,6 +290,7 @@ def load_device(name_or_path: str | os.PathLike) -> tuple[DeviceSpec, dict[str, 
         except HardwareError:
             raise HardwareError(_resolve_msg(name_or_path)) from None
     d = _load_yaml(path)
+    d["_dir"] = str(path.resolve().parent)  # a profile's tables are found relative to it
     if "device" in d and isinstance(d["device"], dict):  # a calibrated profile embeds its device
         return device_from_dict(d["device"], path), d
     return device_from_dict(d, path), d

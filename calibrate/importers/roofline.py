@@ -1,0 +1,333 @@
+"""Roofline efficiencies learned from measured operator times, for spec-only devices.
+
+`RooflineModel` (simulator/latency/roofline.py) prices every operator family as
+max(FLOPs / (peak · e), bytes / (bandwidth · e_mem)) with three efficiencies: GEMM, attention
+and memory. Here they are fitted to the operator tables of the measured devices (RTX 4090,
+RTX PRO 6000 and H100 from LLMServingSim; A100, H100 and A40 from Vidur), each operator
+reduced to its FLOPs and bytes at its shape:
+
+- gemm: qkv/o/gate_up/down projections and lm_head: 2·T·K·N FLOPs; (K·N + T·K + T·N)·dtype bytes;
+- attention prefill (one chunk n over c cached tokens): 4·heads·d·n·(c + (n+1)/2) FLOPs;
+  KV (c + n) + Q/O bytes; decode (B requests, kv each): 4·heads·d·B·(kv+1) FLOPs, KV bytes;
+- elementwise (activation, norms, rotary, residual add, embedding): bytes only;
+- moe (LLMServingSim's moe.csv): 2·T·k·3·h·I FLOPs; activated experts' weights, bytes.
+
+The fit minimises the squared log error of predicted vs measured time over points of at
+least `MIN_US` (smaller ones are kernel-launch bound, which no roofline describes); each
+(device, family) group weighs the same and, inside a group, a point weighs by its measured
+time, so the operators that make up most of a step decide the efficiencies. Leave-one-device-out: for each measured device the
+efficiencies are fitted on the others and its operator times predicted from its spec alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.optimize import minimize
+
+from simulator.hardware import HARDWARE_DIR, load_model
+
+MIN_US = 20.0
+FAMILIES = ("gemm", "attn_prefill", "attn_decode", "elementwise", "moe")
+# RooflineModel prices no elementwise operator (norms, activation, rotary): they are reported,
+# not fitted, so their rough byte counts and launch-bound times cannot pull the memory efficiency.
+FIT_FAMILIES = ("gemm", "attn_prefill", "attn_decode", "moe")
+DEFAULT_EFF = {"gemm": 0.7, "attention": 0.5, "memory": 0.8}  # simulator/latency/roofline.py defaults
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+    gated: bool = True
+    q_mult: int = 1  # query projection width multiplier (Qwen3-Next's output gate doubles it)
+    experts: int = 0
+    top_k: int = 0
+    moe_inter: int = 0
+
+    def per_rank(self, tp: int) -> "Shape":
+        return Shape(self.hidden, self.heads // tp, max(self.kv_heads // tp, 1), self.head_dim, self.inter // tp,
+                     self.vocab // tp, self.gated, self.q_mult, self.experts, self.top_k, self.moe_inter)
+
+
+def _rows_gemm(dev, src, op, T, K, N, us, b=2):
+    return {"device": dev, "source": src, "family": "gemm", "op": op, "x": T,
+            "flops": 2.0 * T * K * N, "attn_flops": 0.0, "bytes": (K * N + T * K + T * N) * b, "us": us}
+
+
+def _row(dev, src, fam, op, x, flops, attn_flops, nbytes, us):
+    return {"device": dev, "source": src, "family": fam, "op": op, "x": x, "flops": flops,
+            "attn_flops": attn_flops, "bytes": nbytes, "us": us}
+
+
+def dense_rows(dev: str, src: str, s: Shape, op: str, T: float, us: float) -> list[dict]:
+    h, d, b = s.hidden, s.head_dim, 2
+    q, kv = s.heads * d * s.q_mult, s.kv_heads * d
+    gemms = {"qkv_proj": (h, q + 2 * kv), "o_proj": (s.heads * d, h),
+             "gate_up_proj": (h, (2 if s.gated else 1) * s.inter), "down_proj": (s.inter, h)}
+    if op in gemms:
+        k, n = gemms[op]
+        return [_rows_gemm(dev, src, op, T, k, n, us)]
+    ew = {"act_fn": 3 * T * s.inter * b, "layernorm": 4 * T * h * b, "input_layernorm": 4 * T * h * b,
+          "post_attention_layernorm": 4 * T * h * b, "final_layernorm": 4 * T * h * b,
+          "rotary_emb": 2 * T * (s.heads * d + kv) * b, "add": 3 * T * h * b, "embedding": 2 * T * h * b,
+          "qk_norm": 2 * T * (s.heads * d + kv) * b}
+    if op in ew:
+        return [_row(dev, src, "elementwise", op, T, 0.0, 0.0, ew[op], us)]
+    return []
+
+
+def attention_rows(dev: str, src: str, s: Shape, pc: int, kp: int, nd: int, kd: int, us: float) -> list[dict]:
+    h, kvh, d, b = s.heads, s.kv_heads, s.head_dim, 2
+    if nd == 0 and pc > 0:
+        f = 4.0 * h * d * pc * (kp + (pc + 1) / 2)
+        by = 2 * kvh * d * b * (kp + pc) + 2 * pc * h * d * b
+        return [_row(dev, src, "attn_prefill", "attention", pc, 0.0, f, by, us)]
+    if pc == 0 and nd > 0:
+        f = 4.0 * h * d * nd * (kd + 1)
+        by = 2 * kvh * d * b * nd * (kd + 1)
+        return [_row(dev, src, "attn_decode", "attention", nd, 0.0, f, by, us)]
+    return []
+
+
+# -- measured points --------------------------------------------------------------------------
+
+LLMSS = [  # (device, folder, model yaml or None, explicit shape, tp degrees)
+    ("rtx4090", "RTX4090/meta-llama/Llama-3.1-8B/bf16", "llama-3.1-8b", None, (1,)),
+    ("rtx-pro-6000", "RTXPRO6000/meta-llama/Llama-3.1-8B/bf16", "llama-3.1-8b", None, (1, 2)),
+    ("rtx-pro-6000", "RTXPRO6000/Qwen/Qwen3-32B/bf16", "qwen3-32b", None, (1, 2)),
+    ("rtx-pro-6000", "RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16", "qwen3-30b-a3b-instruct-2507", None, (1,)),
+    # Qwen3.6-35B-A3B (hybrid): its full-attention layer's projections and attention only.
+    ("h100-sxm", "H100/Qwen/Qwen3.6-35B-A3B/bf16", None,
+     Shape(2048, 16, 2, 256, 0, 248320, q_mult=2), (1,)),
+]
+VIDUR_DEVICES = {"a100": "a100-80gb-sxm", "h100": "h100-sxm", "a40": "a40"}
+
+
+def _shape_of(model_name: str) -> Shape:
+    m = load_model(model_name)
+    return Shape(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size, m.vocab_size,
+                 experts=m.num_experts, top_k=m.num_experts_per_tok, moe_inter=m.moe_intermediate_size)
+
+
+def llmservingsim_points(ref: Path) -> list[dict]:
+    rows = []
+    for dev, sub, model, shape, tps in LLMSS:
+        d = ref / "LLMServingSim" / "profiler" / "perf" / sub
+        if not d.is_dir():
+            continue
+        base = shape or _shape_of(model)
+        src = f"LLMServingSim {sub}"
+        for tp in tps:
+            s = base.per_rank(tp)
+            td = d / f"tp{tp}"
+            if (td / "dense.csv").exists():
+                dense = pd.read_csv(td / "dense.csv")
+                for r in dense.itertuples(index=False):
+                    if shape is not None and r.layer not in ("qkv_proj", "o_proj"):
+                        continue
+                    rows += dense_rows(dev, src, s, r.layer, float(r.tokens), float(r.time_us))
+            if (td / "per_sequence.csv").exists() and shape is None:
+                ps = pd.read_csv(td / "per_sequence.csv")
+                for r in ps[ps.layer == "lm_head"].itertuples(index=False):
+                    rows.append(_rows_gemm(dev, src, "lm_head", float(r.sequences), s.hidden, s.vocab, float(r.time_us)))
+            if (td / "attention.csv").exists():
+                att = pd.read_csv(td / "attention.csv")
+                att = att[(att.n_decode == 0) | (att.prefill_chunk == 0)]
+                for r in att.itertuples(index=False):
+                    rows += attention_rows(dev, src, s, int(r.prefill_chunk), int(r.kv_prefill), int(r.n_decode),
+                                           int(r.kv_decode), float(r.time_us))
+            if (td / "moe.csv").exists() and base.experts:
+                moe = pd.read_csv(td / "moe.csv")
+                for r in moe.itertuples(index=False):
+                    f = 2.0 * r.tokens * base.top_k * 3 * base.hidden * base.moe_inter
+                    by = r.activated_experts * 3 * base.hidden * base.moe_inter * 2
+                    rows.append(_row(dev, src, "moe", "moe", float(r.tokens), f, 0.0, by, float(r.time_us)))
+    return rows
+
+
+VIDUR_OPS = {"attn_pre_proj": "qkv_proj", "attn_post_proj": "o_proj", "mlp_up_proj": "gate_up_proj",
+             "mlp_down_proj": "down_proj", "mlp_act": "act_fn", "input_layernorm": "input_layernorm",
+             "post_attention_layernorm": "post_attention_layernorm", "attn_rope": "rotary_emb", "add": "add",
+             "emb": "embedding"}
+VIDUR_TOKENS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192}
+
+
+def vidur_points(ref: Path) -> list[dict]:
+    rows = []
+    root = ref / "vidur" / "data" / "profiling" / "compute"
+    for vdev, dev in VIDUR_DEVICES.items():
+        for f in sorted((root / vdev).glob("*/*/mlp.csv")):
+            df = pd.read_csv(f)
+            r0 = df.iloc[0]
+            base = Shape(int(r0.n_embd), int(r0.n_head), int(r0.n_kv_head), int(r0.n_embd) // int(r0.n_head),
+                         int(r0.n_expanded_embd), int(r0.vocab_size), gated=bool(r0.use_gated_mlp))
+            src = f"vidur {vdev}/{f.parent.parent.name}/{f.parent.name}"
+            df = df[df.num_tokens.isin(VIDUR_TOKENS)]
+            for tp, g in df.groupby("num_tensor_parallel_workers"):
+                s = base.per_rank(int(tp))
+                for vop, op in VIDUR_OPS.items():
+                    col = f"time_stats.{vop}.median"
+                    if col not in g:
+                        continue
+                    med = g.groupby("num_tokens")[col].median()
+                    for T, ms in med.items():
+                        if np.isfinite(ms):
+                            rows += dense_rows(dev, src, s, op, float(T), float(ms) * 1e3)
+    return rows
+
+
+def measured_points(ref: Path) -> pd.DataFrame:
+    return pd.DataFrame(llmservingsim_points(ref) + vidur_points(ref))
+
+
+# -- the model and its fit --------------------------------------------------------------------
+
+
+def device_specs(names) -> dict[str, tuple[float, float]]:
+    out = {}
+    for n in names:
+        d = yaml.safe_load((HARDWARE_DIR / "devices" / f"{n}.yaml").read_text())
+        out[n] = (float(d["peak_bf16_flops"]), float(d["memory_bandwidth_Bps"]))
+    return out
+
+
+def predict_us(df: pd.DataFrame, eff: dict[str, float], specs: dict) -> np.ndarray:
+    peak = df.device.map(lambda d: specs[d][0]).to_numpy()
+    bw = df.device.map(lambda d: specs[d][1]).to_numpy()
+    comp = df.flops.to_numpy() / (peak * eff["gemm"]) + df.attn_flops.to_numpy() / (peak * eff["attention"])
+    mem = df.bytes.to_numpy() / (bw * eff["memory"])
+    return np.maximum(comp, mem) * 1e6
+
+
+def _weights(df: pd.DataFrame) -> np.ndarray:
+    """Each (device, family) group weighs the same; inside a group a point weighs by its
+    time, so the operators that make up most of a step decide the fit."""
+    tot = df.groupby(["device", "family"]).us.transform("sum").to_numpy()
+    return df.us.to_numpy() / tot
+
+
+def fit_efficiencies(df: pd.DataFrame, specs: dict) -> dict[str, float]:
+    """(gemm, attention, memory) minimising the group-weighted squared log error."""
+    d = df[(df.us >= MIN_US) & df.family.isin(FIT_FAMILIES)]
+    w = _weights(d)
+    logm = np.log(d.us.to_numpy())
+    has_attn = bool((d.attn_flops > 0).any())
+
+    def loss(x):
+        eff = {"gemm": x[0], "attention": x[1] if has_attn else 0.5, "memory": x[2]}
+        return float(np.sum(w * (np.log(predict_us(d, eff, specs)) - logm) ** 2))
+
+    res = minimize(loss, x0=[0.6, 0.4, 0.8], bounds=[(0.02, 1.0)] * 3, method="L-BFGS-B")
+    return {"gemm": float(res.x[0]), "attention": float(res.x[1]) if has_attn else 0.5, "memory": float(res.x[2])}
+
+
+def family_errors(df: pd.DataFrame, eff: dict, specs: dict) -> dict[str, dict]:
+    d = df[df.us >= MIN_US]
+    pred = predict_us(d, eff, specs)
+    rel = (pred - d.us.to_numpy()) / d.us.to_numpy()
+    out = {}
+    for fam in FAMILIES:
+        m = (d.family == fam).to_numpy()
+        if m.any():
+            a = np.abs(rel[m]) * 100
+            t = d.us.to_numpy()[m]
+            out[fam] = {"points": int(m.sum()), "mape_pct": float(a.mean()), "median_abs_pct": float(np.median(a)),
+                        "time_weighted_ape_pct": float(np.sum(a * t) / np.sum(t)),
+                        "bias_pct": float(np.median(rel[m]) * 100)}
+    return out
+
+
+def attention_fixed_us(df: pd.DataFrame) -> float:
+    """The attention kernel's floor: per device the cheapest measured attention, median over devices."""
+    a = df[df.family.isin(("attn_prefill", "attn_decode"))]
+    return float(a.groupby("device").us.min().median()) if len(a) else 0.0
+
+
+def leave_one_device_out(df: pd.DataFrame, specs: dict) -> list[dict]:
+    rows = []
+    for dev in sorted(df.device.unique()):
+        train, test = df[df.device != dev], df[df.device == dev]
+        eff = fit_efficiencies(train, specs)
+        errs = family_errors(test, eff, specs)
+        base = family_errors(test, DEFAULT_EFF, specs)
+        rows.append({"device": dev, "efficiencies": eff, "errors": errs, "default_errors": base})
+    return rows
+
+
+def loo_table(rows: list[dict]) -> list[str]:
+    head = f"{'held-out device':16s} {'learned (gemm/attn/mem)':>24s} " + " ".join(f"{f:>29s}" for f in FAMILIES)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        e = r["efficiencies"]
+        cells = []
+        for f in FAMILIES:
+            x, b = r["errors"].get(f), r["default_errors"].get(f)
+            cells.append(f"{x['time_weighted_ape_pct']:5.1f}/{x['mape_pct']:5.1f}% ({x['bias_pct']:+4.0f}%) "
+                         f"[{b['time_weighted_ape_pct']:3.0f}%]" if x else "n/a")
+        lines.append(f"{r['device']:16s} {e['gemm']:>8.2f}/{e['attention']:.2f}/{e['memory']:.2f}      " +
+                     " ".join(f"{c:>29s}" for c in cells))
+    lines.append(f"cells: time-weighted / plain mean absolute % error of the held-out device's operator times "
+                 f"(points >= {MIN_US:.0f} us) predicted from its spec with efficiencies learned on the other devices, "
+                 "(median signed error), [time-weighted error with the simulator's default efficiencies "
+                 f"{DEFAULT_EFF['gemm']}/{DEFAULT_EFF['attention']}/{DEFAULT_EFF['memory']}]")
+    return lines
+
+
+# -- the spec-only profiles -------------------------------------------------------------------
+
+SPEC_ONLY = ("h200", "b200", "mi300x", "l40s")
+HOST_NOTE = ("0: no per-step host measurement exists for these devices; the learned efficiencies come "
+             "from kernel times only (see hardware/profiles/*.tables of the measured devices)")
+
+
+def learn(ref: Path) -> dict:
+    """Everything the spec-only profiles record: the efficiencies fitted on all measured
+    devices, their in-sample errors, the leave-one-device-out table, and the attention floor."""
+    df = measured_points(ref)
+    specs = device_specs(df.device.unique())
+    eff = fit_efficiencies(df, specs)
+    loo = leave_one_device_out(df, specs)
+    return {"efficiencies": eff, "attention_fixed_us": attention_fixed_us(df), "in_sample": family_errors(df, eff, specs),
+            "leave_one_device_out": loo, "devices": sorted(df.device.unique()),
+            "sources": sorted(df.source.unique()), "points": int((df.us >= MIN_US).sum())}
+
+
+def spec_only_profile(device: str, learned: dict) -> dict:
+    from .common import agentservesim_version, utc_today
+    dev = yaml.safe_load((HARDWARE_DIR / "devices" / f"{device}.yaml").read_text())
+    eff = learned["efficiencies"]
+    loo = {r["device"]: {"efficiencies": r["efficiencies"], "errors": r["errors"]}
+           for r in learned["leave_one_device_out"]}
+    return {
+        "_header": ("# Spec-only profile: RooflineModel with efficiencies learned from the measured devices'\n"
+                    "# operator times (scripts/learn_roofline.py). Not measured on this device.\n"),
+        "name": f"{device}-roofline-learned",
+        "kind": "spec-profile",
+        "device": dev,
+        "latency_model": {
+            "kind": "roofline",
+            "efficiencies": {"gemm": eff["gemm"], "attention": eff["attention"], "memory": eff["memory"]},
+            "host_overhead_s": 0.0,
+            "host_overhead_per_seq_s": 0.0,
+            "host_overhead_source": HOST_NOTE,
+            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"]},
+            "fit": {"method": ("squared log error over operator times >= %g us of the measured devices, each "
+                               "(device, family) group weighted equally and points by time; elementwise ops "
+                               "reported, not fitted (RooflineModel has none)") % MIN_US,
+                    "devices": learned["devices"], "points": learned["points"], "in_sample": learned["in_sample"],
+                    "leave_one_device_out": loo},
+        },
+        "provenance": {"measured_from": learned["sources"],
+                       "licences": {"casys-kaist/LLMServingSim": "MIT", "microsoft/vidur": "MIT"},
+                       "command": "python scripts/learn_roofline.py --write", "written_at": utc_today(),
+                       "agentservesim_version": agentservesim_version()},
+    }

@@ -1,0 +1,57 @@
+"""Learn RooflineModel's efficiencies (GEMM, attention, memory) from the measured devices'
+operator times, print the leave-one-device-out table, and (with --write) write the
+spec-only profiles hardware/profiles/{h200,b200,mi300x,l40s}-roofline-learned.yaml.
+
+    python scripts/learn_roofline.py [--reference DIR] [--write]
+
+Leave-one-device-out: for each measured device, the efficiencies are fitted on the other
+devices and its operator times predicted from its datasheet spec alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from calibrate.importers.common import write_profile  # noqa: E402
+from calibrate.importers.roofline import FAMILIES, SPEC_ONLY, learn, loo_table, spec_only_profile  # noqa: E402
+from simulator.hardware import HARDWARE_DIR  # noqa: E402
+
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reference", type=Path, default=REFERENCE)
+    ap.add_argument("--write", action="store_true", help="write the spec-only profiles")
+    a = ap.parse_args(argv)
+    if not a.reference.is_dir():
+        print(f"reference data not found: {a.reference}", file=sys.stderr)
+        return 2
+    learned = learn(a.reference)
+    e = learned["efficiencies"]
+    print(f"learned on {', '.join(learned['devices'])} ({learned['points']} operator points): "
+          f"gemm {e['gemm']:.3f}, attention {e['attention']:.3f}, memory {e['memory']:.3f}; "
+          f"attention kernel floor {learned['attention_fixed_us']:.1f} us")
+    print("in-sample error per family (time-weighted / plain MAPE, median signed):")
+    for f in FAMILIES:
+        x = learned["in_sample"].get(f)
+        if x:
+            print(f"  {f:13s} {x['time_weighted_ape_pct']:5.1f}% / {x['mape_pct']:5.1f}%  ({x['bias_pct']:+.0f}%)  "
+                  f"{x['points']} points")
+    print()
+    for line in loo_table(learned["leave_one_device_out"]):
+        print(line)
+    if a.write:
+        for dev in SPEC_ONLY:
+            p = write_profile(spec_only_profile(dev, learned), HARDWARE_DIR / "profiles" / f"{dev}-roofline-learned.yaml")
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
