@@ -76,6 +76,16 @@ def estimate_num_gpu_blocks(model: ModelArch, device: DeviceSpec, tp: int, block
     return n
 
 
+def expert_parallel_blocks(model: ModelArch, device: DeviceSpec, ep: int, block_size: int, util: float,
+                           max_num_batched_tokens: int, max_num_seqs: int) -> int:
+    """KV blocks of one data-parallel x expert-parallel rank: each rank holds 1/ep of the
+    experts (vLLM shards experts across EP ranks; attention, embeddings and router are
+    replicated on every rank), so more memory is left for KV than with all experts."""
+    import dataclasses
+    local = dataclasses.replace(model, num_experts=max(model.num_experts // ep, 1))
+    return estimate_num_gpu_blocks(local, device, 1, block_size, util, max_num_batched_tokens, max_num_seqs)
+
+
 def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict) -> LatencyModel:
     lat = cfg.latency
     spec = profile.get("latency_model") if profile else None

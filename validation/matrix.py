@@ -313,6 +313,31 @@ def _simulate(programs, hardware: str, model: str, overrides: dict, out: Path) -
     return run_simulation(programs, hardware, model, cfg, out)
 
 
+def _recorded_overrides(run, hardware: str, model: str) -> dict[str, Any]:
+    """Simulator settings for a recorded run: its own engine settings, its parallelism."""
+    from simulator.deployment import expert_parallel_blocks, vllm_defaults
+    from simulator.hardware import load_device, load_model
+
+    engine = dict(run.engine)
+    if run.ep > 1 and "num_gpu_blocks_override" not in engine:
+        device, _ = load_device(hardware)
+        d = vllm_defaults(device)
+        engine["num_gpu_blocks_override"] = expert_parallel_blocks(
+            load_model(model), device, run.ep, engine.get("block_size") or d["block_size"],
+            engine.get("gpu_memory_utilization", 0.9), engine.get("max_num_batched_tokens") or d["max_num_batched_tokens"],
+            engine.get("max_num_seqs") or d["max_num_seqs"])
+    if "num_gpu_blocks_override" in engine:
+        engine.pop("gpu_memory_utilization", None)
+    out = {f"engine.{k}": v for k, v in engine.items()}
+    out["cluster.tensor_parallel_size"] = run.tp
+    if run.dp > 1:
+        # Data-parallel ranks behind vLLM's internal load balancer, which sends a request to
+        # the rank with the fewest waiting + running requests: least-loaded.
+        out["cluster.instances"] = run.dp
+        out["policy.router"] = "least-loaded"
+    return out
+
+
 def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
     from replay.vllm_server import BASE_ENGINE_ARGS
 
@@ -325,12 +350,11 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
             raise MatrixError(f"case {case.name}: unknown recorded format '{fmt}' (known: {sorted(RECORDED_FORMATS)})")
         run = RECORDED_FORMATS[fmt](case.recorded["dir"], measured)
         programs = run.programs
-        overrides = {f"engine.{k}": v for k, v in run.engine.items()}
-        overrides["cluster.tensor_parallel_size"] = run.tp
         model = case.model or run.model
         if not case.hardware:
             raise MatrixError(f"case {case.name}: a recorded case needs 'hardware' (a profile)")
         hardware = case.hardware
+        overrides = _recorded_overrides(run, hardware, model)
     else:
         programs = scale_arrivals(load_trace(case.trace), case.load)
         hardware = case.hardware or _calibrate(case, case_dir, pool, log)

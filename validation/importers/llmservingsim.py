@@ -10,6 +10,11 @@ E2E = last_token_ts - queued_ts, TPOT = (last - first) / (output - 1). The engin
 time is the real arrival, so the trace we derive uses queued_ts (relative to the first) as
 each request's arrival: the simulation sees the arrivals the engine saw.
 
+Prompt sharing: the run's meta names the replayed workload file (`dataset_path`, relative to
+the LLMServingSim repository; its `input_tok_ids` are the real prompts). When that file is
+present, each request carries the block identities of its prompt (`hash_ids` at the run's
+KV block size), so the simulated prefix cache sees the sharing the real one saw.
+
 The recorded runs carry no per-token times (no ITL) and no per-request cached-token counts:
 those summary keys are null, and comparisons skip them.
 """
@@ -39,6 +44,8 @@ class RecordedRun:
     engine: dict[str, Any]          # engine settings for the simulation (our config keys)
     model: str                      # HF model id
     tp: int
+    dp: int = 1
+    ep: int = 1                     # expert-parallel degree (= dp when expert parallel is on)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,6 +59,37 @@ def _load_requests(path: Path) -> pd.DataFrame:
     return df.sort_values(["queued_ts", "request_id"], kind="stable").reset_index(drop=True)
 
 
+def _workload(run_dir: Path, meta: dict) -> list[list[int]] | None:
+    """The replayed workload's prompts (token ids), if the file is beside the run's repo."""
+    rel = meta.get("dataset_path")
+    if not rel:
+        return None
+    for root in [run_dir, *run_dir.parents]:
+        if (root / rel).is_file():
+            rows = [json.loads(x) for x in (root / rel).read_text().splitlines() if x.strip()]
+            return [r.get("input_tok_ids") for r in rows]
+    return None
+
+
+def _programs(df: pd.DataFrame, prompts: list | None, block_size: int) -> list[ProgramSpec]:
+    t0 = float(df["queued_ts"].min())
+    ids: dict[tuple, int] = {}
+    out = []
+    for r in df.itertuples():
+        n_in, n_out = int(r.input_toks), int(r.output_toks)
+        call = CallSpec(n_in, n_out)
+        idx = str(r.request_id).rsplit("-", 1)[-1]
+        toks = prompts[int(idx)] if prompts is not None and idx.isdigit() and int(idx) < len(prompts) else None
+        if toks is not None and len(toks) == n_in:
+            hids = tuple(ids.setdefault(tuple(toks[i:i + block_size]), len(ids))
+                         for i in range(0, n_in - block_size + 1, block_size))
+            call = CallSpec(n_in, n_out, input_tokens=n_in, hash_ids=hids)
+        out.append(ProgramSpec(str(r.request_id), float(r.queued_ts - t0), (call,),
+                               block_size=block_size if call.hash_ids is not None else None,
+                               meta={"source": "llmservingsim"}))
+    return out
+
+
 def read_llmservingsim_run(run_dir: str | Path) -> tuple[RecordedRun, pd.DataFrame, pd.DataFrame | None]:
     d = Path(run_dir)
     vd = d / "vllm" if (d / "vllm" / "requests.jsonl").exists() else d
@@ -60,12 +98,9 @@ def read_llmservingsim_run(run_dir: str | Path) -> tuple[RecordedRun, pd.DataFra
         raise ImportError_(f"{d}: not an LLMServingSim run (need vllm/requests.jsonl and vllm/meta.json)")
     meta = json.loads(meta_path.read_text())
     df = _load_requests(req_path)
-    t0 = float(df["queued_ts"].min())
-    programs = [ProgramSpec(str(r.request_id), float(r.queued_ts - t0),
-                            (CallSpec(int(r.input_toks), int(r.output_toks)),), meta={"source": "llmservingsim"})
-                for r in df.itertuples()]
     ek = meta.get("engine_kwargs", {})
     kv = meta.get("kv_cache") or {}
+    programs = _programs(df, _workload(d, meta), int(kv.get("block_size") or 16))
     engine = {"max_num_seqs": ek.get("max_num_seqs"), "max_num_batched_tokens": ek.get("max_num_batched_tokens"),
               "max_model_len": ek.get("max_model_len")}
     if kv.get("num_gpu_blocks"):
@@ -80,8 +115,10 @@ def read_llmservingsim_run(run_dir: str | Path) -> tuple[RecordedRun, pd.DataFra
     ts = None
     if (vd / "timeseries.csv").exists():
         ts = pd.read_csv(vd / "timeseries.csv")
+    dp = int(ek.get("data_parallel_size") or 1)
     run = RecordedRun(programs=programs, engine=engine, model=str(meta.get("model", "")),
-                      tp=int(ek.get("tensor_parallel_size") or 1),
+                      tp=int(ek.get("tensor_parallel_size") or 1), dp=dp,
+                      ep=dp if ek.get("enable_expert_parallel") else 1,
                       meta={"vllm_version": meta.get("vllm_version"), "hardware": meta.get("hardware"),
                             "dataset": meta.get("dataset_path"), "data_parallel_size": ek.get("data_parallel_size"),
                             "enable_expert_parallel": ek.get("enable_expert_parallel"),
