@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A configuration a user wrote that cannot run (unknown key, bad value)."""
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
@@ -40,9 +44,12 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"engine.{name} must be a positive integer, got {v!r}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if not _is_number(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.long_prefill_token_threshold < 0:
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"engine.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 0:
             raise ConfigError("engine.long_prefill_token_threshold must be >= 0")
 
 
@@ -52,8 +59,10 @@ class ClusterConfig:
     tensor_parallel_size: int = _f(1, "GPUs per instance (tensor parallel); adds all-reduce over the intra-node link.")
 
     def __post_init__(self):
-        if self.instances < 1 or self.tensor_parallel_size < 1:
-            raise ConfigError("cluster.instances and cluster.tensor_parallel_size must be >= 1")
+        for name in ("instances", "tensor_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"cluster.{name} must be an integer >= 1, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,21 @@ class PolicyConfig:
     router_balance_rel_threshold: float = _f(1.0001, "prefix-aware: and max > rel * min outstanding (sgl-router balance_rel_threshold).")
 
     def __post_init__(self):
-        if self.kv_ttl_s < 0:
-            raise ConfigError("policy.kv_ttl_s must be >= 0")
+        for name in ("scheduler", "kv", "router"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"policy.{name} must be a policy name, got {getattr(self, name)!r}")
+        for name in ("kv_ttl_s", "kv_offload_min_tool_s", "router_cache_threshold", "router_balance_rel_threshold"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ConfigError(f"policy.{name} must be a number >= 0, got {v!r}")
+        if self.kv_pin_max_tool_s is not None and (not _is_number(self.kv_pin_max_tool_s) or self.kv_pin_max_tool_s < 0):
+            raise ConfigError(f"policy.kv_pin_max_tool_s must be a number >= 0 or null, got {self.kv_pin_max_tool_s!r}")
+        for name in ("router_balance_abs_threshold", "plas_quantum_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"policy.{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.kv_drop_shared_prefix, bool):
+            raise ConfigError("policy.kv_drop_shared_prefix must be true or false")
         object.__setattr__(self, "kv_offload_tiers", tuple(self.kv_offload_tiers))
         object.__setattr__(self, "kv_offload_capacity_gb", tuple(float(x) for x in self.kv_offload_capacity_gb))
 
@@ -89,8 +111,12 @@ class ToolConfig:
     def __post_init__(self):
         if self.mode not in ("trace", "fixed", "sample"):
             raise ConfigError(f"tools.mode must be trace, fixed or sample, got {self.mode!r}")
-        if self.fixed_s < 0 or self.time_scale < 0:
-            raise ConfigError("tools.fixed_s and tools.time_scale must be >= 0")
+        for name in ("fixed_s", "time_scale"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ConfigError(f"tools.{name} must be a number >= 0, got {v!r}")
+        if not isinstance(self.distributions, dict):
+            raise ConfigError("tools.distributions must be a mapping")
 
 
 @dataclass(frozen=True)
@@ -101,14 +127,24 @@ class LatencyConfig:
     attention_efficiency: float | None = _f(None, "Roofline: fraction of peak FLOP/s attention reaches.")
     memory_efficiency: float | None = _f(None, "Roofline: fraction of peak memory bandwidth reached.")
 
+    def __post_init__(self):
+        for name in ("host_overhead_s", "host_overhead_per_seq_s"):
+            v = getattr(self, name)
+            if v is not None and (not _is_number(v) or v < 0):
+                raise ConfigError(f"latency.{name} must be a number >= 0, got {v!r}")
+        for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency"):
+            v = getattr(self, name)
+            if v is not None and (not _is_number(v) or not 0 < v <= 1):
+                raise ConfigError(f"latency.{name} must be in (0, 1], got {v!r}")
+
 
 @dataclass(frozen=True)
 class MetricsConfig:
     sample_interval_s: float = _f(1.0, "Period of timeseries.csv samples (s); 0 disables sampling.")
 
     def __post_init__(self):
-        if self.sample_interval_s < 0:
-            raise ConfigError("metrics.sample_interval_s must be >= 0")
+        if not _is_number(self.sample_interval_s) or self.sample_interval_s < 0:
+            raise ConfigError(f"metrics.sample_interval_s must be a number >= 0, got {self.sample_interval_s!r}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +208,9 @@ def build_config(mapping: dict[str, Any] | None = None, overrides: dict[str, Any
             raise ConfigError(f"seed must be an integer, got {top['seed']!r}")
         kwargs["seed"] = top["seed"]
     if "fast_forward" in top:
-        kwargs["fast_forward"] = bool(top["fast_forward"])
+        if not isinstance(top["fast_forward"], bool):
+            raise ConfigError(f"fast_forward must be true or false, got {top['fast_forward']!r}")
+        kwargs["fast_forward"] = top["fast_forward"]
     return SimConfig(**kwargs)
 
 

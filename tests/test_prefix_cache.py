@@ -1,0 +1,234 @@
+"""Prefix-cache arithmetic: the block pool and KV cache manager directly, then through a whole
+simulation (cross-turn reuse, shared prefixes, hash_ids traces)."""
+
+from __future__ import annotations
+
+import pytest
+
+from simkit import call, make_deployment, make_req, program, rows_by_call, run_sim
+from simulator.engine.block_pool import BlockPool
+from simulator.engine.kv_cache_manager import KVCacheManager
+
+BS = 4
+
+
+def _computed(kv: KVCacheManager, req, n_tokens=None):
+    """Allocate and 'compute' a request's prompt (all of it, or n_tokens) in one go."""
+    n = req.num_tokens if n_tokens is None else n_tokens
+    assert kv.allocate_slots(req, n)
+    req.num_computed_tokens = n
+    return kv.req_to_blocks[req.request_id]
+
+
+def test_hits_are_full_blocks_only():
+    """A 10-token prompt leaves 2 full blocks cached; the same content hits 8 tokens."""
+    kv = KVCacheManager(64, BS)
+    _computed(kv, make_req(0, 10, keys=[1, 2, 3]))
+    blocks, n = kv.get_computed_blocks(make_req(1, 11, keys=[1, 2, 3]))
+    assert n == 8 and len(blocks) == 2
+
+
+def test_hit_never_covers_the_last_prompt_token():
+    """A prompt that is exactly 3 full blocks hits at most 2 blocks, even if all 3 are cached."""
+    kv = KVCacheManager(64, BS)
+    _computed(kv, make_req(0, 12, keys=[1, 2, 3]))
+    _, n = kv.get_computed_blocks(make_req(1, 12, keys=[1, 2, 3]))
+    assert n == 8
+
+
+def test_hit_of_a_one_block_prompt_is_zero():
+    """A prompt of one full block never hits (its last token must be computed)."""
+    kv = KVCacheManager(64, BS)
+    _computed(kv, make_req(0, 4, keys=[7]))
+    assert kv.get_computed_blocks(make_req(1, 4, keys=[7]))[1] == 0
+
+
+def test_lookup_stops_at_first_miss():
+    """Blocks after the first mismatching block do not hit even if their keys are cached."""
+    kv = KVCacheManager(64, BS)
+    _computed(kv, make_req(0, 16, keys=[1, 2, 3, 4]))
+    _, n = kv.get_computed_blocks(make_req(1, 17, keys=[1, 9, 3, 4]))
+    assert n == 4
+
+
+def test_different_keys_do_not_hit():
+    """Requests with unrelated blocks share nothing."""
+    kv = KVCacheManager(64, BS)
+    _computed(kv, make_req(0, 16))
+    assert kv.get_computed_blocks(make_req(1, 16))[1] == 0
+
+
+def test_freed_blocks_join_queue_tail_first():
+    """A finished request's blocks are appended to the free queue last block first."""
+    kv = KVCacheManager(16, BS)
+    r = make_req(0, 12, keys=[1, 2, 3])
+    blocks = list(_computed(kv, r))
+    kv.free(r)
+    assert kv.pool.free_queue()[-3:] == blocks[::-1]
+
+
+def test_last_block_is_evicted_first_and_the_rest_stay_hittable():
+    """Reusing one freed block evicts the request's last block; its first blocks still hit."""
+    kv = KVCacheManager(5, BS)  # 4 usable blocks
+    r = make_req(0, 12, keys=[1, 2, 3])
+    _computed(kv, r)
+    kv.free(r)
+    other = make_req(1, 8)
+    _computed(kv, other)  # takes the never-used block, then r's last block
+    assert kv.get_computed_blocks(make_req(2, 13, keys=[1, 2, 3]))[1] == 8
+    assert kv.pool.num_evictions == 1
+
+
+def test_freed_blocks_stay_hittable_until_reused():
+    """With room to spare, a freed request's blocks all still hit."""
+    kv = KVCacheManager(64, BS)
+    r = make_req(0, 12, keys=[1, 2, 3])
+    _computed(kv, r)
+    kv.free(r)
+    assert kv.get_computed_blocks(make_req(1, 13, keys=[1, 2, 3]))[1] == 12
+
+
+def test_hit_revives_a_free_block_and_takes_a_reference():
+    """Allocating with cache-hit blocks pulls them out of the free queue with ref_cnt 1."""
+    kv = KVCacheManager(16, BS)
+    r = make_req(0, 8, keys=[1, 2])
+    old = list(_computed(kv, r))
+    kv.free(r)
+    r2 = make_req(1, 9, keys=[1, 2])
+    hits, n = kv.get_computed_blocks(r2)
+    assert hits == old and n == 8
+    assert kv.allocate_slots(r2, 1, n, hits)
+    assert kv.req_to_blocks[1][:2] == old
+    assert all(kv.pool.ref_cnt[b] == 1 for b in old)
+    assert not set(old) & set(kv.pool.free_queue())
+
+
+def test_shared_hit_blocks_count_references():
+    """Two live requests hitting the same blocks hold them with ref_cnt 2, freed only by both."""
+    kv = KVCacheManager(16, BS)
+    a = make_req(0, 9, keys=[1, 2])
+    shared = list(_computed(kv, a))[:2]
+    b = make_req(1, 9, keys=[1, 2])
+    hits, n = kv.get_computed_blocks(b)
+    assert kv.allocate_slots(b, 1, n, hits)
+    assert [kv.pool.ref_cnt[x] for x in shared] == [2, 2]
+    kv.free(a)
+    assert not set(shared) & set(kv.pool.free_queue())
+    kv.free(b)
+    assert set(shared) <= set(kv.pool.free_queue())
+
+
+def test_evictable_hit_blocks_are_not_counted_as_free():
+    """allocate_slots counts free-queue hit blocks as taken and fails without side effects."""
+    kv = KVCacheManager(5, BS)  # 4 usable
+    r = make_req(0, 8, keys=[1, 2])
+    _computed(kv, r)
+    kv.free(r)
+    big = make_req(1, 20, keys=[1, 2])  # needs 5 blocks: 2 hits + 3 new > 4 - 2
+    hits, n = kv.get_computed_blocks(big)
+    assert n == 8
+    queue = kv.pool.free_queue()
+    assert not kv.allocate_slots(big, 12, n, hits)
+    assert kv.pool.free_queue() == queue and kv.pool.num_free == 4
+    assert 1 not in kv.req_to_blocks
+
+
+def test_null_block_is_never_allocated():
+    """Block 0 is reserved: every usable block can be allocated, block 0 never, then it fails."""
+    pool = BlockPool(8)
+    got = pool.get_new_blocks(7)
+    assert sorted(got) == list(range(1, 8))
+    with pytest.raises(RuntimeError):
+        pool.get_new_blocks(1)
+
+
+def test_block_freed_too_often_raises():
+    """Freeing a block twice is an error, not a silent negative count."""
+    pool = BlockPool(4)
+    b = pool.get_new_blocks(1)
+    pool.free_blocks(b)
+    with pytest.raises(RuntimeError):
+        pool.free_blocks(b)
+
+
+def test_prefix_caching_disabled_never_hits():
+    """With enable_prefix_caching off, identical content never hits."""
+    kv = KVCacheManager(64, BS, enable_caching=False)
+    r = make_req(0, 12, keys=[1, 2, 3])
+    _computed(kv, r)
+    kv.free(r)
+    assert kv.get_computed_blocks(make_req(1, 13, keys=[1, 2, 3]))[1] == 0
+
+
+# --- through the whole simulation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("new0,out0,new1", [(64, 16, 10), (50, 7, 1), (15, 1, 3), (33, 31, 16), (1, 1, 1)])
+def test_next_call_hits_everything_but_the_last_token(ff, new0, out0, new1):
+    """Call k+1 gets cached_tokens == floor((prompt_k + out_k - 1) / bs) * bs with a big KV."""
+    bs = 16
+    p = program("a", 0.0, [call(new0, out0, tool_s=0.5), call(new1, 4, tool_s=0.2), call(5, 2)])
+    res, _ = run_sim([p], make_deployment(block_size=bs), fast_forward=ff)
+    rows = rows_by_call(res)
+    prompts = p.all_input_tokens()
+    assert rows[("a", 0)]["cached_tokens"] == 0
+    for k in (1, 2):
+        prev_out = p.calls[k - 1].output_tokens
+        expect = min((prompts[k - 1] + prev_out - 1) // bs, (prompts[k] - 1) // bs) * bs
+        assert rows[("a", k)]["cached_tokens"] == expect
+
+
+def test_same_prefix_id_shares_its_full_blocks(ff):
+    """A second program with the same prefix id hits the prefix's full blocks (100 tokens -> 96)."""
+    progs = [program("a", 0.0, [call(20, 4)], prefix=("sys", 100)),
+             program("b", 1.0, [call(30, 4)], prefix=("sys", 100))]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 96
+
+
+def test_different_prefix_ids_share_nothing(ff):
+    """Programs whose prefixes have different ids get no hit, whatever their lengths."""
+    progs = [program("a", 0.0, [call(20, 4)], prefix=("sys-a", 100)),
+             program("b", 1.0, [call(30, 4)], prefix=("sys-b", 100))]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 0
+
+
+def test_programs_without_prefix_share_nothing(ff):
+    """Two programs without a prefix never hit each other's blocks."""
+    progs = [program("a", 0.0, [call(100, 4)]), program("b", 1.0, [call(100, 4)])]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 0
+
+
+def _hash_prog(pid, arrival, hids, tb=16, inp=None, out=2):
+    inp = inp if inp is not None else len(hids) * tb + 5
+    return program(pid, arrival, [call(0, out, input_tokens=inp, hash_ids=hids)], block_size=tb)
+
+
+def test_equal_hash_ids_hit(ff):
+    """A later call with the same hash_ids hits all its full blocks but the last token's."""
+    progs = [_hash_prog("a", 0.0, [1, 2, 3, 4]), _hash_prog("b", 1.0, [1, 2, 3, 4])]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 64
+
+
+def test_different_hash_ids_do_not_hit(ff):
+    """Different first hash id: nothing hits, even if later ids match (chained hashes)."""
+    progs = [_hash_prog("a", 0.0, [1, 2, 3, 4]), _hash_prog("b", 1.0, [9, 2, 3, 4])]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 0
+
+
+def test_hash_ids_hit_up_to_first_difference(ff):
+    """Hash ids [1,2,3] vs [1,2,9] share two blocks."""
+    progs = [_hash_prog("a", 0.0, [1, 2, 3]), _hash_prog("b", 1.0, [1, 2, 9])]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 32
+
+
+def test_hash_ids_with_trace_blocks_larger_than_engine_blocks(ff):
+    """Trace blocks of 32 tokens over 16-token engine blocks: [1,2] vs [1,3] share 32 tokens."""
+    progs = [_hash_prog("a", 0.0, [1, 2], tb=32), _hash_prog("b", 1.0, [1, 3], tb=32)]
+    rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
+    assert rows[("b", 0)]["cached_tokens"] == 32
