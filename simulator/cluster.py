@@ -205,9 +205,11 @@ class Simulation:
         self._finish_program(prog, self.loop.now, "failed")
 
     def _finish_program(self, prog: ProgramState, now: float, status: str) -> None:
-        for i, pin in list(prog.pins.items()):
-            self.instances[i].release_pin(pin)
+        pins = list(prog.pins.items())
         prog.pins.clear()
+        for i, pin in pins:
+            self.instances[i].release_pin(pin)
+            self.instances[i].wake()  # a waiting call may have been blocked by those blocks
         spec = prog.spec
         self.result.programs.append({
             "program_id": spec.program_id, "arrival_s": spec.arrival_s, "finish_s": now,
@@ -242,7 +244,9 @@ class Simulation:
                          "preemptions_total": inst.scheduler.num_preemptions,
                          "prefix_cache_queries": kv.prefix_cache_queries,
                          "prefix_cache_hits": kv.prefix_cache_hits, "pinned_blocks": inst.num_pinned_blocks})
-        if self._feeding or self._live_programs:
+        # Sample on while anything else can still happen; with no other event pending the
+        # run is over (or stuck, which run() reports).
+        if (self._feeding or self._live_programs) and len(self.loop) > 0:
             self.loop.schedule(now + self.cfg.metrics.sample_interval_s, PRIO_SAMPLE, self._sample)
 
     # -- run -------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ class Simulation:
                 self.loop.run(until=t)
                 progress(self.loop.now, len(self.result.programs))
         res = self.result
-        stuck = sum(inst.num_running() + inst.num_waiting() for inst in self.instances)
+        stuck = sum(inst.num_running() + inst.scheduler.num_waiting() for inst in self.instances)
         if stuck or self._live_programs:
             raise RuntimeError(f"simulation ended with {stuck} requests unfinished and {self._live_programs} "
                                f"programs live: a request cannot fit the KV cache ({self.dep.engine.num_gpu_blocks} "

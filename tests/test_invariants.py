@@ -213,11 +213,6 @@ def test_stuck_run_raises_without_sampling():
         _leaky_sim(0.0).run(progress=_guard, progress_every_s=10.0)
 
 
-@pytest.mark.xfail(strict=True, raises=_Hang,
-                   reason="BUG: Simulation._sample reschedules itself while any program is live, so a run that "
-                          "can no longer progress never empties the event loop: with metrics.sample_interval_s > 0 "
-                          "(the default, 1 s) a stuck simulation loops forever, growing timeseries rows until "
-                          "memory runs out, instead of raising its 'unfinished' RuntimeError")
 def test_stuck_run_raises_with_sampling():
     """The same stuck run with timeseries sampling on still ends with a RuntimeError."""
     with pytest.raises(RuntimeError, match="unfinished"):

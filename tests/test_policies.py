@@ -229,10 +229,6 @@ def test_offload_skips_gaps_shorter_than_min_tool(ff):
 # --- lost progress (known bugs) -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="BUG: Simulation._finish_program releases a finished program's pins with "
-                          "Instance.release_pin but never wakes that instance, so an idle instance whose "
-                          "waiting request was blocked only by the pin never schedules it (run ends 'unfinished')")
 def test_pin_released_at_program_end_wakes_the_instance(ff):
     """A pin freed because its program ended on another instance lets the blocked call run at once."""
     # one usable block per instance; round-robin: A0 -> inst 0 (pins its block), A1 -> inst 1,
@@ -245,11 +241,6 @@ def test_pin_released_at_program_end_wakes_the_instance(ff):
     assert rows[("B", 0)]["scheduled_s"] == pytest.approx(rows[("A", 1)]["finish_s"])
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="BUG: offload deadlock: a call whose tier load has completed holds its blocks in the "
-                          "waiting queue behind a preempted request that cannot get blocks; nothing runs, so "
-                          "nothing frees (run ends 'a request cannot fit the KV cache'). Current vLLM keeps "
-                          "WAITING_FOR_REMOTE_KVS requests in skipped_waiting and, under FCFS, serves that queue first")
 def test_offload_loaded_call_is_not_starved_behind_a_preempted_request(ff):
     """P's call 1 loads slowly from the tier while H grows and preempts itself; all calls still finish."""
     progs = [program("P", 0.0, [call(64, 1, tool_s=0.5), call(16, 2)]),

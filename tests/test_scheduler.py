@@ -266,9 +266,6 @@ def test_priority_waiting_queue_orders_by_priority_then_arrival():
     assert scheduled_ids(s.schedule(0.0)) == [2]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Scheduler._schedule_running does not step its index back when a "
-                                        "priority victim that was already scheduled this step is removed from "
-                                        "running, so the next running request is skipped (vLLM: req_index -= 1)")
 def test_priority_preemption_does_not_skip_the_next_running_request():
     """After preempting an earlier-scheduled victim, every later running request is still scheduled."""
     s = make_scheduler(num_blocks=6, block_size=4, policy="program-fcfs")  # 5 usable

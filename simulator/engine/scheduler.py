@@ -17,6 +17,7 @@ recompute are one code path.
 from __future__ import annotations
 
 from .kv_cache_manager import KVCacheManager
+from ..policies.scheduling import FCFSQueue
 from .request import PREEMPTED, RUNNING, WAITING, WAITING_FOR_REMOTE_KVS, Request
 
 
@@ -54,6 +55,7 @@ class Scheduler:
         self.connector = connector  # KV tier loader (offload), or None
         self.running: list[Request] = []
         self.waiting = policy.make_queue()
+        self.kv_holding = FCFSQueue()  # requests holding KV blocks while their tier load runs
         self.num_preemptions = 0
         self.on_admitted = None  # callback(req) after a request first gets its blocks
         self.on_load_started = None  # callback(req) when an async tier load begins (req.load_done_time set)
@@ -64,7 +66,10 @@ class Scheduler:
         self.waiting.add(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.running) or bool(self.waiting)
+        return bool(self.running) or bool(self.waiting) or bool(self.kv_holding)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.kv_holding)
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
@@ -111,6 +116,8 @@ class Scheduler:
                 continue
             while not self.kv.allocate_slots(req, n):
                 victim = self.policy.pick_victim(running)
+                if running.index(victim) < i:
+                    i -= 1  # a request already scheduled this step leaves: vLLM steps its index back
                 budget += self._preempt(victim, out)
                 if victim is req:
                     break
@@ -141,17 +148,20 @@ class Scheduler:
         return given_back
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        waiting = self.waiting
         running = self.running
         kv = self.kv
-        skipped = []
-        while waiting and budget > 0:
-            if len(running) >= self.max_num_seqs:
+        holding = self.kv_holding
+        skipped_holding = []
+        while budget > 0:
+            # Requests that hold KV blocks (their tier load was started) are drained first,
+            # as vLLM 0.32 does: otherwise they can hold blocks behind a request that needs them.
+            waiting = holding if holding else self.waiting
+            if not waiting or len(running) >= self.max_num_seqs:
                 break
             req = waiting.peek()
             if req.status == WAITING_FOR_REMOTE_KVS:
                 if req.load_done_time > now:
-                    skipped.append(waiting.pop())
+                    skipped_holding.append(waiting.pop())
                     continue
                 self._finish_loading(req)
             num_ext = 0
@@ -174,7 +184,7 @@ class Scheduler:
                 req.load_done_time = self.connector.begin_load(req, now)
                 if req.scheduled_time < 0:
                     req.scheduled_time = now
-                skipped.append(waiting.pop())
+                skipped_holding.append(waiting.pop())
                 if self.on_admitted is not None:
                     self.on_admitted(req)
                 if self.on_load_started is not None:
@@ -204,8 +214,8 @@ class Scheduler:
             budget -= n
             if self.on_admitted is not None:
                 self.on_admitted(req)
-        for req in reversed(skipped):
-            waiting.prepend(req)
+        for req in reversed(skipped_holding):
+            holding.prepend(req)
 
     def _finish_loading(self, req: Request) -> None:
         """The async tier load finished: the loaded tokens count as computed (and cached)."""

@@ -19,7 +19,7 @@ ROUTERS = Registry("router")
 
 
 def _load(inst) -> int:
-    return len(inst.scheduler.running) + len(inst.scheduler.waiting)
+    return len(inst.scheduler.running) + inst.scheduler.num_waiting()
 
 
 def _least_loaded(instances) -> int:
