@@ -98,6 +98,11 @@ class Simulation:
         self._last_arrival = float("-inf")
         self._next_request_id = 0
         self._gaps: dict[int, float] = {}
+        self._issue: dict[int, float] = {}
+        # Frontend delay (API server, HTTP, streaming) of a live client, split evenly between
+        # the way in and the way out; only their sum changes what a client measures.
+        fe = deployment.frontend_s
+        self._fe_in = self._fe_out = fe / 2.0
         self._feeding = True
 
     # -- programs in -----------------------------------------------------------------------
@@ -146,6 +151,17 @@ class Simulation:
             self._fail(req, f"prompt + output ({req.num_prompt_tokens + req.max_tokens} tokens) can never fit "
                             f"the KV cache ({eng.num_gpu_blocks - 1} usable blocks of {bs} tokens)")
             return
+        self._issue[req.request_id] = now
+        if self._fe_in > 0:
+            self.loop.schedule(now + self._fe_in, PRIO_RELEASE, self._admit, req)
+        else:
+            self._admit(req)
+
+    def _admit(self, req: Request) -> None:
+        """The call reaches the engines (after the API server's share of the frontend delay)."""
+        now = self.loop.now
+        req.arrival_time = now
+        prog = req.program
         if self.router.reads_cache:
             for inst in self.instances:
                 inst.sync(now)
@@ -183,6 +199,7 @@ class Simulation:
         return g
 
     def _on_call_finished(self, req: Request, now: float) -> None:
+        now += self._fe_out  # the client sees the last token after the frontend's way out
         self._record_call(req, "ok", "")
         prog = req.program
         prog.calls_done += 1
@@ -218,18 +235,23 @@ class Simulation:
         self._live_programs -= 1
 
     def _record_call(self, req: Request, status: str, error: str) -> None:
+        """A call as its client saw it: issued at `arrival_s`, tokens `frontend_s / 2` after
+        the engine produced them."""
         ok = status == "ok"
-        first = req.first_token_time if ok else -1.0
+        fe = self._fe_out if ok else 0.0
+        issue = self._issue.pop(req.request_id, req.arrival_time)
+        first = req.first_token_time + fe if ok else -1.0
+        finish = req.finish_time + fe
         out = req.num_output_tokens
-        tpot = (req.finish_time - first) / (out - 1) if ok and out > 1 else 0.0
+        tpot = (finish - first) / (out - 1) if ok and out > 1 else 0.0
         self.result.calls.append({
             "program_id": req.program.spec.program_id, "call_index": req.call_index,
-            "instance": req.instance_id, "arrival_s": req.arrival_time,
+            "instance": req.instance_id, "arrival_s": issue,
             "scheduled_s": req.scheduled_time if ok else -1.0, "first_token_s": first,
-            "finish_s": req.finish_time, "input_tokens": req.num_prompt_tokens,
+            "finish_s": finish, "input_tokens": req.num_prompt_tokens,
             "cached_tokens": max(req.num_cached_tokens, 0), "output_tokens": out,
-            "ttft_s": first - req.arrival_time if ok else 0.0, "tpot_s": tpot,
-            "e2e_s": req.finish_time - req.arrival_time, "preemptions": req.num_preemptions,
+            "ttft_s": first - issue if ok else 0.0, "tpot_s": tpot,
+            "e2e_s": finish - issue, "preemptions": req.num_preemptions,
             "loaded_tokens": req.num_external_tokens, "status": status, "error": error})
 
     # -- observation -----------------------------------------------------------------------

@@ -126,9 +126,11 @@ class LatencyConfig:
     gemm_efficiency: float | None = _f(None, "Roofline: fraction of peak FLOP/s the dense layers reach.")
     attention_efficiency: float | None = _f(None, "Roofline: fraction of peak FLOP/s attention reaches.")
     memory_efficiency: float | None = _f(None, "Roofline: fraction of peak memory bandwidth reached.")
+    frontend_s: float | None = _f(None, "Delay outside the engine that a live client sees per call (API server in + "
+                                        "out, HTTP, streaming); from the profile when unset, else 0 (engine-side times).")
 
     def __post_init__(self):
-        for name in ("host_overhead_s", "host_overhead_per_seq_s"):
+        for name in ("host_overhead_s", "host_overhead_per_seq_s", "frontend_s"):
             v = getattr(self, name)
             if v is not None and (not _is_number(v) or v < 0):
                 raise ConfigError(f"latency.{name} must be a number >= 0, got {v!r}")

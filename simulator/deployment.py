@@ -54,9 +54,10 @@ class Deployment:
     tp: int
     tiers: list = field(default_factory=list)  # [(MemoryTierSpec, capacity_blocks)]
     profile: dict[str, Any] = field(default_factory=dict)
+    frontend_s: float = 0.0  # client-visible delay outside the engine (API server in + out)
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model.name, "device": self.device.name, "tp": self.tp,
+        return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
                 "engine": self.engine.__dict__, "latency": self.latency.describe(),
                 "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
 
@@ -156,4 +157,8 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
             spec = load_memory_tier(name)
             cap_bytes = caps[i] * GiB if i < len(caps) else spec.capacity_bytes
             tiers.append((spec, max(int(cap_bytes // (per_block * tp)), 0)))
-    return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers, profile=profile)
+    fe = cfg.latency.frontend_s
+    if fe is None:
+        fe = float((profile.get("latency_model") or {}).get("frontend_s") or profile.get("frontend_s") or 0.0)
+    return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers,
+                      profile=profile, frontend_s=fe)

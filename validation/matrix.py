@@ -136,10 +136,11 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
     for mname, mspec in models.items():
         if not isinstance(mspec, dict) or "dir" not in mspec:
             raise MatrixError(f"{p}: models.{mname} needs a 'dir'")
-        for tname, tpath in traces.items():
-            for lname, lval in loads.items():
-                for vname, vspec in variants.items():
-                    vspec = vspec or {}
+        # variants outermost after the model: consecutive cases share one server
+        for vname, vspec in variants.items():
+            vspec = vspec or {}
+            for tname, tpath in traces.items():
+                for lname, lval in loads.items():
                     cases.append(Case(
                         name=f"{mname}-{tname}-{lname}-{vname}", kind="live", model=str(_path(mspec["dir"])),
                         hardware=mspec.get("profile"), trace=_path(tpath), load=float(lval),

@@ -26,7 +26,7 @@ class SchedulerOutput:
     model needs (prefill chunks with their context, decode count and context sum)."""
 
     __slots__ = ("scheduled", "preempted", "prefill_chunks", "num_decodes", "decode_ctx_sum",
-                 "num_scheduled_tokens", "num_sampled")
+                 "decode_ctx_max", "num_scheduled_tokens", "num_sampled")
 
     def __init__(self):
         self.scheduled: list[tuple[Request, int]] = []
@@ -34,6 +34,7 @@ class SchedulerOutput:
         self.prefill_chunks: list[tuple[int, int]] = []
         self.num_decodes = 0
         self.decode_ctx_sum = 0
+        self.decode_ctx_max = 0
         self.num_scheduled_tokens = 0
         self.num_sampled = 0
 
@@ -226,12 +227,14 @@ class Scheduler:
 
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         chunks = out.prefill_chunks
-        n_dec = ctx = total = sampled = 0
+        n_dec = ctx = total = sampled = ctx_max = 0
         for req, n in out.scheduled:
             c = req.num_computed_tokens
             if n == 1 and c >= req.num_prompt_tokens:
                 n_dec += 1
                 ctx += c + 1
+                if c >= ctx_max:
+                    ctx_max = c + 1
             else:
                 chunks.append((n, c))
             c += n
@@ -241,5 +244,6 @@ class Scheduler:
                 sampled += 1
         out.num_decodes = n_dec
         out.decode_ctx_sum = ctx
+        out.decode_ctx_max = ctx_max
         out.num_scheduled_tokens = total
         out.num_sampled = sampled
