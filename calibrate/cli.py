@@ -1,0 +1,188 @@
+"""asim-calibrate: profile a real vLLM engine and fit the simulator's step-time model.
+
+  asim-calibrate run --model DIR --out PROFILE.yaml [-- ENGINE_ARGS...]
+      profile, then fit: the raw data goes to hardware/profiles/data/<profile name>/
+  asim-calibrate profile --model DIR --out DATA_DIR [-- ENGINE_ARGS...]
+      only the profiling run: DATA_DIR/steps.csv, engine.json, experiments.json, ...
+  asim-calibrate fit DATA_DIR --out PROFILE.yaml
+      fit (or refit) a profiling run's data into a profile
+
+ENGINE_ARGS are passed to the server as `vllm serve` takes them (e.g. -- --max-num-seqs 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .fit import FitError, fit_steps
+from .frontend import estimate_frontend
+from .operators import fit_operators
+from .profile import build_profile, dump_profile, repo_relative
+from .records import ENGINE_JSON, OPERATORS_CSV, STEPS_CSV, RecordsError, read_json, read_steps, read_table
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "hardware" / "profiles" / "data"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asim-calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="{run,profile,fit,import}")
+
+    def profiling_args(sp):
+        sp.add_argument("--model", required=True, help="model directory with config.json (weights are dummy)")
+        sp.add_argument("--python", help="Python with vLLM (default: $ASIM_VLLM_PYTHON, else .venv-vllm)")
+        sp.add_argument("--kv-cache-space-gib", type=int, default=1,
+                        help="VLLM_CPU_KVCACHE_SPACE for vLLM-CPU (default 1; 0 leaves it unset, as on GPU)")
+        sp.add_argument("--quick", action="store_true", help="a small grid (about 2 minutes here), for CI")
+        sp.add_argument("--no-operators", action="store_true",
+                        help="skip the torch-profiler phase that times operator families")
+        sp.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids")
+        sp.add_argument("--max-other-cpu", type=float, default=0.25, metavar="CORES",
+                        help="re-run (twice at most) an experiment during which other programs used more "
+                             "than this many cores; the fit leaves out what stayed over (default 0.25)")
+
+    r = sub.add_parser("run", help="profile a real engine and fit a profile")
+    profiling_args(r)
+    r.add_argument("--out", required=True, help="profile YAML to write (e.g. hardware/profiles/NAME.yaml)")
+    r.add_argument("--data-dir", help="where the raw profiling data goes "
+                                      "(default hardware/profiles/data/<profile name>)")
+    r.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+
+    pr = sub.add_parser("profile", help="only the profiling run (raw data for `fit`)")
+    profiling_args(pr)
+    pr.add_argument("--out", required=True, help="directory for the raw data")
+
+    f = sub.add_parser("fit", help="fit a profile from a profiling run's data")
+    f.add_argument("data_dir", help="a directory written by `profile` (or `run`)")
+    f.add_argument("--out", required=True, help="profile YAML to write")
+    f.add_argument("--name", help="profile name (default: the output file's stem)")
+    f.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    f.add_argument("--reattribute", action="store_true",
+                   help="first rebuild steps.csv from the saved server log with the current scheduler mirror")
+    f.add_argument("--max-other-cpu", type=float, default=0.25, metavar="CORES",
+                   help="leave out experiments during which other programs used more than this many cores")
+
+    sub.add_parser("import", help="(reserved) import a public profile format; not implemented yet")
+    return p
+
+
+def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Our arguments and, after a bare `--`, the engine's."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, engine_args = split_engine_args(argv)
+    args = build_parser().parse_args(ours)
+    command = "asim-calibrate " + shlex.join(argv)
+    try:
+        if args.cmd is None:
+            raise UsageError("a subcommand is needed: run, profile or fit (see --help)")
+        if args.cmd == "import":
+            raise UsageError("`import` (public profile formats) is not implemented yet")
+        if engine_args and args.cmd == "fit":
+            raise UsageError("`fit` takes no engine arguments")
+        if args.cmd == "fit":
+            if args.reattribute:
+                from .profiling import reattribute
+                summary = reattribute(args.data_dir)
+                print(f"re-attributed: {summary['steps_attributed']} steps, "
+                      f"{summary['mirror_mismatches']} mirror mismatches, discarded {summary['lines_discarded']}")
+            _fit(Path(args.data_dir), Path(args.out), args.name, args.folds, args.max_other_cpu, fit_command=command)
+            return 0
+        from .profiling import ProfilingError, profile_engine, stderr_log
+        model = Path(args.model)
+        if not (model / "config.json").exists():
+            raise UsageError(f"--model {model}: no config.json there")
+        if args.cmd == "profile":
+            data_dir = Path(args.out)
+        else:
+            data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR / Path(args.out).stem
+        try:
+            profile_engine(str(model), engine_args, data_dir, python=args.python,
+                           kv_cache_space_gib=args.kv_cache_space_gib or None, quick=args.quick,
+                           operators=not args.no_operators, command=command, seed=args.seed,
+                           max_other_cpu=args.max_other_cpu, log=stderr_log)
+        except ProfilingError as e:
+            raise UsageError(str(e)) from None
+        if args.cmd == "run":
+            _fit(data_dir, Path(args.out), None, args.folds, args.max_other_cpu, fit_command=None)
+        return 0
+    except (UsageError, RecordsError, FitError) as e:
+        print(f"asim-calibrate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asim-calibrate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fit(data_dir: Path, out: Path, name: str | None, folds: int, max_other_cpu: float,
+         fit_command: str | None) -> dict:
+    if not data_dir.is_dir():
+        raise UsageError(f"{data_dir}: not a profiling directory")
+    meta = read_json(data_dir / ENGINE_JSON)
+    rows = read_steps(data_dir / STEPS_CSV)
+    fit = fit_steps(rows, folds=folds, max_other_cpu=max_other_cpu)
+    operators = None
+    if (data_dir / OPERATORS_CSV).exists():
+        operators = fit_operators(read_table(data_dir / OPERATORS_CSV), folds=folds, max_other_cpu=max_other_cpu)
+    if fit_command:
+        meta["fit_command"] = fit_command
+    profile = build_profile(name or out.stem, meta, fit, raw_data=repo_relative(data_dir), operators=operators)
+    if (data_dir / "experiments.json").exists():
+        fe = estimate_frontend(read_json(data_dir / "experiments.json").get("experiments", []),
+                               profile["latency_model"]["intercept"], profile["latency_model"]["coefficients"],
+                               int(meta["engine"].get("max_num_batched_tokens") or 2048), max_other_cpu)
+        profile["latency_model"]["frontend_s"] = round(fe["frontend_s"], 6)
+        profile["latency_model"]["fit"]["parts"]["frontend"] = fe
+    header = (f"# Calibrated profile written by asim-calibrate; do not edit by hand.\n"
+              f"# Re-fit: asim-calibrate fit {repo_relative(data_dir)} --out {repo_relative(out)}\n")
+    dump_profile(profile, out, header)
+    print("\n".join(format_fit(profile)))
+    return profile
+
+
+def format_fit(profile: dict) -> list[str]:
+    lm = profile["latency_model"]
+    fit = lm["fit"]
+    parts = fit["parts"]
+    lines = [f"profile {profile['name']}: {fit['n_samples']} steps, family {fit['family']}, "
+             f"{fit['folds']}-fold CV grouped by experiment"]
+    for key in ("execute", "host", "step_period"):
+        p = parts.get(key)
+        if p and "cv_mape" in p:
+            lines.append(f"  {key:<12} CV MAPE {100 * p['cv_mape']:6.2f} %   p90 APE {100 * p['cv_p90_ape']:6.2f} %"
+                         f"   total {100 * p.get('cv_total_error', float('nan')):+6.2f} %   (n={p['n_samples']})")
+    h = parts.get("host", {})
+    if "cv_mae_per_step_s" in h:
+        lines.append(f"    host: mean {1e3 * h['mean_host_per_step_s']:.2f} ms/step, CV mean abs error "
+                     f"{1e3 * h['cv_mae_per_step_s']:.2f} ms/step = {100 * h['cv_mean_abs_error_vs_period']:.1f} % "
+                     f"of the period")
+    for kind, e in parts["execute"].get("by_step_kind", {}).items():
+        lines.append(f"    {kind:<10} CV MAPE {100 * e['cv_mape']:6.2f} %   p90 APE {100 * e['cv_p90_ape']:6.2f} %"
+                     f"   total {100 * e.get('cv_total_error', float('nan')):+6.2f} %   (n={e['n']})")
+    ops = parts.get("operators", {})
+    if ops.get("available"):
+        shares = ", ".join(f"{k} {100 * v['share_of_step']:.0f}%" for k, v in ops["families"].items()
+                           if v["share_of_step"] >= 0.01)
+        lines.append(f"  operators    {shares}")
+    else:
+        lines.append(f"  operators    not available: {ops.get('why', '')}")
+    lines.append(f"  intercept {lm['intercept']:.6g} s; " +
+                 ", ".join(f"{k} {v:.4g}" for k, v in lm["coefficients"].items()))
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
