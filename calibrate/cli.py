@@ -69,8 +69,48 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-other-cpu", type=float, default=0.25, metavar="CORES",
                    help="leave out experiments during which other programs used more than this many cores")
 
-    sub.add_parser("import", help="(reserved) import a public profile format; not implemented yet")
+    im = sub.add_parser("import", help="fit a per-operator profile from a public profile format",
+                        description="Read a public per-operator profile and write an `operators` profile: "
+                                    "`llmservingsim DIR` (a profiler/perf/<GPU>/<org>/<model>/<dtype> folder of "
+                                    "LLMServingSim) or `vidur DIR` (a checkout of microsoft/vidur with "
+                                    "data/profiling; pick --device and --source-model).")
+    im.add_argument("format", choices=("llmservingsim", "vidur"))
+    im.add_argument("dir", metavar="DIR")
+    im.add_argument("--out", required=True, metavar="PROFILE.yaml")
+    im.add_argument("--model", help="the served model: hardware/models name or config.json (default: from the profile)")
+    im.add_argument("--name", help="profile name (default: the output file's stem)")
+    im.add_argument("--device", help="vidur: device folder (a100, h100, a40); llmservingsim: our device name")
+    im.add_argument("--source-model", help="vidur: the profiled model's folder (e.g. meta-llama/Llama-2-7b-hf)")
+    im.add_argument("--expert-parallel", type=int, default=1, help="llmservingsim: EP degree of the MoE layer")
     return p
+
+
+def cmd_import(args) -> int:
+    from .importers.common import write_profile
+    name = args.name or Path(args.out).stem
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir}: no such directory")
+    try:
+        if args.format == "llmservingsim":
+            from .importers.llmservingsim import import_llmservingsim
+            prof = import_llmservingsim(args.dir, model=args.model, name=name, device=args.device,
+                                        expert_parallel=args.expert_parallel)
+        else:
+            from .importers.vidur import import_vidur
+            if not args.device or not args.source_model:
+                raise UsageError("vidur import needs --device (a100, h100, a40) and --source-model")
+            prof = import_vidur(args.dir, args.device, args.source_model, served_model=args.model, name=name)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise UsageError(f"cannot import {args.dir}: {e}") from None
+    path = write_profile(prof, args.out)
+    fit = (prof.get("latency_model") or {}).get("fit") or {}
+    print(f"wrote {path}  (cross-validation: {fit.get('method', '')})")
+    for tp, parts in sorted((k, v) for k, v in fit.items() if k.startswith("tp") and isinstance(v, dict)):
+        for part, v in parts.items():
+            if part != "operators" and isinstance(v, dict):
+                cells = ", ".join(f"{k} {x:.3g}" for k, x in v.items() if isinstance(x, (int, float)))
+                print(f"  {tp} {part:<20} {cells}")
+    return 0
 
 
 def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -90,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd is None:
             raise UsageError("a subcommand is needed: run, profile or fit (see --help)")
         if args.cmd == "import":
-            raise UsageError("`import` (public profile formats) is not implemented yet")
+            return cmd_import(args)
         if engine_args and args.cmd == "fit":
             raise UsageError("`fit` takes no engine arguments")
         if args.cmd == "fit":
