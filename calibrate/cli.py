@@ -124,7 +124,10 @@ def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, engine_args = split_engine_args(argv)
-    args = build_parser().parse_args(ours)
+    try:
+        args = build_parser().parse_args(ours)
+    except SystemExit as e:  # argparse has printed its one-line usage error
+        return int(e.code or 0)
     command = "asim-calibrate " + shlex.join(argv)
     try:
         if args.cmd is None:

@@ -331,10 +331,6 @@ def _prio_instance_req(rid, prompt, out, priority):
     return r
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Instance._start_step idles the instance when a step schedules nothing "
-                                        "(a priority request preempted itself before any other running request was "
-                                        "reached); vLLM's engine loop calls schedule() again at once, here the "
-                                        "running requests are never stepped again")
 def test_step_emptied_by_self_preemption_is_followed_by_another_step():
     """A running request left unscheduled by a self-preempting earlier request still finishes."""
     loop = EventLoop()

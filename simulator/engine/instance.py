@@ -115,14 +115,18 @@ class Instance:
     # -- the engine loop -----------------------------------------------------------------
     def _start_step(self, now: float) -> None:
         out = self.scheduler.schedule(now)
+        while not out.scheduled and out.preempted:
+            # A step emptied by preemption runs nothing; vLLM's engine loop schedules again.
+            out = self.scheduler.schedule(now)
         if not out.scheduled:
             self.busy = False
             return
         self.busy = True
         if out.prefill_chunks:
-            dur = self.latency.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum, out.num_sampled)
+            dur = self.latency.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum, out.num_sampled,
+                                         out.decode_ctx_max or None)
         else:
-            dur = self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum)
+            dur = self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max or None)
             if self.fast_forward and not out.preempted and self._plan_run(out, now, dur):
                 return
         self.loop.schedule(now + dur, self._prio, self._on_step_end, out, now, dur)
@@ -174,9 +178,15 @@ class Instance:
         running = sched.running
         if len(out.scheduled) != len(running):
             return False  # budget left some running request out
+        if sched.kv_holding:
+            return False  # a tier load in flight can make a waiting request admissible
         waiting = sched.waiting
         if not waiting or len(running) >= sched.max_num_seqs or sched.max_num_batched_tokens - len(running) <= 0:
             return True
+        if sched.connector is not None:
+            # With KV tiers a refused request can become admissible as decodes evict its
+            # cached blocks (the tier then supplies them and fewer blocks are needed).
+            return False
         head = waiting.peek()
         if head.status == WAITING_FOR_REMOTE_KVS:
             return False
@@ -208,6 +218,7 @@ class Instance:
             per_mod[c % bs] += 1
         free = self.kv.pool.num_free
         ctx0 = out.decode_ctx_sum
+        max0 = out.decode_ctx_max or None
         step_time = self.latency.decode_step_time
         starts = [now]
         durs = [d0]
@@ -218,7 +229,7 @@ class Instance:
             if need > free:
                 break  # step j would preempt: it runs normally
             starts.append(t)
-            d = step_time(B, ctx0 + j * B)
+            d = step_time(B, ctx0 + j * B, max0 + j if max0 else None)
             durs.append(d)
             t = t + d
         M = len(durs)
@@ -260,12 +271,10 @@ class Instance:
             req = running[i]
             blocks = kv.req_to_blocks[req.request_id]
             if kind == 0:
-                blocks.extend(pool.get_new_blocks(1))
+                blocks.append(pool.get_new_block())
             else:
                 idx = (base[i] + j + 1) // bs - 1
-                b = blocks[idx]
-                if pool.block_key[b] is None:
-                    pool.cache_block(b, req.block_key(idx))
+                pool.cache_block(blocks[idx], req.block_key(idx))  # a no-op if cached already
                 kv.num_cached_block[req.request_id] = idx + 1
             pos += 1
         run.ev_pos = pos
@@ -336,6 +345,7 @@ class Instance:
         out.scheduled = [(r, 1) for r in running]
         out.num_decodes = B
         out.decode_ctx_sum = run.ctx0 + (M - 1) * B
+        out.decode_ctx_max = run.out0.decode_ctx_max + (M - 1) if run.out0.decode_ctx_max else 0
         out.num_scheduled_tokens = B
         out.num_sampled = B
         self._on_step_end(out, last, durs[M - 1])
@@ -345,4 +355,4 @@ class Instance:
         return len(self.scheduler.running)
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.scheduler.num_waiting()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 WAITING = 0
 RUNNING = 1
 PREEMPTED = 2
@@ -32,6 +34,10 @@ class Request:
                  priority: float = 0.0):
         if num_prompt_tokens < 1:
             raise ValueError("a request needs at least one prompt token")
+        if hash_keys is not None and len(set(hash_keys)) != len(hash_keys):
+            # Chained block hashes never repeat within a sequence; the block layer relies on
+            # it (a block table never holds one block twice).
+            raise ValueError("a request's hash keys must be distinct (chained block hashes)")
         self.request_id = request_id
         self.program = program
         self.call_index = call_index
@@ -75,6 +81,37 @@ class Request:
         if i < self.prefix_full_blocks:
             return self.prefix_key_base - i
         return self.key_base + i
+
+    def block_keys(self, lo: int, hi: int) -> np.ndarray:
+        """block_key(i) for lo <= i < hi, as an int64 array."""
+        hk = self.hash_keys
+        if hk is not None:
+            n = len(hk)
+            if hi <= n:
+                return np.array(hk[lo:hi], dtype=np.int64)
+            own = self.key_base + np.arange(max(lo, n), hi, dtype=np.int64)
+            return np.concatenate((np.array(hk[lo:n], dtype=np.int64), own)) if lo < n else own
+        p = self.prefix_full_blocks
+        if lo >= p:
+            return self.key_base + np.arange(lo, hi, dtype=np.int64)
+        if hi <= p:
+            return self.prefix_key_base - np.arange(lo, hi, dtype=np.int64)
+        return np.concatenate((self.prefix_key_base - np.arange(lo, p, dtype=np.int64),
+                               self.key_base + np.arange(p, hi, dtype=np.int64)))
+
+    def key_runs(self, lo: int, hi: int) -> list[tuple[int, int, int]] | None:
+        """block_key(i) for lo <= i < hi as arithmetic runs (first key, step, count), or None
+        for hash-keyed requests."""
+        if self.hash_keys is not None:
+            return None
+        p = self.prefix_full_blocks
+        runs = []
+        if lo < p:
+            runs.append((self.prefix_key_base - lo, -1, min(hi, p) - lo))
+        s = max(lo, p)
+        if hi > s:
+            runs.append((self.key_base + s, 1, hi - s))
+        return runs
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id}, prompt={self.num_prompt_tokens}, out={self.num_output_tokens}/"

@@ -44,12 +44,8 @@ class LRU(RetentionPolicy):
 @RETENTION.register("drop")
 class Drop(RetentionPolicy):
     def on_call_finished(self, inst, req, gap_s, now):
-        pool = inst.kv.pool
-        keep_prefix = not self.params.kv_drop_shared_prefix
-        for b in inst.kv.free(req):
-            key = pool.block_key[b]
-            if pool.ref_cnt[b] == 0 and key is not None and not (keep_prefix and key < 0):
-                pool.uncache(b)
+        # Forget each freed block nobody else holds; shared-prefix keys are the negative ones.
+        inst.kv.pool.uncache_free(inst.kv.free(req), keep_negative_keys=not self.params.kv_drop_shared_prefix)
 
 
 @RETENTION.register("pin-ttl")
@@ -92,7 +88,7 @@ class Offload(RetentionPolicy):
             return
         pool = inst.kv.pool
         blocks = inst.kv.take_blocks(req)
-        keys = [pool.block_key[b] for b in blocks if pool.block_key[b] is not None]
+        keys = pool.keys_of(blocks)
         done = inst.residency.store(keys, now)
         pin = [blocks, -1]
         inst.num_pinned_blocks += len(blocks)
