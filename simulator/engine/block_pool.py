@@ -392,5 +392,6 @@ class BlockPool:
         return keys[keys != NO_KEY].tolist()
 
     def usage(self) -> float:
-        """vLLM's KV usage: 1 - free / total."""
-        return 1.0 - self.num_free / self.num_gpu_blocks
+        """vLLM's KV usage: 1 - free / (num_gpu_blocks - 1), the null block not counted
+        (vllm/v1/core/block_pool.py, get_usage)."""
+        return 1.0 - self.num_free / (self.num_gpu_blocks - 1)
