@@ -1,4 +1,4 @@
-"""Bit-for-bit equivalence check of simulator outputs against a recorded reference.
+"""Bit-for-bit equivalence check of simulator outputs against a reference (recorded, or another checkout).
 
 A speed change to the engine (block pool, KV cache manager, fast-forward) must not change a
 single result. This script replays every sample trace and a synthetic bench workload under
