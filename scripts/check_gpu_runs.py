@@ -23,9 +23,8 @@ import numpy as np  # noqa: E402
 
 from simulator.cluster import Simulation  # noqa: E402
 from simulator.config import build_config  # noqa: E402
-from simulator.deployment import build_deployment, estimate_num_gpu_blocks, vllm_defaults  # noqa: E402
+from simulator.deployment import build_deployment, expert_parallel_blocks, vllm_defaults  # noqa: E402
 from simulator.hardware import load_device, load_model  # noqa: E402
-from simulator.workload import CallSpec, ProgramSpec  # noqa: E402
 from validation.importers.llmservingsim import read_llmservingsim_run  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -83,43 +82,6 @@ def llmservingsim_diffs(path: Path) -> dict[str, float]:
     return out
 
 
-def expert_parallel_blocks(model, device, ep: int, engine: dict) -> int:
-    """KV blocks of one DP x EP rank: the simulator's estimate with the rank's weights, which
-    hold 1/ep of the experts (vLLM shards experts across EP ranks; attention, embeddings and
-    router are replicated on every rank)."""
-    local = dataclasses.replace(model, num_experts=model.num_experts // ep)
-    d = vllm_defaults(device)
-    return estimate_num_gpu_blocks(local, device, 1, engine.get("block_size") or d["block_size"],
-                                   engine.get("gpu_memory_utilization", 0.9),
-                                   engine.get("max_num_batched_tokens") or d["max_num_batched_tokens"],
-                                   engine.get("max_num_seqs") or d["max_num_seqs"])
-
-
-def with_prompt_blocks(run, df, ref: Path, block_size: int = 16) -> list[ProgramSpec]:
-    """The run's requests with their prompts' block identities from the replayed workload
-    (`input_tok_ids`; the run's meta names the file and its sha256), so the simulated
-    prefix cache sees the prompt sharing the real one saw (vLLM's prefix caching was on).
-    Falls back to the plain programs when the workload file is absent."""
-    import json
-    path = ref / "LLMServingSim" / str(run.meta.get("dataset") or "")
-    if not path.is_file():
-        return run.programs
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    ids: dict[tuple, int] = {}
-    t0 = float(df["queued_ts"].min())
-    out = []
-    for r in df.itertuples():
-        toks = rows[int(str(r.request_id).rsplit("-", 1)[-1])]["input_tok_ids"]
-        if len(toks) != int(r.input_toks):
-            raise ValueError(f"{path}: request {r.request_id} has {len(toks)} prompt tokens, the run {r.input_toks}")
-        hids = tuple(ids.setdefault(tuple(toks[i:i + block_size]), len(ids))
-                     for i in range(0, len(toks) - block_size + 1, block_size))
-        call = CallSpec(int(r.input_toks), int(r.output_toks), input_tokens=int(r.input_toks), hash_ids=hids)
-        out.append(ProgramSpec(str(r.request_id), float(r.queued_ts - t0), (call,), block_size=block_size,
-                               meta={"source": "llmservingsim"}))
-    return out
-
-
 class _WithDecodeMax:
     """Diagnostic only (--decode-max): the latency model, fed the longest decode context of
     each step. The simulator's interface carries the decodes' context sum, not their maximum,
@@ -154,7 +116,11 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
     ep = dp if run.meta.get("enable_expert_parallel") else 1
     note = "recorded" if "num_gpu_blocks_override" in engine else "estimated"
     if ep > 1 and "num_gpu_blocks_override" not in engine:
-        engine["num_gpu_blocks_override"] = expert_parallel_blocks(model, device, ep, engine)
+        d = vllm_defaults(device)
+        engine["num_gpu_blocks_override"] = expert_parallel_blocks(
+            model, device, ep, engine.get("block_size") or d["block_size"], engine.get("gpu_memory_utilization", 0.9),
+            engine.get("max_num_batched_tokens") or d["max_num_batched_tokens"],
+            engine.get("max_num_seqs") or d["max_num_seqs"])
     engine.pop("gpu_memory_utilization", None) if "num_gpu_blocks_override" in engine else None
     cfg = build_config({"engine": engine,
                         "cluster": {"instances": dp, "tensor_parallel_size": run.tp},
@@ -165,7 +131,10 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
                         # one step at a time: the check should not depend on the (exact) decode-run shortcut
                         "fast_forward": fast_forward and not decode_max})
     dep = build_deployment(model, device, cfg, profile)
-    programs = with_prompt_blocks(run, df, ref) if prompt_blocks else run.programs
+    # the importer gives each request its prompt's block identities when the workload file is there
+    programs = run.programs if prompt_blocks else [
+        dataclasses.replace(p, calls=(dataclasses.replace(p.calls[0], input_tokens=None, hash_ids=None),),
+                            block_size=None) for p in run.programs]
     sim = Simulation(programs, dep, cfg)
     if decode_max:
         for inst in sim.instances:
