@@ -317,14 +317,18 @@ class Instance:
         itl_v, itl_w = self.itl
         # Outputs of steps 0..M-2 in bulk; step M-1 goes through the normal step end.
         t0, e0 = starts[0], starts[1]
+        last = starts[M - 1]
+        base = run.base
         same = 0
-        for r in running:
+        for i, r in enumerate(running):
             if r.last_token_time == t0:
                 same += 1
             else:
                 itl_v.append(e0 - r.last_token_time)
                 itl_w.append(1)
             r.num_output_tokens += M - 1
+            r.num_computed_tokens = base[i] + M
+            r.last_token_time = last
         if same:
             itl_v.append(e0 - t0)
             itl_w.append(same)
@@ -337,10 +341,6 @@ class Instance:
         self.busy_time = busy
         self.num_steps += M - 1
         self.num_tokens_computed += B * (M - 1)
-        last = starts[M - 1]
-        for i, r in enumerate(running):
-            r.num_computed_tokens = run.base[i] + M
-            r.last_token_time = last
         out = SchedulerOutput()
         out.scheduled = [(r, 1) for r in running]
         out.num_decodes = B

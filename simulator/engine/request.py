@@ -25,7 +25,7 @@ class Request:
         "num_preemptions", "num_cached_tokens", "num_external_tokens", "external_tier_tokens",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "key_base", "prefix_key_base", "prefix_full_blocks", "hash_keys", "instance_id",
-        "load_done_time", "pending_pin",
+        "load_done_time",
     )
 
     def __init__(self, request_id: int, num_prompt_tokens: int, max_tokens: int, arrival_time: float,
@@ -62,7 +62,6 @@ class Request:
         self.hash_keys = hash_keys
         self.instance_id = -1
         self.load_done_time = -1.0
-        self.pending_pin = None
 
     @property
     def num_tokens(self) -> int:

