@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .fit import FitError, fit_steps
-from .frontend import estimate_frontend
+from .frontend import FRONTEND_DIR, estimate_frontend, estimate_frontend_live
 from .operators import fit_operators
 from .profile import build_profile, dump_profile, repo_relative
 from .records import ENGINE_JSON, OPERATORS_CSV, STEPS_CSV, RecordsError, read_json, read_steps, read_table
@@ -183,17 +183,46 @@ def _fit(data_dir: Path, out: Path, name: str | None, folds: int, max_other_cpu:
     if fit_command:
         meta["fit_command"] = fit_command
     profile = build_profile(name or out.stem, meta, fit, raw_data=repo_relative(data_dir), operators=operators)
-    if (data_dir / "experiments.json").exists():
+    lm = profile["latency_model"]
+    fe = None
+    if (data_dir / FRONTEND_DIR / "calls.csv").exists():
+        host = (lm["fit"]["parts"].get("host") or {}).get("coefficients_s")
+        host_s = host.get("num_steps", 0.0) + host.get("num_seqs", 0.0) if host else None
+        fe = _frontend_from_probe(data_dir, lm["intercept"], lm["coefficients"], host_s)
+    elif (data_dir / "experiments.json").exists():
         fe = estimate_frontend(read_json(data_dir / "experiments.json").get("experiments", []),
-                               profile["latency_model"]["intercept"], profile["latency_model"]["coefficients"],
+                               lm["intercept"], lm["coefficients"],
                                int(meta["engine"].get("max_num_batched_tokens") or 2048), max_other_cpu)
-        profile["latency_model"]["frontend_s"] = round(fe["frontend_s"], 6)
-        profile["latency_model"]["fit"]["parts"]["frontend"] = fe
+    if fe is not None:
+        lm["frontend_s"] = round(fe["frontend_s"], 6)
+        if "frontend_in_s" in fe:
+            lm["frontend_in_s"] = round(fe["frontend_in_s"], 6)
+        lm["fit"]["parts"]["frontend"] = fe
     header = (f"# Calibrated profile written by asim-calibrate; do not edit by hand.\n"
               f"# Re-fit: asim-calibrate fit {repo_relative(data_dir)} --out {repo_relative(out)}\n")
     dump_profile(profile, out, header)
     print("\n".join(format_fit(profile)))
     return profile
+
+
+def _frontend_from_probe(data_dir: Path, intercept: float, coefficients: dict, host_s: float | None) -> dict:
+    import gzip
+
+    import pandas as pd
+
+    from replay.vllm_server import iter_iteration_records
+
+    probe = data_dir / FRONTEND_DIR
+    calls = pd.read_csv(probe / "calls.csv")
+    t0 = (read_json(probe / "summary.json").get("client") or {}).get("t0_epoch_s")
+    log_gz = data_dir / "server.log.gz"
+    if t0 is None or not log_gz.exists():
+        return {"frontend_s": 0.0, "n_samples": 0, "why": "the probe has no t0_epoch_s or there is no server log"}
+    with gzip.open(log_gz, "rt", encoding="utf-8", errors="replace") as f:
+        records = list(iter_iteration_records(f))
+    fe = estimate_frontend_live(calls, float(t0), records, intercept, coefficients, host_s)
+    fe.pop("samples", None)
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fe.items()}
 
 
 def format_fit(profile: dict) -> list[str]:

@@ -2,11 +2,18 @@
 
 A client's TTFT on an idle engine is the request's way in (HTTP, the API server, the hand-off
 to the engine core), the prefill step, and the first token's way out (detokenise-free
-streaming here, the API server, HTTP). The profiling runs send prefill experiments one request
-at a time, so for each of them: frontend = client TTFT - predicted step period of its one
-prefill step. The median over the uncontended ones is the profile's `frontend_s`, which the
-simulator adds to what a live client measures (simulator.cluster). Only profiling data is
-used: nothing from a validation run.
+streaming here, the API server, HTTP): frontend = client TTFT - predicted step period of its
+one prefill step. The simulator adds the way in before a call reaches the engine (so it
+delays admission and queueing) and the way out to every token the client sees.
+
+The profiling run ends with a probe (`probe_programs`): single calls, one at a time with idle
+gaps, sent by the same asyncio streaming client that live replays use (`replay.live`), since
+the client's own cost is part of what it measures. Each probe call is matched to its prefill
+step in the engine's iteration log, whose lines carry the epoch time the API server saw the
+step's output: the way out is the client's first-token time minus that, the way in is the
+rest. Profiling directories without the probe fall back to the grid's single-request prefill
+experiments (sent by the profiling client) and an even split. Only profiling data is used:
+nothing from a validation run.
 """
 
 from __future__ import annotations
@@ -14,6 +21,84 @@ from __future__ import annotations
 import numpy as np
 
 from simulator.latency import LinearStepModel
+from simulator.workload import CallSpec, ProgramSpec
+
+FRONTEND_DIR = "frontend"          # the probe's results (replay layout) inside a profiling dir
+PROBE_PROMPTS = (64, 256, 1024)    # uncached prompt tokens, each prefilled in one step
+PROBE_GAPS_S = (0.05, 0.3, 1.0)    # idle time planned before each call
+PROBE_REPEATS = 3
+PROBE_CALL_S = 0.25                # time planned for one probe call to finish
+LOG_SLACK_S = 0.005                # a step's log line may be written just after the client saw the token
+
+
+def probe_programs(max_step_tokens: int) -> list[ProgramSpec]:
+    """Single two-token calls one after another, with idle gaps, prompts that fit one step."""
+    programs = []
+    t = 0.2
+    for rep in range(PROBE_REPEATS):
+        for gap in PROBE_GAPS_S:
+            for n in PROBE_PROMPTS:
+                n = max(1, min(n, max_step_tokens))
+                programs.append(ProgramSpec(f"frontend-{len(programs):03d}", round(t, 3),
+                                            (CallSpec(new_tokens=n, output_tokens=2),)))
+                t += PROBE_CALL_S + gap
+    return programs
+
+
+def run_probe(base_url: str, model: str, out_dir, max_step_tokens: int, seed: int = 0) -> dict:
+    """Send the probe with the live-replay client; results (calls.csv, summary.json) in out_dir."""
+    from replay.live import run_live
+    return run_live(probe_programs(max_step_tokens), base_url, model, str(out_dir), quiet=True, seed=seed)
+
+
+def estimate_frontend_live(calls, t0_epoch_s: float, records, intercept: float, coefficients: dict,
+                           host_s: float | None = None) -> dict:
+    """Frontend delay, split into the way in and the way out, from the probe's calls (a
+    DataFrame in the replay layout) and the engine's iteration records of the same run.
+
+    With `host_s` (the profile's host time of a one-request step) the engine's share of a
+    call's TTFT is the logged execute time plus host_s, so an error of the step model at
+    some prompt length does not leak into the frontend; without it, the predicted period."""
+    model = LinearStepModel(intercept, coefficients)
+    prefills = [r for r in records if r.t_s is not None and r.num_context_reqs == 1
+                and r.num_generation_reqs == 0]
+    totals, outs, samples = [], [], []
+    unmatched = 0
+    ok = calls[(calls["status"] == "ok") & (calls["first_token_s"] >= 0)].sort_values("arrival_s")
+    for c in ok.itertuples(index=False):
+        send = t0_epoch_s + float(c.arrival_s)
+        first = t0_epoch_s + float(c.first_token_s)
+        cached = int(c.cached_tokens)
+        n = int(c.input_tokens) - cached
+        match = [r for r in prefills if r.num_context_tokens == n and send < r.t_s <= first + LOG_SLACK_S]
+        if len(match) != 1 or n <= 0:
+            unmatched += 1
+            continue
+        step = match[0]
+        period = model.step_time([(n, cached)], 0, 0, 1)
+        engine = period if host_s is None else step.elapsed_ms / 1000.0 + host_s
+        total = float(c.ttft_s) - engine
+        out = max(first - step.t_s, 0.0)
+        totals.append(total)
+        outs.append(out)
+        begun = step.t_s - step.elapsed_ms / 1000.0
+        before = [r.t_s for r in records if r.t_s is not None and r.t_s < begun]
+        samples.append({"program_id": c.program_id, "uncached_tokens": n, "ttft_s": float(c.ttft_s),
+                        "predicted_period_s": period, "elapsed_s": step.elapsed_ms / 1000.0, "out_s": out,
+                        "idle_before_s": begun - max(before) if before else None})
+    if not totals:
+        return {"frontend_s": 0.0, "n_samples": 0, "unmatched": unmatched,
+                "why": "no probe call matched a logged prefill step"}
+    total = float(np.median(totals))
+    out = min(float(np.median(outs)), max(total, 0.0))
+    a = np.asarray(totals)
+    return {"frontend_s": total, "frontend_in_s": total - out, "frontend_out_s": out,
+            "n_samples": len(totals), "unmatched": unmatched,
+            "p10_s": float(np.percentile(a, 10)), "p90_s": float(np.percentile(a, 90)),
+            "what": "live-client probe: median of client TTFT - the prefill step ("
+                    + ("predicted period" if host_s is None else "logged execute time + host time per step")
+                    + "); the way out is the client's first token minus the API server's log time of the step",
+            "samples": samples}
 
 
 def estimate_frontend(experiments: list[dict], intercept: float, coefficients: dict, max_tokens: int,

@@ -30,6 +30,7 @@ from replay.vllm_server import (
 
 from . import operators as ops
 from .attribution import MirrorLimits, attribute
+from .frontend import FRONTEND_DIR, run_probe
 from .experiments import FULL_GRID, QUICK_GRID, EngineLimits, design, with_suffix
 from .fit import RETRY_SUFFIX
 from .profile import (
@@ -84,6 +85,7 @@ def profile_engine(model: str, engine_args: list[str], out_dir: str | Path, *, p
     out.mkdir(parents=True, exist_ok=True)
     for stale in (STEPS_CSV, ENGINE_JSON, EXPERIMENTS_JSON, OPERATORS_CSV, "operators_table.txt", "server.log.gz"):
         (out / stale).unlink(missing_ok=True)  # a re-run must not mix with an older run's files
+    shutil.rmtree(out / FRONTEND_DIR, ignore_errors=True)
     python = python or default_python()
     why = vllm_import_error(python)
     if why is not None:
@@ -133,6 +135,9 @@ def profile_engine(model: str, engine_args: list[str], out_dir: str | Path, *, p
             op_rows, op_note, op_runs = ops.profile_operators(server, client, limits, trace_dir, log=log,
                                                               max_other_cpu=max_other_cpu,
                                                               retries=1 if quick else 2)
+        log("frontend probe: single calls through the live-replay client")
+        run_probe(server.base_url, server.served_model_name, out / FRONTEND_DIR,
+                  min(facts["max_num_batched_tokens"], facts["max_model_len"] - 2), seed=seed)
         time.sleep(1.0)  # let the last iteration lines reach the log
     finally:
         server.stop()

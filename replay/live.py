@@ -119,6 +119,7 @@ class LiveReplay:
         self.program_rows: list[dict] = []
         self.itl: list[float] = []
         self.t0 = 0.0
+        self.t0_epoch = 0.0  # wall-clock (epoch) time of t0, to line up with server logs
         self.writer: ResultsWriter | None = None
         self.interrupted = False
 
@@ -310,6 +311,7 @@ class LiveReplay:
             sem = asyncio.Semaphore(self.max_inflight) if self.max_inflight > 0 else None
             cpu0 = time.process_time()
             self.t0 = time.monotonic()
+            self.t0_epoch = time.time() - (time.monotonic() - self.t0)
             scraper = asyncio.create_task(self.scrape(session))
             tasks = [asyncio.create_task(self.program(session, p, i, sem)) for i, p in enumerate(self.programs)]
             progress = asyncio.create_task(self._progress(len(tasks)))
@@ -344,7 +346,7 @@ class LiveReplay:
             "endpoint": self.base,
             "profile": {"model": self.model, "server": info},
             "config": {"time_scale": self.time_scale, "max_inflight": self.max_inflight},
-            "client": {"wall_s": wall, "cpu_s": cpu, "cpu_ms_per_call": 1000 * cpu / max(len(self.calls), 1),
+            "client": {"t0_epoch_s": self.t0_epoch, "wall_s": wall, "cpu_s": cpu, "cpu_ms_per_call": 1000 * cpu / max(len(self.calls), 1),
                        "mean_issue_lag_ms": float(lags.mean() * 1000), "p99_issue_lag_ms": float(np.percentile(lags, 99) * 1000)},
             "interrupted": self.interrupted,
             "agentservesim_version": simulator.__version__,

@@ -99,10 +99,9 @@ class Simulation:
         self._next_request_id = 0
         self._gaps: dict[int, float] = {}
         self._issue: dict[int, float] = {}
-        # Frontend delay (API server, HTTP, streaming) of a live client, split evenly between
-        # the way in and the way out; only their sum changes what a client measures.
-        fe = deployment.frontend_s
-        self._fe_in = self._fe_out = fe / 2.0
+        # Frontend delay (API server, HTTP, streaming) of a live client: the way in delays the
+        # call's arrival at the engines, the way out every token the client sees.
+        self._fe_in, self._fe_out = deployment.frontend_split
         self._feeding = True
 
     # -- programs in -----------------------------------------------------------------------
@@ -235,8 +234,8 @@ class Simulation:
         self._live_programs -= 1
 
     def _record_call(self, req: Request, status: str, error: str) -> None:
-        """A call as its client saw it: issued at `arrival_s`, tokens `frontend_s / 2` after
-        the engine produced them."""
+        """A call as its client saw it: issued at `arrival_s`, tokens the frontend's way out
+        after the engine produced them."""
         ok = status == "ok"
         fe = self._fe_out if ok else 0.0
         issue = self._issue.pop(req.request_id, req.arrival_time)

@@ -127,7 +127,9 @@ class LatencyConfig:
     attention_efficiency: float | None = _f(None, "Roofline: fraction of peak FLOP/s attention reaches.")
     memory_efficiency: float | None = _f(None, "Roofline: fraction of peak memory bandwidth reached.")
     frontend_s: float | None = _f(None, "Delay outside the engine that a live client sees per call (API server in + "
-                                        "out, HTTP, streaming); from the profile when unset, else 0 (engine-side times).")
+                                        "out, HTTP, streaming); from the profile when unset, else 0 (engine-side times). "
+                                        "Split into the way in (delays admission) and the way out as the profile "
+                                        "measured it (latency_model.frontend_in_s), else evenly.")
 
     def __post_init__(self):
         for name in ("host_overhead_s", "host_overhead_per_seq_s", "frontend_s"):

@@ -55,9 +55,18 @@ class Deployment:
     tiers: list = field(default_factory=list)  # [(MemoryTierSpec, capacity_blocks)]
     profile: dict[str, Any] = field(default_factory=dict)
     frontend_s: float = 0.0  # client-visible delay outside the engine (API server in + out)
+    frontend_in_s: float | None = None  # its way-in share (before the engine sees the call); None: half
+
+    @property
+    def frontend_split(self) -> tuple[float, float]:
+        """(way in, way out) of the frontend delay."""
+        fin = self.frontend_s / 2.0 if self.frontend_in_s is None else min(self.frontend_in_s, self.frontend_s)
+        return fin, self.frontend_s - fin
 
     def describe(self) -> dict[str, Any]:
+        fin, fout = self.frontend_split
         return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
+                "frontend_in_s": fin, "frontend_out_s": fout,
                 "engine": self.engine.__dict__, "latency": self.latency.describe(),
                 "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
 
@@ -157,8 +166,12 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
             spec = load_memory_tier(name)
             cap_bytes = caps[i] * GiB if i < len(caps) else spec.capacity_bytes
             tiers.append((spec, max(int(cap_bytes // (per_block * tp)), 0)))
-    fe = cfg.latency.frontend_s
-    if fe is None:
-        fe = float((profile.get("latency_model") or {}).get("frontend_s") or profile.get("frontend_s") or 0.0)
+    lm = profile.get("latency_model") or {}
+    prof_fe = float(lm.get("frontend_s") or profile.get("frontend_s") or 0.0)
+    prof_in = lm.get("frontend_in_s")
+    fe = prof_fe if cfg.latency.frontend_s is None else cfg.latency.frontend_s
+    fe_in = None
+    if prof_in is not None and prof_fe > 0:
+        fe_in = fe * min(max(float(prof_in) / prof_fe, 0.0), 1.0)  # the profile's split, of an overridden total too
     return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers,
-                      profile=profile, frontend_s=fe)
+                      profile=profile, frontend_s=fe, frontend_in_s=fe_in)

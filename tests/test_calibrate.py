@@ -437,3 +437,80 @@ def test_requests_sent_together_may_arrive_in_any_order():
     assert res.mismatches == []
     assert [r.chunks for r in res.steps] == ["96@0", "64@0", ""]
     assert [r.arrivals for r in res.steps] == [1, 1, 0]
+
+
+# -- the frontend probe ------------------------------------------------------------------------
+
+def _probe_record(t_s: float, tokens: int, elapsed_ms: float, gen: int = 0):
+    from replay.vllm_server import IterationRecord
+    return IterationRecord(t_s=t_s, timestamp=f"{t_s:.6f}", engine=0, iteration=0, num_context_reqs=1 if tokens else 0,
+                           num_context_tokens=tokens, num_generation_reqs=gen, num_generation_tokens=gen,
+                           elapsed_ms=elapsed_ms, kv_usage=0.0, kv_device="CPU")
+
+
+def test_probe_programs_are_single_calls_that_fit_one_step():
+    from calibrate.frontend import PROBE_GAPS_S, PROBE_PROMPTS, PROBE_REPEATS, probe_programs
+    progs = probe_programs(max_step_tokens=200)
+    assert len(progs) == len(PROBE_PROMPTS) * len(PROBE_GAPS_S) * PROBE_REPEATS
+    assert all(len(p.calls) == 1 and 1 <= p.calls[0].new_tokens <= 200 for p in progs)
+    arrivals = [p.arrival_s for p in progs]
+    assert arrivals == sorted(arrivals) and len(set(p.program_id for p in progs)) == len(progs)
+    # the planned idle gaps of every size are there
+    gaps = np.round(np.diff(arrivals), 3)
+    assert set(np.round(np.asarray(PROBE_GAPS_S) + 0.25, 3)) == set(gaps)
+
+
+def test_frontend_live_splits_the_way_in_from_the_way_out():
+    """Three calls with a known way in (6 ms) and out (1 ms) around a known step model."""
+    import pandas as pd
+    from calibrate.frontend import estimate_frontend_live
+    intercept, coef = 0.002, {"prefill_tokens": 1e-5}
+    t0 = 1_000_000.0
+    rows, records = [], [_probe_record(t0 + 0.5, 0, 2.0, gen=3)]  # a decode step: never matched
+    for i, (arrive, n) in enumerate([(1.0, 100), (2.0, 400), (3.0, 1000)]):
+        period = intercept + 1e-5 * n
+        start = arrive + 0.006
+        seen = start + period            # the API server logs the step when its output arrives
+        first = seen + 0.001
+        records.append(_probe_record(t0 + seen, n, 1000 * (period - 0.001)))
+        rows.append({"program_id": f"p{i}", "call_index": 0, "arrival_s": arrive, "first_token_s": first,
+                     "ttft_s": first - arrive, "input_tokens": n, "cached_tokens": 0, "status": "ok"})
+    # a call whose step is not in the log is counted, not guessed
+    rows.append({"program_id": "lost", "call_index": 0, "arrival_s": 4.0, "first_token_s": 4.05, "ttft_s": 0.05,
+                 "input_tokens": 77, "cached_tokens": 0, "status": "ok"})
+    fe = estimate_frontend_live(pd.DataFrame(rows), t0, records, intercept, coef)
+    assert fe["n_samples"] == 3 and fe["unmatched"] == 1
+    assert fe["frontend_s"] == pytest.approx(0.007, abs=1e-6)
+    assert fe["frontend_in_s"] == pytest.approx(0.006, abs=1e-6)
+    assert fe["frontend_out_s"] == pytest.approx(0.001, abs=1e-6)
+    # with the host time per step, the logged execute times stand in for a wrong step model
+    wrong = estimate_frontend_live(pd.DataFrame(rows), t0, records, intercept, {"prefill_tokens": 3e-5}, host_s=0.001)
+    assert wrong["frontend_s"] == pytest.approx(0.007, abs=1e-6)
+    assert wrong["frontend_in_s"] == pytest.approx(0.006, abs=1e-6)
+
+
+def test_profile_frontend_split_reaches_the_simulated_client():
+    """A profile's way in delays admission; the way out is added to every token the client sees."""
+    from simkit import call, program, run_sim
+    device, raw = load_device("hardware/profiles/cpu-tiny-llama.yaml")
+    seen = {}
+    for fin in (None, 0.009):
+        prof = json.loads(json.dumps(raw))
+        prof["latency_model"]["frontend_s"] = 0.010
+        prof["latency_model"].pop("frontend_in_s", None)
+        if fin is not None:
+            prof["latency_model"]["frontend_in_s"] = fin
+        dep = build_deployment(load_model("tiny-llama"), device, build_config({}, {}), prof)
+        assert dep.frontend_split == pytest.approx((0.005, 0.005) if fin is None else (0.009, 0.001))
+        res, _ = run_sim([program("p", 1.0, [call(300, 4)])], dep=dep)
+        (row,) = res.calls
+        assert row["arrival_s"] == 1.0
+        assert row["scheduled_s"] == pytest.approx(1.0 + dep.frontend_split[0])
+        seen[fin] = row
+    # the engine-side timeline only shifts: client TTFT and E2E are the same, admission is later
+    a, b = seen[None], seen[0.009]
+    assert b["ttft_s"] == pytest.approx(a["ttft_s"]) and b["e2e_s"] == pytest.approx(a["e2e_s"])
+    # an overridden total keeps the profile's split
+    dep = build_deployment(load_model("tiny-llama"), device, build_config({}, {"latency.frontend_s": 0.02}),
+                           {**prof, "latency_model": {**prof["latency_model"]}})
+    assert dep.frontend_split == pytest.approx((0.018, 0.002))

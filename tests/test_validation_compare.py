@@ -292,3 +292,58 @@ def test_warns_when_cache_hits_betray_another_block_size(tmp_path):
     assert codes(e) == ["configs_differ"] and "block size 48" in e["warnings"][0]["message"]
     write_run(tmp_path / "s16", mc, mp, deployment={"engine": {"block_size": 16}})
     assert codes(compare(tmp_path / "m", tmp_path / "s16")) == []
+
+
+def test_repeated_measurements_compare_with_their_median_and_report_spread(tmp_path):
+    """Three measurements with TTFT x0.9, x1.0, x1.3: the simulator (x1.0) is compared with the
+    median (x1.0: error 0) and the spread is (1.3 - 0.9) / 1.0 = 40%; per-call pairs use the first."""
+    runs = [write_run(tmp_path / f"m{i}", *build_calls(ttft_scale=k), backend="live") for i, k in enumerate((0.9, 1.0, 1.3))]
+    sim = write_run(tmp_path / "sim", *build_calls())
+    e = compare(runs[0], sim, runs[1:])
+    assert e["measured"]["repeats"] == 3
+    for st in ("mean", "p50", "p90", "p99"):
+        row = e["metrics"]["ttft_ms"][st]
+        assert row["error"] == pytest.approx(0.0, abs=1e-12)
+        assert row["noise"] == pytest.approx(0.4, abs=1e-12)
+        assert e["metrics"]["tpot_ms"][st]["noise"] == pytest.approx(0.0, abs=1e-12)
+    assert e["paired"]["ttft"]["mean_signed_rel_error"] == pytest.approx(1 / 0.9 - 1, rel=1e-9)
+    assert "noisy_measurement" in codes(e) and "within_noise" in codes(e)
+    # one measurement: no spread, no noise warnings from repeats
+    single = compare(runs[1], sim)
+    assert single["metrics"]["ttft_ms"]["mean"].get("noise") is None and "within_noise" not in codes(single)
+    # the CLI takes the repeats too, and the report shows the spread column
+    out = tmp_path / "rep"
+    assert validate_main(["compare", str(runs[0]), str(sim), "--repeat", str(runs[1]), "--repeat", str(runs[2]),
+                          "--out", str(out), "--quiet"]) == 0
+    md = (out / "report.md").read_text()
+    assert "measured 3 times" in md and "| 40.0% |" in md
+
+
+def test_matrix_summary_shows_the_largest_mean_spread():
+    from validation.matrix import HEADLINE, summary_markdown
+    errs = {f"{st}_{m}": 0.01 for m, st in HEADLINE}
+    noise = {f"{st}_{m}": 0.5 if st != "mean" else 0.0 for m, st in HEADLINE}
+    noise["mean_tpot_ms"] = 0.07
+    result = {"matrix": "t", "repeats": 3, "seconds": 1.0, "ranking": [],
+              "cases": [{"case": "c1", "status": "ok", "calls": 10, "errors": errs, "noise": noise},
+                        {"case": "c2", "status": "ok", "calls": 10, "errors": errs, "noise": {}}]}
+    lines = summary_markdown(result)
+    row1 = next(line for line in lines if line.startswith("| c1 "))
+    row2 = next(line for line in lines if line.startswith("| c2 "))
+    assert row1.endswith("| 7.0% | ok |") and row2.endswith("| - | ok |")
+    assert any("measured 3 times" in line for line in lines)
+
+
+def test_profile_engine_flag_mismatch_is_warned(tmp_path):
+    import yaml as _yaml
+    from validation.matrix import profile_mismatch
+    prof = _yaml.safe_load(open("hardware/profiles/cpu-tiny-llama.yaml"))
+    prof["provenance"]["engine_args"] = ["--dtype", "bfloat16", "--block-size", "128"]
+    path = tmp_path / "p.yaml"
+    path.write_text(_yaml.safe_dump(prof))
+    assert profile_mismatch(str(path), ["--dtype=bfloat16", "--block-size", "128", "--max-num-seqs", "4"]) == []
+    (w,) = profile_mismatch(str(path), ["--dtype", "bfloat16", "--block-size", "128", "--enforce-eager"])
+    assert w["code"] == "engine_mode_mismatch" and "--enforce-eager unset in the profile, on here" in w["message"]
+    (w,) = profile_mismatch(str(path), ["--dtype", "float32", "--block-size", "128"])
+    assert "--dtype bfloat16 in the profile, float32 here" in w["message"]
+    assert profile_mismatch(None, ["--enforce-eager"]) == []

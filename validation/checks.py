@@ -219,3 +219,28 @@ def run_checks(pairs: pd.DataFrame, meas: Run, sim: Run) -> list[dict]:
     """All warnings about a comparison, most basic first."""
     return (check_paired_count(pairs) + check_same_trace(pairs, meas, sim) + check_failures(meas, sim)
             + check_noise(pairs, meas) + check_configs(meas, sim))
+
+
+def check_within_noise(metrics: dict, runs: int) -> list[dict]:
+    """With repeated measurements: which headline errors the measurement's own run-to-run
+    spread could explain, and which measurements were unstable (pyperf's 10%)."""
+    from .compare import LATENCY_METRICS
+    unstable, within = [], []
+    for key, label, _ in LATENCY_METRICS:
+        row = metrics[key]["mean"]
+        noise, err = row.get("noise"), row.get("error")
+        if noise is None:
+            continue
+        if noise >= NOISY_CV:
+            unstable.append(f"mean {label} {100 * noise:.0f}%")
+        if err is not None and abs(err) <= noise:
+            within.append(f"mean {label}")
+    out = []
+    if unstable:
+        out.append(_w("noisy_measurement",
+                      f"{runs} measured runs of the same trace differ by " + ", ".join(unstable)
+                      + " ((max - min) / median): errors below that spread are not meaningful"))
+    if within:
+        out.append(_w("within_noise", "errors of " + ", ".join(within) + " are within the measured runs' own "
+                                      "spread"))
+    return out

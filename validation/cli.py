@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("simulated", metavar="SIMULATED_DIR", help="results of the simulator on the same trace")
     c.add_argument("--out", required=True, metavar="REPORT_DIR",
                    help="where to write errors.json, report.md, report.html")
+    c.add_argument("--repeat", action="append", default=[], metavar="DIR",
+                   help="another measurement of the same trace (repeatable): aggregates are then compared with "
+                        "the median over all measured runs, and their spread is reported")
     c.add_argument("--top", type=int, default=3, help="findings to print (default 3; all are in the report)")
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
     r = sub.add_parser("run", help="run a validation matrix (live vLLM and/or recorded runs vs the simulator)",
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("matrix", metavar="MATRIX.yaml")
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--case", action="append", default=None, help="run only this case (repeatable)")
+    r.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="measure every live case N times (default: the matrix's `repeats`, else 1)")
     return p
 
 
@@ -47,7 +52,7 @@ def cmd_compare(args) -> int:
 
     meas = load_run(args.measured)
     sim = load_run(args.simulated)
-    errors = compare_runs(meas, sim)
+    errors = compare_runs(meas, sim, [load_run(d) for d in args.repeat])
     paths = write_report(args.out, errors, meas, sim)
     if not args.quiet:
         lines = summary_lines(errors) + [""] + warnings_lines(errors)
@@ -60,7 +65,10 @@ def cmd_compare(args) -> int:
 def cmd_run(args) -> int:
     from .matrix import run_matrix, summary_markdown
 
-    result = run_matrix(args.matrix, args.out, only=args.case, log=lambda m: print(m, flush=True))
+    if args.repeats is not None and args.repeats < 1:
+        raise MatrixError("--repeats must be at least 1")
+    result = run_matrix(args.matrix, args.out, only=args.case, repeats=args.repeats,
+                        log=lambda m: print(m, flush=True))
     print("\n".join(summary_markdown(result)))
     failed = sum(r.get("status") != "ok" for r in result["cases"])
     if failed:

@@ -306,25 +306,62 @@ def _run_info(run: Run) -> dict:
     return info
 
 
-def compare_runs(meas: Run, sim: Run) -> dict:
-    """errors.json content for two loaded runs."""
-    from .checks import run_checks
+def median_aggregates(aggs: list[dict]) -> tuple[dict, dict]:
+    """The median over repeated measurements of every aggregate, and each one's run-to-run
+    spread, (max - min) / median (None where a value is missing or the median is 0)."""
+    med: dict = {}
+    spread: dict = {}
+
+    def combine(values):
+        v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+        if len(v) < len(values) or not v:
+            return None, None
+        m = float(np.median(v))
+        return m, ((max(v) - min(v)) / abs(m) if m else None)
+
+    for key, _, _ in LATENCY_METRICS:
+        med[key], spread[key] = {}, {}
+        for st in STATS:
+            med[key][st], spread[key][st] = combine([a[key][st] for a in aggs])
+    for key, _, _ in SCALAR_METRICS:
+        med[key], spread[key] = combine([a[key] for a in aggs])
+    return med, spread
+
+
+def compare_runs(meas: Run, sim: Run, repeats: list[Run] | None = None) -> dict:
+    """errors.json content for two loaded runs. With `repeats` (more measurements of the same
+    trace), every aggregate is compared with the median over all measured runs and carries
+    their spread as `noise`; per-call pairs and the diagnosis use `meas`."""
+    from .checks import check_within_noise, run_checks
     from .diagnose import diagnose
 
     pairs = pair_calls(meas, sim)
     am, asim = run_aggregates(meas), run_aggregates(sim)
+    noise = None
+    if repeats:
+        am, noise = median_aggregates([am] + [run_aggregates(r) for r in repeats])
+    metrics = aggregate_errors(am, asim)
+    if noise is not None:
+        for key, _, _ in LATENCY_METRICS:
+            for st in STATS:
+                metrics[key][st]["noise"] = noise[key][st]
+        for key, _, _ in SCALAR_METRICS:
+            next(iter(metrics[key].values()))["noise"] = noise[key]
     diag = diagnose(pairs, meas, sim)
+    warnings = run_checks(pairs, meas, sim)
+    if noise is not None:
+        warnings += check_within_noise(metrics, 1 + len(repeats))
     return _jsonable({
         "schema": SCHEMA,
-        "measured": _run_info(meas),
+        "measured": {**_run_info(meas), "repeats": 1 + len(repeats or [])},
         "simulated": _run_info(sim),
         "calls": {**call_sets(meas, sim), "paired": int(len(pairs))},
-        "metrics": aggregate_errors(am, asim),
+        "metrics": metrics,
         "paired": paired_errors(pairs, meas, sim),
         "timeseries": timeseries_means(meas, sim),
         "findings": diag["findings"],
         "not_assessed": diag["not_assessed"],
-        "warnings": run_checks(pairs, meas, sim),
+        "warnings": warnings,
     })
 
 
@@ -343,6 +380,7 @@ def _jsonable(o):
     return o
 
 
-def compare(measured_dir, simulated_dir) -> dict:
-    """Compare two results directories (measured first); the content of errors.json."""
-    return compare_runs(load_run(measured_dir), load_run(simulated_dir))
+def compare(measured_dir, simulated_dir, repeat_dirs=()) -> dict:
+    """Compare two results directories (measured first, then more measurements of the same
+    trace if any); the content of errors.json."""
+    return compare_runs(load_run(measured_dir), load_run(simulated_dir), [load_run(d) for d in repeat_dirs])

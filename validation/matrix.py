@@ -11,6 +11,7 @@ A matrix YAML has a grid part and/or explicit cases:
     loads: {light: 1.0, heavy: 0.3}          # arrival_s multiplied by this (smaller = more load)
     variants: {prefix-on: {engine_args: [--enable-prefix-caching]},
                prefix-off: {engine_args: [--no-enable-prefix-caching]}}
+    repeats: 3                                # measure each live case 3 times (default 1)
     cases:                                    # explicit cases, e.g. recorded real runs
       - name: rtx4090-llama-3.1-8b
         recorded: {format: llmservingsim, dir: ../shared/reference/LLMServingSim/bench/examples/RTX4090/Llama-3.1-8B}
@@ -20,7 +21,9 @@ A matrix YAML has a grid part and/or explicit cases:
 
 Grid cases are named `<model>-<trace>-<load>-<variant>`. Layout of the output directory:
 `<case>/trace.jsonl`, `<case>/measured/`, `<case>/simulated/`, `<case>/report/`, and
-`summary.md` / `summary.json` across cases. Paths in the matrix are relative to the
+`summary.md` / `summary.json` across cases. With `repeats: N` a live case's further
+measurements go to `<case>/measured-repeats/2..N/`; aggregates are compared with the median
+of the N runs and the report gives their spread (a live run on a shared machine is noisy). Paths in the matrix are relative to the
 repository root (or absolute). A failed case is reported and the others still run.
 """
 
@@ -121,7 +124,7 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
     if not isinstance(m, dict):
         raise MatrixError(f"{p}: expected a mapping")
     known = {"name", "engine_args", "models", "traces", "loads", "variants", "cases", "kv_cache_space_gib",
-             "python", "settings"}
+             "python", "settings", "repeats"}
     bad = set(m) - known
     if bad:
         raise MatrixError(f"{p}: unknown keys {sorted(bad)} (known: {sorted(known)})")
@@ -172,8 +175,11 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
         raise MatrixError(f"{p}: duplicate case names {sorted(dup)}")
     if not cases:
         raise MatrixError(f"{p}: no cases")
+    repeats = m.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise MatrixError(f"{p}: repeats must be an integer >= 1, got {repeats!r}")
     settings = {"kv_cache_space_gib": m.get("kv_cache_space_gib", 1), "python": m.get("python"),
-                **(m.get("settings") or {})}
+                "repeats": repeats, **(m.get("settings") or {})}
     return str(m.get("name", p.stem)), cases, settings
 
 
@@ -191,19 +197,75 @@ HEADLINE = [("ttft_ms", "mean"), ("ttft_ms", "p90"), ("ttft_ms", "p99"), ("tpot_
 _SUMMARY_KEYS = {"ttft_ms": "mean_ttft_ms", "tpot_ms": "mean_tpot_ms", "e2e_ms": "mean_e2el_ms", "jct_s": "mean_jct_s"}
 
 
-def compare_dirs(measured: Path, simulated: Path, report: Path) -> dict:
+# Engine flags that change step times: a profile taken with other values does not describe
+# the engine being measured (e.g. --enforce-eager against a compiled profile: decode 10-25 %
+# slower on this CPU).
+_SPEED_FLAGS = {"--enforce-eager": "--enforce-eager", "--dtype": "--dtype", "--kv-cache-dtype": "--kv-cache-dtype",
+                "--block-size": "--block-size", "--tensor-parallel-size": "--tensor-parallel-size",
+                "-tp": "--tensor-parallel-size", "--quantization": "--quantization", "-q": "--quantization",
+                "--compilation-config": "--compilation-config", "-O": "--compilation-config"}
+
+
+def _speed_flags(args: list[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        a = str(args[i])
+        key, val = (a.split("=", 1) + [None])[:2] if "=" in a else (a, None)
+        if key in _SPEED_FLAGS:
+            name = _SPEED_FLAGS[key]
+            if name == "--enforce-eager":
+                out[name] = "on"
+            else:
+                if val is None and i + 1 < len(args):
+                    i += 1
+                    val = str(args[i])
+                out[name] = val
+        i += 1
+    return out
+
+
+def profile_mismatch(profile_path: str | None, engine_args: list[str]) -> list[dict]:
+    """Warnings where a live case runs the engine with speed-relevant flags other than the ones
+    its calibrated profile was taken with (from the profile's provenance)."""
+    from simulator.hardware import load_device
+
+    if not profile_path:
+        return []
+    try:
+        _, raw = load_device(profile_path)
+    except Exception:  # the simulation reports a bad profile itself
+        return []
+    prov = (raw or {}).get("provenance") or {}
+    if "engine_args" not in prov:
+        return []
+    prof, case = _speed_flags(list(prov["engine_args"])), _speed_flags(list(engine_args))
+    diffs = [f"{k} {prof.get(k) or 'unset'} in the profile, {case.get(k) or 'unset'} here"
+             for k in sorted(set(prof) | set(case)) if prof.get(k) != case.get(k)]
+    if not diffs:
+        return []
+    return [{"code": "engine_mode_mismatch",
+             "message": "the engine runs with other speed-relevant flags than its profile was taken with ("
+                        + "; ".join(diffs) + "): step times will differ; re-calibrate with these flags"}]
+
+
+def compare_dirs(measured: Path, simulated: Path, report: Path, repeats: list[Path] = (),
+                 warnings: list[dict] = ()) -> dict:
     """Compare, write the case's report, and return its row for the matrix summary."""
     from .compare import compare_runs, load_run
     from .report import write_report
 
     meas, sim = load_run(measured), load_run(simulated)
-    errors = compare_runs(meas, sim)
+    errors = compare_runs(meas, sim, [load_run(d) for d in repeats])
+    errors["warnings"] = list(warnings) + errors["warnings"]
     write_report(report, errors, meas, sim)
     metrics = errors.get("metrics", {})
-    row: dict[str, Any] = {"errors": {}, "measured": {}, "simulated": {}}
+    row: dict[str, Any] = {"errors": {}, "noise": {}, "measured": {}, "simulated": {}}
     for metric, stat in HEADLINE:
         cell = metrics.get(metric, {}).get(stat) or {}
         row["errors"][f"{stat}_{metric}"] = cell.get("error")
+        row["noise"][f"{stat}_{metric}"] = cell.get("noise")
+    row["repeats"] = 1 + len(repeats)
     for metric, key in _SUMMARY_KEYS.items():
         cell = metrics.get(metric, {}).get("mean") or {}
         row["measured"][key] = cell.get("measured")
@@ -214,22 +276,35 @@ def compare_dirs(measured: Path, simulated: Path, report: Path) -> dict:
     return row
 
 
+def mean_spread(row: dict) -> float | None:
+    """The largest run-to-run spread of a case's four mean metrics (None: measured once)."""
+    vals = [v for k, v in (row.get("noise") or {}).items() if k.startswith("mean_") and v is not None]
+    return max(vals) if vals else None
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
 def summary_markdown(result: dict) -> list[str]:
     cols = [f"{stat} {metric.split('_')[0].upper()}" for metric, stat in HEADLINE]
+    reps = result.get("repeats", 1)
     lines = [f"# Validation matrix `{result['matrix']}`", "",
-             f"{len(result['cases'])} cases in {result['seconds']:.0f} s. Errors are (simulated - measured) / measured.", "",
-             "| case | calls | " + " | ".join(cols) + " | status |",
-             "|---|---:|" + "---:|" * len(cols) + "---|"]
+             f"{len(result['cases'])} cases in {result['seconds']:.0f} s. Errors are (simulated - measured) / measured."
+             + (f" Live cases were measured {reps} times: errors are against the median of the runs, and "
+                "'spread' is the largest run-to-run spread ((max - min) / median) of the four means." if reps > 1
+                else ""), "",
+             "| case | calls | " + " | ".join(cols) + " | spread | status |",
+             "|---|---:|" + "---:|" * len(cols) + "---:|---|"]
     for r in result["cases"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['case']} | | " + " | ".join([""] * len(cols)) + f" | failed: {r.get('error', '')[:80]} |")
+            lines.append(f"| {r['case']} | | " + " | ".join([""] * len(cols))
+                         + f" | | failed: {r.get('error', '')[:80]} |")
             continue
         errs = [_pct(r["errors"].get(f"{stat}_{metric}")) for metric, stat in HEADLINE]
-        lines.append(f"| {r['case']} | {r.get('calls', '')} | " + " | ".join(errs) + " | ok |")
+        spread = mean_spread(r)
+        lines.append(f"| {r['case']} | {r.get('calls', '')} | " + " | ".join(errs)
+                     + f" | {'-' if spread is None else f'{100 * spread:.1f}%'} | ok |")
     ok = [r for r in result["cases"] if r.get("status") == "ok"]
     if ok:
         lines += ["", "Worst |error| per metric across cases:", ""]
@@ -269,7 +344,7 @@ class _ServerPool:
 
         key = (model, tuple(engine_args))
         if self.key == key and self.server is not None and self.server.running():
-            self._reset_prefix_cache()
+            self.reset_prefix_cache()
             return self.server
         self.stop()
         self.log(f"    starting vLLM: {Path(model).name} {' '.join(engine_args)}")
@@ -282,7 +357,7 @@ class _ServerPool:
         self.server, self.key = srv, key
         return srv
 
-    def _reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> None:
         import urllib.request
         req = urllib.request.Request(f"{self.server.base_url}/reset_prefix_cache", method="POST", data=b"")
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -339,7 +414,12 @@ def _recorded_overrides(run, hardware: str, model: str) -> dict[str, Any]:
     return out
 
 
-def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
+def _repeat_dir(case_dir: Path, i: int) -> Path:
+    """Where the (i+1)-th measurement of a live case goes (the first is `measured/`)."""
+    return case_dir / "measured-repeats" / str(i + 1)
+
+
+def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 1) -> dict:
     from replay.vllm_server import BASE_ENGINE_ARGS
 
     case_dir.mkdir(parents=True, exist_ok=True)
@@ -361,8 +441,11 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
         hardware = case.hardware or _calibrate(case, case_dir, pool, log)
         srv = pool.get(case.model, case.engine_args)
         from replay.live import run_live
-        log("    live replay ...")
-        run_live(programs, srv.base_url, "model", str(measured), quiet=True)
+        for i in range(repeats):
+            if i:
+                pool.reset_prefix_cache()
+            log(f"    live replay{f' {i + 1}/{repeats}' if repeats > 1 else ''} ...")
+            run_live(programs, srv.base_url, "model", str(measured if i == 0 else _repeat_dir(case_dir, i)), quiet=True)
         info = srv.engine_info()
         overrides = engine_args_to_config([*BASE_ENGINE_ARGS, *case.engine_args])
         if info.num_gpu_blocks:
@@ -374,7 +457,13 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log) -> dict:
     overrides.update(case.overrides)
     log("    simulating ...")
     _simulate(programs, hardware, model, overrides, simulated)
-    return compare_dirs(measured, simulated, report)
+    extra, warns = [], []
+    if case.kind == "live":
+        extra = [_repeat_dir(case_dir, i) for i in range(1, repeats)]
+        warns = profile_mismatch(hardware, case.engine_args)
+        for w in warns:
+            log(f"    warning: {w['message']}")
+    return compare_dirs(measured, simulated, report, extra, warns)
 
 
 def _ranking(rows: list[dict], cases: list[Case]) -> list[dict]:
@@ -401,8 +490,9 @@ def _ranking(rows: list[dict], cases: list[Case]) -> list[dict]:
 
 
 def run_matrix(path: str | Path, out_dir: str | Path, only: list[str] | None = None,
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, repeats: int | None = None) -> dict:
     name, cases, settings = load_matrix(path)
+    repeats = repeats or settings.get("repeats", 1)
     if only:
         unknown = set(only) - {c.name for c in cases}
         if unknown:
@@ -418,7 +508,7 @@ def run_matrix(path: str | Path, out_dir: str | Path, only: list[str] | None = N
             log(f"[{i}/{len(cases)}] {case.name}")
             t0 = time.perf_counter()
             try:
-                row = run_case(case, out / case.name, pool, log)
+                row = run_case(case, out / case.name, pool, log, repeats)
                 row["status"] = "ok"
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -432,7 +522,7 @@ def run_matrix(path: str | Path, out_dir: str | Path, only: list[str] | None = N
             rows.append(row)
     finally:
         pool.stop()
-    result = {"matrix": name, "cases": rows, "ranking": _ranking(rows, cases),
+    result = {"matrix": name, "repeats": repeats, "cases": rows, "ranking": _ranking(rows, cases),
               "seconds": time.perf_counter() - t_start}
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "summary.md").write_text("\n".join(summary_markdown(result)) + "\n")

@@ -56,16 +56,19 @@ def _signed_pct(x) -> str:
 
 # -- tables as rows -------------------------------------------------------------------------------
 
-def aggregate_rows(errors: dict, stats=STATS) -> list[tuple[str, str, str, str, str]]:
-    """(metric, stat, measured, simulated, error) for every aggregate, formatted."""
+def aggregate_rows(errors: dict, stats=STATS) -> list[tuple[str, ...]]:
+    """(metric, stat, measured, simulated, error, measured spread) for every aggregate, formatted.
+    The spread is the repeated measurements' (max - min) / median; "-" with one measurement."""
     rows = []
     for key, label, unit in LATENCY_METRICS:
         for st in stats:
             r = errors["metrics"][key][st]
-            rows.append((f"{label} ({unit})", st, fmt_value(r["measured"]), fmt_value(r["simulated"]), fmt_error(r)))
+            rows.append((f"{label} ({unit})", st, fmt_value(r["measured"]), fmt_value(r["simulated"]), fmt_error(r),
+                         _pct(r.get("noise"))))
     for key, label, unit in SCALAR_METRICS:
         st, r = next(iter(errors["metrics"][key].items()))
-        rows.append((f"{label} ({unit})", st, fmt_value(r["measured"]), fmt_value(r["simulated"]), fmt_error(r)))
+        rows.append((f"{label} ({unit})", st, fmt_value(r["measured"]), fmt_value(r["simulated"]), fmt_error(r),
+                     _pct(r.get("noise"))))
     return rows
 
 
@@ -83,7 +86,7 @@ def paired_rows(errors: dict) -> list[tuple[str, ...]]:
 
 PAIRED_HEADER = ("metric", "calls", "median |rel err|", "p90 |rel err|", "mean signed rel err",
                  "median diff (ms)", "correlation")
-AGG_HEADER = ("metric", "stat", "measured", "simulated", "error (sim-meas)")
+AGG_HEADER = ("metric", "stat", "measured", "simulated", "error (sim-meas)", "measured spread")
 
 
 def _finding_head(f: dict) -> str:
@@ -142,6 +145,14 @@ def _run_line(info: dict) -> str:
     return f"`{info['dir']}` ({extra})"
 
 
+def _repeats_line(errors: dict) -> list[str]:
+    n = errors["measured"].get("repeats", 1)
+    if n <= 1:
+        return []
+    return [f"- measured {n} times: aggregates are compared with the median of the {n} runs, and their spread "
+            "((max - min) / median) is shown beside each; per-call pairs use the first run"]
+
+
 def markdown(errors: dict) -> str:
     c = errors["calls"]
     lines = ["# Validation: measured vs simulated", "",
@@ -149,6 +160,7 @@ def markdown(errors: dict) -> str:
              f"- simulated: {_run_line(errors['simulated'])}",
              f"- calls: {c['paired']} paired (ok in both) of {c['measured']} measured and {c['simulated']} simulated",
              "- errors are (simulated - measured) / measured unless marked: positive = simulator slower or higher",
+             *_repeats_line(errors),
              "", "## Warnings", ""]
     lines += [f"- **{w['code']}**: {w['message']}" for w in errors["warnings"]] or ["- none: every check passed"]
     lines += ["", "## Where the simulator is off", "",
