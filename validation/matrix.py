@@ -282,11 +282,9 @@ def mean_spread(row: dict) -> float | None:
     return max(vals) if vals else None
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:+.1f}%"
-
-
 def summary_markdown(result: dict) -> list[str]:
+    from .report import signed_pct
+
     cols = [f"{stat} {metric.split('_')[0].upper()}" for metric, stat in HEADLINE]
     reps = result.get("repeats", 1)
     lines = [f"# Validation matrix `{result['matrix']}`", "",
@@ -301,7 +299,7 @@ def summary_markdown(result: dict) -> list[str]:
             lines.append(f"| {r['case']} | | " + " | ".join([""] * len(cols))
                          + f" | | failed: {r.get('error', '')[:80]} |")
             continue
-        errs = [_pct(r["errors"].get(f"{stat}_{metric}")) for metric, stat in HEADLINE]
+        errs = [signed_pct(r["errors"].get(f"{stat}_{metric}")) for metric, stat in HEADLINE]
         spread = mean_spread(r)
         lines.append(f"| {r['case']} | {r.get('calls', '')} | " + " | ".join(errs)
                      + f" | {'-' if spread is None else f'{100 * spread:.1f}%'} | ok |")

@@ -50,7 +50,7 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _signed_pct(x) -> str:
+def signed_pct(x) -> str:
     return "-" if x is None else f"{100 * x:+.1f}%"
 
 
@@ -80,7 +80,7 @@ def paired_rows(errors: dict) -> list[tuple[str, ...]]:
             continue
         corr = "-" if p["correlation"] is None else f"{p['correlation']:.2f}"
         rows.append((label, str(p["n"]), _pct(p["median_abs_rel_error"]), _pct(p["p90_abs_rel_error"]),
-                     _signed_pct(p["mean_signed_rel_error"]), fmt_value(p["median_signed_diff_ms"]), corr))
+                     signed_pct(p["mean_signed_rel_error"]), fmt_value(p["median_signed_diff_ms"]), corr))
     return rows
 
 
