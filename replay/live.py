@@ -398,6 +398,8 @@ def main_live(args) -> int:
         s = run_live(programs, endpoint, args.model, args.out, time_scale=args.time_scale,
                      max_inflight=args.max_inflight, seed=args.seed or 0, trace_name=str(args.trace),
                      quiet=args.quiet)
+        if launch is not None:
+            write_server_steps(args.out, launch.log_path)  # our server's log: its steps too
     except LiveError as e:
         print(f"asim-replay: error: {e}", file=sys.stderr)
         return 2
@@ -412,3 +414,47 @@ def main_live(args) -> int:
               f"{c['mean_issue_lag_ms']:.2f} ms, p99 {c['p99_issue_lag_ms']:.2f} ms")
         print(f"results in {args.out}/")
     return 130 if s.get("interrupted") else 0
+
+
+BACK_TO_BACK_SLACK_MS = 10.0  # a step that began within this of the previous one's end followed it directly
+
+
+def server_steps(records, t0_epoch_s: float, wall_s: float) -> list[dict]:
+    """steps.csv rows for a live run from the engine's iteration records (`--enable-logging-
+    iteration-details` with epoch stamps): the steps between the run's start and end, times
+    relative to its t0. A step's period is the gap between consecutive stamps where the step
+    began within BACK_TO_BACK_SLACK_MS of the previous one's end (the engine went straight on);
+    the stamps are the API server's, so single periods jitter but their sums do not."""
+    rows, prev = [], None
+    for r in records:
+        if r.t_s is None or r.is_dummy:
+            continue
+        t = r.t_s - t0_epoch_s
+        if t < 0 or t > wall_s + 1.0:
+            continue
+        period = None
+        if prev is not None:
+            gap = 1000.0 * (r.t_s - prev)
+            if gap - r.elapsed_ms <= BACK_TO_BACK_SLACK_MS:
+                period = gap
+        rows.append({"t_s": t, "instance": r.engine, "num_prefill_reqs": r.num_context_reqs,
+                     "num_prefill_tokens": r.num_context_tokens, "num_decode_reqs": r.num_generation_reqs,
+                     "period_ms": period, "elapsed_ms": r.elapsed_ms})
+        prev = r.t_s
+    return rows
+
+
+def write_server_steps(out_dir, log_path) -> int:
+    """Add steps.csv to a live run's results from the server log it ran against; the number of
+    steps (0 when the log has no epoch-stamped iteration lines)."""
+    from .results import write_steps
+    from .vllm_server import parse_iteration_log
+
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    client = summary.get("client") or {}
+    if client.get("t0_epoch_s") is None:
+        return 0
+    rows = server_steps(parse_iteration_log(log_path), float(client["t0_epoch_s"]), float(client.get("wall_s", 0.0)))
+    if rows:
+        write_steps(out_dir, rows)
+    return len(rows)

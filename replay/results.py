@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from simulator.metrics import CALL_COLUMNS, PROGRAM_COLUMNS, TIMESERIES_COLUMNS
+from simulator.metrics import CALL_COLUMNS, PROGRAM_COLUMNS, STEP_COLUMNS, TIMESERIES_COLUMNS
 
 
 class ResultsWriter:
@@ -44,6 +44,10 @@ class ResultsWriter:
 
     def timeseries(self, rows, flush: bool = False) -> None:
         self._write("timeseries", rows, flush)
+
+    def steps(self, rows) -> None:
+        """steps.csv, written whole (optional: runs that know their engine steps)."""
+        write_steps(self.dir, rows)
 
     def summary(self, summary: dict[str, Any]) -> None:
         tmp = self.dir / "summary.json.tmp"
@@ -82,3 +86,20 @@ def load_results(d: str | os.PathLike):
     ts = pd.read_csv(p / "timeseries.csv") if (p / "timeseries.csv").exists() else pd.DataFrame()
     summary = json.loads((p / "summary.json").read_text())
     return calls, programs, ts, summary
+
+
+def write_steps(d: str | os.PathLike, rows) -> Path:
+    path = Path(d) / "steps.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(STEP_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def load_steps(d: str | os.PathLike):
+    """steps.csv of a results directory as a DataFrame, or None when the run has none."""
+    import pandas as pd
+
+    path = Path(d) / "steps.csv"
+    return pd.read_csv(path) if path.exists() else None

@@ -16,6 +16,11 @@ CALL_COLUMNS = ("program_id", "call_index", "instance", "arrival_s", "scheduled_
 PROGRAM_COLUMNS = ("program_id", "arrival_s", "finish_s", "jct_s", "calls", "tool_s_total", "status")
 TIMESERIES_COLUMNS = ("t_s", "instance", "running", "waiting", "kv_usage", "preemptions_total",
                       "prefix_cache_queries", "prefix_cache_hits", "pinned_blocks")
+# steps.csv (optional, one row per engine step): t_s is the step's end. period_ms is the step's
+# start-to-next-start time (simulated; measured where the engine went straight on), elapsed_ms
+# the engine's execute time (measured runs: vLLM's iteration log).
+STEP_COLUMNS = ("t_s", "instance", "num_prefill_reqs", "num_prefill_tokens", "num_decode_reqs", "period_ms",
+                "elapsed_ms")
 
 PERCENTILES = (50, 90, 99)
 

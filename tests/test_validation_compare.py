@@ -347,3 +347,76 @@ def test_profile_engine_flag_mismatch_is_warned(tmp_path):
     (w,) = profile_mismatch(str(path), ["--dtype", "float32", "--block-size", "128"])
     assert "--dtype bfloat16 in the profile, float32 here" in w["message"]
     assert profile_mismatch(None, ["--enforce-eager"]) == []
+
+
+# -- engine steps --------------------------------------------------------------------------------
+
+def _steps(decodes, prefills):
+    """decodes: [(batch, period_ms, count)], prefills: [(tokens, period_ms, count)] back to back."""
+    rows, t = [], 0.0
+    for batch, period, n in decodes:
+        for _ in range(n):
+            t += period / 1000
+            rows.append({"t_s": t, "instance": 0, "num_prefill_reqs": 0, "num_prefill_tokens": 0,
+                         "num_decode_reqs": batch, "period_ms": period, "elapsed_ms": period - 1})
+    for tokens, period, n in prefills:
+        for _ in range(n):
+            t += period / 1000
+            rows.append({"t_s": t, "instance": 0, "num_prefill_reqs": 1, "num_prefill_tokens": tokens,
+                         "num_decode_reqs": 0, "period_ms": period, "elapsed_ms": period - 1})
+    return rows
+
+
+def test_step_comparison_weights_decode_periods_by_the_measured_batches():
+    import pandas as pd
+    from validation.steps import compare_steps, steps_finding
+    meas = pd.DataFrame(_steps([(4, 5.0, 30), (8, 6.0, 10)], [(500, 50.0, 12)]))
+    # every step 10% slower; but the simulator formed more batch-8 steps: the unweighted mean
+    # period would say +17%, the same-batch comparison says +10%
+    sim = pd.DataFrame(_steps([(4, 5.5, 10), (8, 6.6, 30)], [(500, 45.0, 12)]))
+    c = compare_steps(meas, sim)
+    assert c["errors"]["decode_period_same_batch"] == pytest.approx(0.10)
+    assert c["errors"]["prefill_per_token"] == pytest.approx(-0.10)
+    assert c["measured"]["prefill_ms_per_1k_tokens"] == pytest.approx(100.0)
+    assert c["errors"]["steps"] == pytest.approx(0.0)
+    assert [r["batch_up_to"] for r in c["decode_by_batch"]] == [4, 8]
+    assert "+10.0%" in steps_finding(c) and "-10.0%" in steps_finding(c)
+
+
+def test_live_steps_come_from_the_iteration_log_of_the_run_window():
+    from replay.live import server_steps
+    from replay.vllm_server import IterationRecord
+
+    def rec(t, ctx, gen, ms, dummy=False):
+        return IterationRecord(t_s=t, timestamp=str(t), engine=0, iteration=0, num_context_reqs=1 if ctx else 0,
+                               num_context_tokens=ctx, num_generation_reqs=gen, num_generation_tokens=gen,
+                               elapsed_ms=ms, kv_usage=0.0, kv_device="CPU", is_dummy=dummy)
+    t0 = 1000.0
+    recs = [rec(999.0, 10, 0, 5.0),                   # before the run: left out
+            rec(1000.10, 300, 0, 30.0),               # after idle: no period
+            rec(1000.1055, 0, 1, 4.0),                # straight on: period 5.5 ms
+            rec(1000.108, 0, 1, 4.0, dummy=True),     # a DP dummy step: left out
+            rec(1000.110, 0, 1, 4.0),                 # period 4.5 ms
+            rec(1000.150, 0, 1, 4.0),                 # began 36 ms after the last one ended: no period
+            rec(1000.5, 0, 1, 4.0),                   # after a gap: no period
+            rec(1010.0, 0, 1, 4.0)]                   # after the run: left out
+    rows = server_steps(recs, t0, wall_s=2.0)
+    assert [round(r["t_s"], 4) for r in rows] == [0.1, 0.1055, 0.11, 0.15, 0.5]
+    assert [r["period_ms"] if r["period_ms"] is None else round(r["period_ms"], 3) for r in rows] == \
+        [None, 5.5, 4.5, None, None]
+    assert rows[0]["num_prefill_tokens"] == 300 and rows[1]["num_decode_reqs"] == 1
+
+
+def test_compare_reports_engine_steps_when_both_runs_have_them(tmp_path):
+    from replay.results import write_steps
+    m, s = pair_of_runs(tmp_path)
+    write_steps(m, _steps([(2, 4.0, 20)], [(800, 60.0, 15)]))
+    e = compare(m, s)
+    assert e["steps"] is None  # only one side has steps
+    write_steps(s, _steps([(2, 4.4, 20)], [(800, 60.0, 15)]))
+    e = compare(m, s)
+    assert e["steps"]["errors"]["decode_period_same_batch"] == pytest.approx(0.10)
+    out = tmp_path / "rep"
+    write_report(out, e, load_run(m), load_run(s))
+    assert "## Engine steps" in (out / "report.md").read_text()
+    assert "Engine steps" in (out / "report.html").read_text()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from replay.results import load_results
+from replay.results import load_results, load_steps
+from simulator.metrics import STEP_COLUMNS
 
 SCHEMA = "agentservesim.validation.errors/1"
 PAIR_KEYS = ("program_id", "call_index")
@@ -46,6 +47,7 @@ class Run:
     programs: pd.DataFrame
     timeseries: pd.DataFrame
     summary: dict
+    steps: pd.DataFrame | None = None  # steps.csv, when the run has one
 
     @property
     def ok_calls(self) -> pd.DataFrame:
@@ -80,7 +82,13 @@ def load_run(d) -> Run:
         missing = [c for c in cols if c not in df.columns]
         if missing:
             raise ResultsInputError(f"{p}/{name}: missing column(s) {', '.join(missing)}")
-    return Run(str(p), _normalise_calls(calls), _normalise_programs(programs), ts, summary)
+    try:
+        steps = load_steps(p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        steps = None  # optional; a broken one is left out
+    if steps is not None and any(c not in steps.columns for c in STEP_COLUMNS):
+        steps = None
+    return Run(str(p), _normalise_calls(calls), _normalise_programs(programs), ts, summary, steps)
 
 
 def _normalise_calls(calls: pd.DataFrame) -> pd.DataFrame:
@@ -348,6 +356,11 @@ def compare_runs(meas: Run, sim: Run, repeats: list[Run] | None = None) -> dict:
         for key, _, _ in SCALAR_METRICS:
             next(iter(metrics[key].values()))["noise"] = noise[key]
     diag = diagnose(pairs, meas, sim)
+    steps = None
+    if meas.steps is not None and sim.steps is not None and len(meas.steps) and len(sim.steps):
+        from .steps import compare_steps, steps_finding
+        steps = compare_steps(meas.steps, sim.steps)
+        steps["finding"] = steps_finding(steps)
     warnings = run_checks(pairs, meas, sim)
     if noise is not None:
         warnings += check_within_noise(metrics, 1 + len(repeats))
@@ -361,6 +374,7 @@ def compare_runs(meas: Run, sim: Run, repeats: list[Run] | None = None) -> dict:
         "timeseries": timeseries_means(meas, sim),
         "findings": diag["findings"],
         "not_assessed": diag["not_assessed"],
+        "steps": steps,
         "warnings": warnings,
     })
 

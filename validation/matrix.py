@@ -272,6 +272,9 @@ def compare_dirs(measured: Path, simulated: Path, report: Path, repeats: list[Pa
         row["simulated"][key] = cell.get("simulated")
     row["calls"] = errors.get("calls", {}).get("paired")
     row["findings"] = [f.get("finding", "") for f in errors.get("findings", []) if not f.get("minor")][:3]
+    if errors.get("steps"):
+        row["findings"].append("engine steps: " + errors["steps"]["finding"])
+        row["step_errors"] = errors["steps"]["errors"]
     row["warnings"] = [w.get("code", "") for w in errors.get("warnings", [])]
     return row
 
@@ -438,12 +441,14 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         programs = scale_arrivals(load_trace(case.trace), case.load)
         hardware = case.hardware or _calibrate(case, case_dir, pool, log)
         srv = pool.get(case.model, case.engine_args)
-        from replay.live import run_live
+        from replay.live import run_live, write_server_steps
         for i in range(repeats):
             if i:
                 pool.reset_prefix_cache()
             log(f"    live replay{f' {i + 1}/{repeats}' if repeats > 1 else ''} ...")
-            run_live(programs, srv.base_url, "model", str(measured if i == 0 else _repeat_dir(case_dir, i)), quiet=True)
+            run_dir = measured if i == 0 else _repeat_dir(case_dir, i)
+            run_live(programs, srv.base_url, "model", str(run_dir), quiet=True)
+            write_server_steps(run_dir, srv.log_path)
         info = srv.engine_info()
         overrides = engine_args_to_config([*BASE_ENGINE_ARGS, *case.engine_args])
         if info.num_gpu_blocks:

@@ -84,6 +84,17 @@ def paired_rows(errors: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+STEPS_HEADER = ("decode batch up to", "measured steps", "simulated steps", "measured period (ms)",
+                "simulated period (ms)", "error")
+
+
+def steps_rows(steps: dict) -> list[tuple[str, ...]]:
+    """Decode-only steps per batch bucket (steps.csv of both runs; validation.steps)."""
+    return [(str(r["batch_up_to"]), str(r["measured_steps"]), str(r["simulated_steps"]),
+             fmt_value(r["measured_period_ms"]), fmt_value(r["simulated_period_ms"]), signed_pct(r["error"]))
+            for r in steps["decode_by_batch"]]
+
+
 PAIRED_HEADER = ("metric", "calls", "median |rel err|", "p90 |rel err|", "mean signed rel err",
                  "median diff (ms)", "correlation")
 AGG_HEADER = ("metric", "stat", "measured", "simulated", "error (sim-meas)", "measured spread")
@@ -171,6 +182,9 @@ def markdown(errors: dict) -> str:
         lines.append("No findings.")
     if errors.get("not_assessed"):
         lines += ["", "Not assessed: " + "; ".join(errors["not_assessed"]) + "."]
+    if errors.get("steps"):
+        lines += ["", "## Engine steps", "", errors["steps"]["finding"] + ".", ""]
+        lines += _md_table(STEPS_HEADER, steps_rows(errors["steps"]))
     lines += ["", "## Aggregates", ""] + _md_table(AGG_HEADER, aggregate_rows(errors))
     lines += ["", "## Per call (paired on program_id, call_index)", ""] + _md_table(PAIRED_HEADER, paired_rows(errors))
     ts = errors.get("timeseries") or {}
@@ -216,6 +230,9 @@ def html_report(errors: dict, images: list[tuple[str, str]]) -> str:
     parts.append("</ol>")
     if errors.get("not_assessed"):
         parts.append(f"<p>Not assessed: {e('; '.join(errors['not_assessed']))}.</p>")
+    if errors.get("steps"):
+        parts += ["<h2>Engine steps</h2>", f"<p>{e(errors['steps']['finding'])}.</p>",
+                  _html_table(STEPS_HEADER, steps_rows(errors["steps"]))]
     parts += ["<h2>Aggregates</h2>", _html_table(AGG_HEADER, aggregate_rows(errors)),
               "<h2>Per call (paired)</h2>", _html_table(PAIRED_HEADER, paired_rows(errors))]
     for title, b64 in images:
