@@ -131,7 +131,12 @@ class LatencyConfig:
                                         "Split into the way in (delays admission) and the way out as the profile "
                                         "measured it (latency_model.frontend_in_s), else evenly.")
 
+    step_time_scale: float = _f(1.0, "Multiply every engine step time by this (a what-if for a faster or slower "
+                                     "device; the validation's sensitivity check).")
+
     def __post_init__(self):
+        if not _is_number(self.step_time_scale) or self.step_time_scale <= 0:
+            raise ConfigError(f"latency.step_time_scale must be a number > 0, got {self.step_time_scale!r}")
         for name in ("host_overhead_s", "host_overhead_per_seq_s", "frontend_s"):
             v = getattr(self, name)
             if v is not None and (not _is_number(v) or v < 0):

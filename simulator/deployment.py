@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import ConfigError, SimConfig
 from .hardware import DeviceSpec, ModelArch, load_memory_tier
-from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel
+from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
 
 GiB = 1 << 30
 
@@ -158,6 +158,8 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             long_prefill_token_threshold=e.long_prefill_token_threshold,
                             num_gpu_blocks_source=src)
     latency = build_latency(model, device, tp, cfg, profile)
+    if cfg.latency.step_time_scale != 1.0:
+        latency = ScaledLatency(latency, cfg.latency.step_time_scale)
     tiers = []
     if cfg.policy.kv == "offload":
         per_block = block_size * model.kv_bytes_per_token() / tp

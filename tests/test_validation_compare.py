@@ -325,12 +325,13 @@ def test_matrix_summary_shows_the_largest_mean_spread():
     noise = {f"{st}_{m}": 0.5 if st != "mean" else 0.0 for m, st in HEADLINE}
     noise["mean_tpot_ms"] = 0.07
     result = {"matrix": "t", "repeats": 3, "seconds": 1.0, "ranking": [],
-              "cases": [{"case": "c1", "status": "ok", "calls": 10, "errors": errs, "noise": noise},
+              "cases": [{"case": "c1", "status": "ok", "calls": 10, "errors": errs, "noise": noise,
+                         "sensitivity": {"ttft_ms": 6.25}},
                         {"case": "c2", "status": "ok", "calls": 10, "errors": errs, "noise": {}}]}
     lines = summary_markdown(result)
     row1 = next(line for line in lines if line.startswith("| c1 "))
     row2 = next(line for line in lines if line.startswith("| c2 "))
-    assert row1.endswith("| 7.0% | ok |") and row2.endswith("| - | ok |")
+    assert row1.endswith("| 7.0% | 6.2% | ok |") and row2.endswith("| - | - | ok |")
     assert any("measured 3 times" in line for line in lines)
 
 
@@ -420,3 +421,22 @@ def test_compare_reports_engine_steps_when_both_runs_have_them(tmp_path):
     write_report(out, e, load_run(m), load_run(s))
     assert "## Engine steps" in (out / "report.md").read_text()
     assert "Engine steps" in (out / "report.html").read_text()
+
+
+def test_step_time_sensitivity_is_about_one_for_an_unloaded_trace_and_more_near_saturation():
+    """Calls far apart: every latency scales with the step time (elasticity 1). Near saturation
+    waiting adds up: TTFT moves several times as much as the step time."""
+    from replay.trace import load_trace
+    from validation.matrix import scale_arrivals, step_time_sensitivity
+    progs = load_trace("sample_traces/cpu_single.jsonl")
+    over = {"engine.block_size": 128, "engine.max_num_seqs": 8, "engine.max_num_batched_tokens": 2048,
+            "engine.num_gpu_blocks_override": 2048, "latency.frontend_s": 0.0}
+    spread = [p.__class__(**{**{f: getattr(p, f) for f in p.__dataclass_fields__}, "arrival_s": 100.0 * i})
+              for i, p in enumerate(progs)]
+    idle = step_time_sensitivity(spread, "hardware/profiles/cpu-tiny-llama.yaml", "tiny-llama", over)
+    for k in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"):
+        assert idle[k] == pytest.approx(1.0, abs=1e-6)
+    # arrivals compressed to near saturation (the cpu-small 'heavy' load): queueing amplifies
+    busy = step_time_sensitivity(scale_arrivals(progs, 0.25), "hardware/profiles/cpu-tiny-llama.yaml", "tiny-llama",
+                                 over)
+    assert busy["ttft_ms"] > 2.0 and busy["ttft_ms"] > 2 * busy["tpot_ms"]

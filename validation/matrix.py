@@ -250,7 +250,7 @@ def profile_mismatch(profile_path: str | None, engine_args: list[str]) -> list[d
 
 
 def compare_dirs(measured: Path, simulated: Path, report: Path, repeats: list[Path] = (),
-                 warnings: list[dict] = ()) -> dict:
+                 warnings: list[dict] = (), sensitivity: dict | None = None) -> dict:
     """Compare, write the case's report, and return its row for the matrix summary."""
     from .compare import compare_runs, load_run
     from .report import write_report
@@ -258,6 +258,8 @@ def compare_dirs(measured: Path, simulated: Path, report: Path, repeats: list[Pa
     meas, sim = load_run(measured), load_run(simulated)
     errors = compare_runs(meas, sim, [load_run(d) for d in repeats])
     errors["warnings"] = list(warnings) + errors["warnings"]
+    if sensitivity is not None:
+        errors["sensitivity"] = sensitivity
     write_report(report, errors, meas, sim)
     metrics = errors.get("metrics", {})
     row: dict[str, Any] = {"errors": {}, "noise": {}, "measured": {}, "simulated": {}}
@@ -266,6 +268,7 @@ def compare_dirs(measured: Path, simulated: Path, report: Path, repeats: list[Pa
         row["errors"][f"{stat}_{metric}"] = cell.get("error")
         row["noise"][f"{stat}_{metric}"] = cell.get("noise")
     row["repeats"] = 1 + len(repeats)
+    row["sensitivity"] = sensitivity
     for metric, key in _SUMMARY_KEYS.items():
         cell = metrics.get(metric, {}).get("mean") or {}
         row["measured"][key] = cell.get("measured")
@@ -295,17 +298,19 @@ def summary_markdown(result: dict) -> list[str]:
              + (f" Live cases were measured {reps} times: errors are against the median of the runs, and "
                 "'spread' is the largest run-to-run spread ((max - min) / median) of the four means." if reps > 1
                 else ""), "",
-             "| case | calls | " + " | ".join(cols) + " | spread | status |",
-             "|---|---:|" + "---:|" * len(cols) + "---:|---|"]
+             "| case | calls | " + " | ".join(cols) + " | spread | TTFT per 1% step time | status |",
+             "|---|---:|" + "---:|" * len(cols) + "---:|---:|---|"]
     for r in result["cases"]:
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | | " + " | ".join([""] * len(cols))
-                         + f" | | failed: {r.get('error', '')[:80]} |")
+                         + f" | | | failed: {r.get('error', '')[:80]} |")
             continue
         errs = [signed_pct(r["errors"].get(f"{stat}_{metric}")) for metric, stat in HEADLINE]
         spread = mean_spread(r)
+        sens = (r.get("sensitivity") or {}).get("ttft_ms")
         lines.append(f"| {r['case']} | {r.get('calls', '')} | " + " | ".join(errs)
-                     + f" | {'-' if spread is None else f'{100 * spread:.1f}%'} | ok |")
+                     + f" | {'-' if spread is None else f'{100 * spread:.1f}%'}"
+                     + f" | {'-' if sens is None else f'{sens:.1f}%'} | ok |")
     ok = [r for r in result["cases"] if r.get("status") == "ok"]
     if ok:
         lines += ["", "Worst |error| per metric across cases:", ""]
@@ -390,6 +395,31 @@ def _simulate(programs, hardware: str, model: str, overrides: dict, out: Path) -
     return run_simulation(programs, hardware, model, cfg, out)
 
 
+SENSITIVITY_STEP = 0.05  # step times scaled by 1 -/+ this for the sensitivity check
+
+
+def step_time_sensitivity(programs, hardware: str, model: str, overrides: dict) -> dict[str, float | None]:
+    """How much each mean metric moves per 1 % of error in every step time: the simulation
+    again with step times x0.95 and x1.05, (M(+) - M(-)) / (2 * 5 % * M). Near saturation
+    queueing amplifies a small step-time error (an elasticity of 5 means a 1 % step-time error
+    is a 5 % TTFT error), which says how closely a case can test the rest of the model."""
+    from replay.sim_backend import make_deployment
+    from simulator.cluster import Simulation
+
+    runs = {}
+    for sign in (-1, 1):
+        cfg = build_config(None, {**overrides, "latency.step_time_scale": 1 + sign * SENSITIVITY_STEP,
+                                  "metrics.sample_interval_s": 0})
+        runs[sign] = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+    cfg = build_config(None, {**overrides, "metrics.sample_interval_s": 0})
+    base = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+    out = {}
+    for metric, key in _SUMMARY_KEYS.items():
+        m0, lo, hi = base.get(key), runs[-1].get(key), runs[1].get(key)
+        out[metric] = ((hi - lo) / (2 * SENSITIVITY_STEP * m0)) if m0 and lo is not None and hi is not None else None
+    return out
+
+
 def _recorded_overrides(run, hardware: str, model: str) -> dict[str, Any]:
     """Simulator settings for a recorded run: its own engine settings, its parallelism."""
     from simulator.deployment import expert_parallel_blocks, vllm_defaults
@@ -460,13 +490,14 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
     overrides.update(case.overrides)
     log("    simulating ...")
     _simulate(programs, hardware, model, overrides, simulated)
+    sensitivity = step_time_sensitivity(programs, hardware, model, overrides)
     extra, warns = [], []
     if case.kind == "live":
         extra = [_repeat_dir(case_dir, i) for i in range(1, repeats)]
         warns = profile_mismatch(hardware, case.engine_args)
         for w in warns:
             log(f"    warning: {w['message']}")
-    return compare_dirs(measured, simulated, report, extra, warns)
+    return compare_dirs(measured, simulated, report, extra, warns, sensitivity)
 
 
 def _ranking(rows: list[dict], cases: list[Case]) -> list[dict]:

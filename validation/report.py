@@ -84,6 +84,15 @@ def paired_rows(errors: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+def sensitivity_line(sens: dict) -> str:
+    parts = [f"{label} {v:.1f}%" for key, label in (("ttft_ms", "mean TTFT"), ("tpot_ms", "mean TPOT"),
+                                                     ("e2e_ms", "mean E2E"), ("jct_s", "mean JCT"))
+             if (v := sens.get(key)) is not None]
+    return ("Sensitivity: a 1% error in every step time moves " + ", ".join(parts)
+            + " (the simulation rerun with step times x0.95 and x1.05; near saturation queueing amplifies "
+              "step-time errors).")
+
+
 STEPS_HEADER = ("decode batch up to", "measured steps", "simulated steps", "measured period (ms)",
                 "simulated period (ms)", "error")
 
@@ -182,6 +191,8 @@ def markdown(errors: dict) -> str:
         lines.append("No findings.")
     if errors.get("not_assessed"):
         lines += ["", "Not assessed: " + "; ".join(errors["not_assessed"]) + "."]
+    if errors.get("sensitivity"):
+        lines += ["", sensitivity_line(errors["sensitivity"])]
     if errors.get("steps"):
         lines += ["", "## Engine steps", "", errors["steps"]["finding"] + ".", ""]
         lines += _md_table(STEPS_HEADER, steps_rows(errors["steps"]))
@@ -230,6 +241,8 @@ def html_report(errors: dict, images: list[tuple[str, str]]) -> str:
     parts.append("</ol>")
     if errors.get("not_assessed"):
         parts.append(f"<p>Not assessed: {e('; '.join(errors['not_assessed']))}.</p>")
+    if errors.get("sensitivity"):
+        parts.append(f"<p>{e(sensitivity_line(errors['sensitivity']))}</p>")
     if errors.get("steps"):
         parts += ["<h2>Engine steps</h2>", f"<p>{e(errors['steps']['finding'])}.</p>",
                   _html_table(STEPS_HEADER, steps_rows(errors["steps"]))]

@@ -6,7 +6,7 @@ summarised by their count and summed context. `breakdown` returns the same time 
 operator family, so an error can be traced to an operator.
 """
 
-from .base import LatencyModel, StepFeatures, step_features  # noqa: F401
+from .base import LatencyModel, ScaledLatency, StepFeatures, step_features  # noqa: F401
 from .roofline import RooflineModel  # noqa: F401
 from .linear import LinearStepModel  # noqa: F401
 from .operators import OperatorModel  # noqa: F401

@@ -59,3 +59,31 @@ class LatencyModel:
 
     def describe(self) -> dict:
         return {"kind": self.kind}
+
+
+class ScaledLatency(LatencyModel):
+    """Another model's step times times a constant: a what-if (a device `scale` times as fast
+    or slow) and validation's sensitivity check (how much a metric moves per % of step time)."""
+
+    kind = "scaled"
+
+    def __init__(self, inner: LatencyModel, scale: float):
+        self.inner = inner
+        self.scale = float(scale)
+
+    def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
+                  decode_ctx_max: int | None = None) -> float:
+        return self.scale * self.inner.step_time(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled,
+                                                 decode_ctx_max)
+
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
+        return self.scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max)
+
+    def time_of(self, f: StepFeatures) -> float:
+        return self.scale * self.inner.time_of(f)
+
+    def breakdown(self, f: StepFeatures) -> dict[str, float]:
+        return {k: self.scale * v for k, v in self.inner.breakdown(f).items()}
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "step_time_scale": self.scale}
