@@ -57,12 +57,30 @@ class EngineConfig:
 class ClusterConfig:
     instances: int = _f(1, "Number of serving instances (each a vLLM engine) behind the router.")
     tensor_parallel_size: int = _f(1, "GPUs per instance (tensor parallel); adds all-reduce over the intra-node link.")
+    data_parallel: bool = _f(False, "The instances are the data-parallel ranks of one vLLM engine (vLLM "
+                                    "--data-parallel-size = instances, its internal load balancer as the router), "
+                                    "not separate servers.")
+    dp_lockstep: str = _f("auto", "auto | on | off. Lockstep: all instances start each step together and the step "
+                                  "lasts as long as the slowest instance's; an idle instance runs dummy steps while "
+                                  "any has work. vLLM does this for the data-parallel ranks of a mixture-of-experts "
+                                  "model (the expert-parallel collectives of every MoE layer join the ranks). auto: "
+                                  "on when data_parallel is true, instances > 1 and the model is MoE.")
 
     def __post_init__(self):
         for name in ("instances", "tensor_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"cluster.{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.data_parallel, bool):
+            raise ConfigError(f"cluster.data_parallel must be true or false, got {self.data_parallel!r}")
+        if self.dp_lockstep not in ("auto", "on", "off"):
+            raise ConfigError(f"cluster.dp_lockstep must be auto, on or off, got {self.dp_lockstep!r}")
+
+    def lockstep(self, is_moe: bool) -> bool:
+        """Whether the instances step in lockstep (the resolved dp_lockstep)."""
+        if self.instances < 2 or self.dp_lockstep == "off":
+            return False
+        return self.dp_lockstep == "on" or (self.data_parallel and is_moe)
 
 
 @dataclass(frozen=True)

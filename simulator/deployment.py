@@ -55,9 +55,11 @@ class Deployment:
     tiers: list = field(default_factory=list)  # [(MemoryTierSpec, capacity_blocks)]
     profile: dict[str, Any] = field(default_factory=dict)
     frontend_s: float = 0.0  # client-visible delay outside the engine (API server in + out)
+    dp_lockstep: bool = False  # the instances are data-parallel ranks stepping together (lockstep.py)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
+                "dp_lockstep": self.dp_lockstep,
                 "engine": self.engine.__dict__, "latency": self.latency.describe(),
                 "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
 
@@ -161,4 +163,4 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     if fe is None:
         fe = float((profile.get("latency_model") or {}).get("frontend_s") or profile.get("frontend_s") or 0.0)
     return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers,
-                      profile=profile, frontend_s=fe)
+                      profile=profile, frontend_s=fe, dp_lockstep=cfg.cluster.lockstep(model.is_moe))

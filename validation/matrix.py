@@ -335,6 +335,7 @@ def _recorded_overrides(run, hardware: str, model: str) -> dict[str, Any]:
         # Data-parallel ranks behind vLLM's internal load balancer, which sends a request to
         # the rank with the fewest waiting + running requests: least-loaded.
         out["cluster.instances"] = run.dp
+        out["cluster.data_parallel"] = True  # one engine's ranks: lockstep for a MoE model (dp_lockstep auto)
         out["policy.router"] = "least-loaded"
     return out
 

@@ -42,12 +42,15 @@ class LatencyModel:
     kind = "base"
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
-                  decode_ctx_max: int | None = None) -> float:
+                  decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
         """`decode_ctx_max`: the longest decode's context + 1 (for models of the slowdown of
-        decode attention over uneven lengths); models that do not use it ignore it."""
+        decode attention over uneven lengths); `ep_tokens`: the tokens of all expert-parallel
+        ranks in this step (None: each rank as many as this one). Models that do not use
+        them ignore them."""
         return self.time_of(step_features(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled))
 
-    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
+                         ep_tokens: int | None = None) -> float:
         """A pure-decode step (every request samples). Hot path of decode runs."""
         return self.time_of(StepFeatures(0, 0.0, 0, 0, num_decodes, decode_ctx_sum, num_decodes))
 
