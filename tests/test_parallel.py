@@ -7,7 +7,7 @@ import pytest
 from simkit import make_deployment, program, call, rows_by_call, run_sim
 
 from simulator.config import ClusterConfig, ConfigError
-from simulator.hardware import LinkSpec, NcclLinkSpec, load_link
+from simulator.hardware import LinkSpec, NcclLinkSpec, load_device, load_link
 from simulator.latency.base import LatencyModel
 from simulator.latency.collectives import nccl_ring_time_s
 from simulator.latency.operators import Collective
@@ -151,3 +151,64 @@ def test_dp_lockstep_config_resolution():
     assert not ClusterConfig(instances=2, data_parallel=True, dp_lockstep="off").lockstep(is_moe=True)
     with pytest.raises(ConfigError):
         ClusterConfig(dp_lockstep="sometimes")
+
+
+def test_lockstep_ep_tokens_padded_within_cuda_graph_limit_else_summed():
+    """Within the CUDA-graph limit every rank is padded to the largest; beyond it the
+    expert-parallel layers see the ranks' own tokens (an idle rank's dummy batch: one)."""
+    from simulator.engine.lockstep import LockstepGroup
+
+    class M:
+        def __init__(self, i):
+            self.index, self.group = i, None
+
+    g = LockstepGroup(None, [M(0), M(1)], pad_max_tokens=256)
+    assert g.ep_tokens([128, 3]) == 256
+    assert g.ep_tokens([200]) == 400
+    assert g.ep_tokens([2048, 128]) == 2176
+    assert g.ep_tokens([2048]) == 2049
+    with pytest.raises(ValueError):
+        LockstepGroup(None, [M(2)])
+
+
+def test_moe_priced_at_the_gathered_tokens():
+    """At expert parallel 2 a rank's MoE block and dispatch/combine follow the tokens of all
+    ranks: the default (as many on the other rank) equals passing 2·T, and fewer tokens
+    elsewhere cost less."""
+    from simulator.config import build_config
+    from simulator.deployment import build_deployment
+    from simulator.hardware import load_device, load_model
+
+    device, profile = load_device("rtx-pro-6000-qwen3-30b-a3b-dp2ep2")
+    dep = build_deployment(load_model("qwen3-30b-a3b-instruct-2507"), device, build_config(None, {}), profile)
+    lat = dep.latency
+    assert lat.ep == 2
+    chunks = [(1024, 0)]
+    default = lat.step_time(chunks, 0, 0, 1)
+    assert lat.step_time(chunks, 0, 0, 1, None, 2048) == pytest.approx(default, rel=1e-12)
+    assert lat.step_time(chunks, 0, 0, 1, None, 1025) < default
+    assert lat.decode_step_time(64, 64 * 500, None, 128) == pytest.approx(lat.decode_step_time(64, 64 * 500))
+    parts = lat.breakdown_step(chunks, 0, 0, ep_tokens=1025)
+    assert parts["ep_comm"] < lat.breakdown_step(chunks, 0, 0)["ep_comm"]
+
+
+def test_deployment_resolves_lockstep_for_data_parallel_moe_only():
+    """build_deployment turns dp_lockstep on for data-parallel instances of a MoE model."""
+    from simulator.config import build_config
+    from simulator.deployment import build_deployment
+    from simulator.hardware import load_device, load_model
+
+    device, profile = load_device("rtx-pro-6000-qwen3-30b-a3b-dp2ep2")
+    moe = load_model("qwen3-30b-a3b-instruct-2507")
+    on = build_config(None, {"cluster.instances": 2, "cluster.data_parallel": True})
+    assert build_deployment(moe, device, on, profile).dp_lockstep
+    assert not build_deployment(moe, device, build_config(None, {"cluster.instances": 2}), profile).dp_lockstep
+    dev8, prof8 = load_device("rtx-pro-6000-llama-3.1-8b")
+    assert not build_deployment(load_model("llama-3.1-8b"), dev8, on, prof8).dp_lockstep
+
+
+def test_rtx_pro_6000_profiles_talk_through_host_memory():
+    """The recorded RTX PRO 6000 box's GPU-to-GPU link is the no-P2P path with an NCCL model."""
+    device, _ = load_device("rtx-pro-6000-qwen3-32b")
+    assert device.intra_node_link.name == "pcie5-x16-no-p2p"
+    assert device.intra_node_link.nccl is not None and device.intra_node_link.nccl.p2p is False
