@@ -212,3 +212,20 @@ def test_rtx_pro_6000_profiles_talk_through_host_memory():
     device, _ = load_device("rtx-pro-6000-qwen3-32b")
     assert device.intra_node_link.name == "pcie5-x16-no-p2p"
     assert device.intra_node_link.nccl is not None and device.intra_node_link.nccl.p2p is False
+
+
+def test_lockstep_runs_multi_call_programs_with_pinned_kv_to_completion():
+    """Lockstep with tool gaps, pinned KV (pins released from inside a step) and preemption
+    pressure: every call finishes, and two runs give the same rows."""
+    def run():
+        dep = make_deployment(latency=PrefillSlow(), num_gpu_blocks=40, block_size=4)
+        dep.dp_lockstep = True
+        progs = [program(f"p{i}", 0.013 * i, [call(20 + i, 5, tool_s=0.02), call(8, 4, tool_s=0.01), call(6, 3)])
+                 for i in range(8)]
+        res, sim = run_sim(progs, dep, instances=2, router="session-affinity", kv="pin-ttl", kv_ttl_s=0.05)
+        return res, sim
+
+    res, sim = run()
+    assert len(res.calls) == 24 and all(r["status"] == "ok" for r in res.calls)
+    assert sim.lockstep.num_steps > 0
+    assert run()[0].calls == res.calls

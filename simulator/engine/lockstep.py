@@ -72,6 +72,7 @@ class LockstepGroup:
         return sum(tokens) + idle
 
     def _start(self, now: float) -> None:
+        self.busy = True  # scheduling can wake a member (a pin released): no nested start
         outs = []
         for m in self.members:
             out = m.schedule_step(now)
@@ -83,7 +84,6 @@ class LockstepGroup:
         n_ep = self.ep_tokens([out.num_scheduled_tokens for _, out in outs])
         plans = [(m, out, m.price_step(out, n_ep)) for m, out in outs]
         dur = max(d for _, _, d in plans)
-        self.busy = True
         self._pending = len(plans)
         self.num_steps += 1
         active = {m.index for m, _, _ in plans}
