@@ -124,9 +124,8 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
     engine.pop("gpu_memory_utilization", None) if "num_gpu_blocks_override" in engine else None
     cfg = build_config({"engine": engine,
                         "cluster": {"instances": dp, "tensor_parallel_size": run.tp, "data_parallel": dp > 1},
-                        # vLLM's internal DP load balancer sends a request to the rank with the
-                        # fewest waiting + running requests (weighted), i.e. least loaded.
-                        "policy": {"router": "least-loaded"},
+                        # vLLM's internal DP load balancer: the rank with the lowest 4·waiting + running
+                        "policy": {"router": "vllm-dp"},
                         "metrics": {"sample_interval_s": 0.0},
                         # one step at a time: the check should not depend on the (exact) decode-run shortcut
                         "fast_forward": fast_forward and not decode_max})

@@ -87,7 +87,7 @@ class ClusterConfig:
 class PolicyConfig:
     scheduler: str = _f("fcfs", "Scheduling policy: fcfs (vLLM), program-fcfs (Continuum), plas (Autellix).")
     kv: str = _f("lru", "KV retention policy: lru (vLLM), drop, pin-ttl (Continuum), offload.")
-    router: str = _f("round-robin", "Router: round-robin, least-loaded, session-affinity, prefix-aware.")
+    router: str = _f("round-robin", "Router: round-robin, least-loaded, vllm-dp, session-affinity, prefix-aware.")
     kv_ttl_s: float = _f(2.0, "pin-ttl: seconds a program's blocks stay pinned after a call that is followed by a tool gap.")
     kv_pin_max_tool_s: float | None = _f(None, "pin-ttl: pin only when the trace's tool_s is at most this (None: always pin).")
     kv_drop_shared_prefix: bool = _f(False, "drop: also forget blocks of the shared prefix (default keeps them cached, LRU).")
