@@ -97,11 +97,11 @@ class _WithDecodeMax:
             self.max = max((c + 1 for req, n, c in pre if n == 1 and c >= req.num_prompt_tokens), default=0)
         scheduler._update_after_schedule = update
 
-    def step_time(self, chunks, nd, ctx, ns):
-        return self.lat.step_time(chunks, nd, ctx, ns, decode_ctx_max=self.max or None)
+    def step_time(self, chunks, nd, ctx, ns, decode_ctx_max=None, ep_tokens=None):
+        return self.lat.step_time(chunks, nd, ctx, ns, self.max or None, ep_tokens)
 
-    def decode_step_time(self, nd, ctx):
-        return self.lat.decode_step_time(nd, ctx, decode_ctx_max=self.max or None)
+    def decode_step_time(self, nd, ctx, decode_ctx_max=None, ep_tokens=None):
+        return self.lat.decode_step_time(nd, ctx, self.max or None, ep_tokens)
 
 
 def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = False,
@@ -123,10 +123,9 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
             engine.get("max_num_seqs") or d["max_num_seqs"])
     engine.pop("gpu_memory_utilization", None) if "num_gpu_blocks_override" in engine else None
     cfg = build_config({"engine": engine,
-                        "cluster": {"instances": dp, "tensor_parallel_size": run.tp},
-                        # vLLM's internal DP load balancer sends a request to the rank with the
-                        # fewest waiting + running requests (weighted), i.e. least loaded.
-                        "policy": {"router": "least-loaded"},
+                        "cluster": {"instances": dp, "tensor_parallel_size": run.tp, "data_parallel": dp > 1},
+                        # vLLM's internal DP load balancer: the rank with the lowest 4·waiting + running
+                        "policy": {"router": "vllm-dp"},
                         "metrics": {"sample_interval_s": 0.0},
                         # one step at a time: the check should not depend on the (exact) decode-run shortcut
                         "fast_forward": fast_forward and not decode_max})

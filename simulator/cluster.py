@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 from .config import SimConfig
 from .deployment import Deployment
 from .engine.instance import Instance
+from .engine.lockstep import LockstepGroup
 from .engine.request import Request
 from .events import PRIO_RELEASE, PRIO_SAMPLE, EventLoop
 from .kv.residency import KVResidency, TierStore
@@ -80,6 +81,7 @@ class Simulation:
         self.result = SimResult()
         itl = (self.result.itl_values, self.result.itl_weights)
         self.instances: list[Instance] = []
+        lockstep = deployment.dp_lockstep and config.cluster.instances > 1
         for i in range(config.cluster.instances):
             residency = None
             if self.retention.needs_tiers and deployment.tiers:
@@ -87,9 +89,13 @@ class Simulation:
                 residency = KVResidency([TierStore(s, c) for s, c in deployment.tiers], per_block)
             inst = Instance(i, self.loop, deployment.engine, deployment.latency, self.sched_policy,
                             self.retention, residency, on_finished=self._on_call_finished, itl_sink=itl,
-                            fast_forward=config.fast_forward)
+                            fast_forward=config.fast_forward and not lockstep)
             inst.gap_of = self._gap_of
             self.instances.append(inst)
+        # vLLM's default CUDA-graph capture limit, min(2·max_num_seqs, 512) tokens
+        # (vllm/config/vllm.py): data-parallel ranks are padded to the largest within it.
+        pad = min(2 * deployment.engine.max_num_seqs, 512)
+        self.lockstep = LockstepGroup(self.loop, self.instances, pad) if lockstep else None
         self._programs: Iterator[ProgramSpec] = iter(programs)
         self._prefix_ids: dict[str, int] = {}
         self._hash_intern: dict[tuple, int] = {}
@@ -299,6 +305,12 @@ class Simulation:
                           "prefix_cache_queries": inst.kv.prefix_cache_queries,
                           "prefix_cache_hits": inst.kv.prefix_cache_hits,
                           "evictions": inst.kv.pool.num_evictions} for inst in self.instances]
+        if self.lockstep is not None:
+            g = self.lockstep
+            for row in res.instances:
+                i = row["instance"]
+                row.update({"lockstep_steps": g.num_steps, "lockstep_dummy_steps": g.dummy_steps[i],
+                            "lockstep_wait_s": g.stretched_s[i]})
         res.summary = summarize(res.calls, res.programs, res.itl_values, res.itl_weights)
         return res
 

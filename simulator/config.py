@@ -57,19 +57,37 @@ class EngineConfig:
 class ClusterConfig:
     instances: int = _f(1, "Number of serving instances (each a vLLM engine) behind the router.")
     tensor_parallel_size: int = _f(1, "GPUs per instance (tensor parallel); adds all-reduce over the intra-node link.")
+    data_parallel: bool = _f(False, "The instances are the data-parallel ranks of one vLLM engine (vLLM "
+                                    "--data-parallel-size = instances, its internal load balancer as the router), "
+                                    "not separate servers.")
+    dp_lockstep: str = _f("auto", "auto | on | off. Lockstep: all instances start each step together and the step "
+                                  "lasts as long as the slowest instance's; an idle instance runs dummy steps while "
+                                  "any has work. vLLM does this for the data-parallel ranks of a mixture-of-experts "
+                                  "model (the expert-parallel collectives of every MoE layer join the ranks). auto: "
+                                  "on when data_parallel is true, instances > 1 and the model is MoE.")
 
     def __post_init__(self):
         for name in ("instances", "tensor_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"cluster.{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.data_parallel, bool):
+            raise ConfigError(f"cluster.data_parallel must be true or false, got {self.data_parallel!r}")
+        if self.dp_lockstep not in ("auto", "on", "off"):
+            raise ConfigError(f"cluster.dp_lockstep must be auto, on or off, got {self.dp_lockstep!r}")
+
+    def lockstep(self, is_moe: bool) -> bool:
+        """Whether the instances step in lockstep (the resolved dp_lockstep)."""
+        if self.instances < 2 or self.dp_lockstep == "off":
+            return False
+        return self.dp_lockstep == "on" or (self.data_parallel and is_moe)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     scheduler: str = _f("fcfs", "Scheduling policy: fcfs (vLLM), program-fcfs (Continuum), plas (Autellix).")
     kv: str = _f("lru", "KV retention policy: lru (vLLM), drop, pin-ttl (Continuum), offload.")
-    router: str = _f("round-robin", "Router: round-robin, least-loaded, session-affinity, prefix-aware.")
+    router: str = _f("round-robin", "Router: round-robin, least-loaded, vllm-dp, session-affinity, prefix-aware.")
     kv_ttl_s: float = _f(2.0, "pin-ttl: seconds a program's blocks stay pinned after a call that is followed by a tool gap.")
     kv_pin_max_tool_s: float | None = _f(None, "pin-ttl: pin only when the trace's tool_s is at most this (None: always pin).")
     kv_drop_shared_prefix: bool = _f(False, "drop: also forget blocks of the shared prefix (default keeps them cached, LRU).")

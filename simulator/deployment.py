@@ -56,6 +56,7 @@ class Deployment:
     profile: dict[str, Any] = field(default_factory=dict)
     frontend_s: float = 0.0  # client-visible delay outside the engine (API server in + out)
     frontend_in_s: float | None = None  # its way-in share (before the engine sees the call); None: half
+    dp_lockstep: bool = False  # the instances are data-parallel ranks stepping together (lockstep.py)
 
     @property
     def frontend_split(self) -> tuple[float, float]:
@@ -66,7 +67,7 @@ class Deployment:
     def describe(self) -> dict[str, Any]:
         fin, fout = self.frontend_split
         return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
-                "frontend_in_s": fin, "frontend_out_s": fout,
+                "frontend_in_s": fin, "frontend_out_s": fout, "dp_lockstep": self.dp_lockstep,
                 "engine": self.engine.__dict__, "latency": self.latency.describe(),
                 "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
 
@@ -176,4 +177,5 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     if prof_in is not None and prof_fe > 0:
         fe_in = fe * min(max(float(prof_in) / prof_fe, 0.0), 1.0)  # the profile's split, of an overridden total too
     return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers,
-                      profile=profile, frontend_s=fe, frontend_in_s=fe_in)
+                      profile=profile, frontend_s=fe, frontend_in_s=fe_in,
+                      dp_lockstep=cfg.cluster.lockstep(model.is_moe))

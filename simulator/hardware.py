@@ -77,9 +77,24 @@ class LinkSpec:
     latency_s: float
     allreduce_efficiency: float = 0.8
     source: str = ""
+    # How NCCL collectives perform over this link, when the file describes it (`nccl:`):
+    # the ring's per-direction bus bandwidth and the hardware class of NCCL's cost model.
+    nccl: "NcclLinkSpec | None" = None
 
     def transfer_time(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps if nbytes > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class NcclLinkSpec:
+    """What NCCL's cost model needs of a link (see simulator/latency/collectives.py):
+    `bus_bandwidth_Bps`, the per-direction bandwidth a ring step reaches on it, and `hw`,
+    the class of NCCL's latency constants (pci | nvlink)."""
+
+    bus_bandwidth_Bps: float
+    hw: str = "pci"
+    p2p: bool = True
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,18 @@ def load_model(name_or_path: str | os.PathLike) -> ModelArch:
     return model_from_hf_config(cfg, name=str(data.get("name", path.stem)), where=str(path))
 
 
+def _nccl_spec(d: Any, path: Path) -> NcclLinkSpec | None:
+    if not d:
+        return None
+    if not isinstance(d, dict):
+        raise HardwareError(f"{path}: 'nccl' must be a mapping")
+    hw = str(d.get("hw", "pci"))
+    if hw not in ("pci", "nvlink"):
+        raise HardwareError(f"{path}: nccl.hw must be pci or nvlink, got {hw!r}")
+    return NcclLinkSpec(bus_bandwidth_Bps=_req(d, "bus_bandwidth_Bps", path), hw=hw,
+                        p2p=bool(d.get("p2p", True)), source=str(d.get("source", "")))
+
+
 def load_link(name_or_path: str | os.PathLike) -> LinkSpec:
     path = _resolve("interconnects", name_or_path)
     d = _load_yaml(path)
@@ -237,6 +264,7 @@ def load_link(name_or_path: str | os.PathLike) -> LinkSpec:
         latency_s=float(d.get("latency_s") or 0.0),
         allreduce_efficiency=float(d.get("allreduce_algo_bw_efficiency") or 0.8),
         source=str(d.get("source", "")),
+        nccl=_nccl_spec(d.get("nccl"), path),
     )
 
 

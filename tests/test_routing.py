@@ -119,3 +119,26 @@ def test_prefix_aware_ignores_small_matches(ff):
     res, _ = run_sim(_imbalance_workload(), fast_forward=ff, instances=2, router="prefix-aware",
                      router_cache_threshold=0.99)
     assert _instances_of(res)["x3"] == [1]
+
+
+def test_vllm_dp_router_weighs_waiting_four_times_running():
+    """vllm-dp (vLLM's DP load balancer) picks the lowest 4·waiting + running: a rank with one
+    waiting request scores above one with three running."""
+    from simulator.config import PolicyConfig
+    from simulator.policies.routing import ROUTERS
+
+    class Sched:
+        def __init__(self, running, waiting):
+            self.running, self._waiting = [None] * running, waiting
+
+        def num_waiting(self):
+            return self._waiting
+
+    class Inst:
+        def __init__(self, running, waiting):
+            self.scheduler = Sched(running, waiting)
+
+    r = ROUTERS.get("vllm-dp")(PolicyConfig())
+    assert r.choose(None, None, [Inst(0, 1), Inst(3, 0)], 0.0) == 1   # 4 vs 3
+    assert r.choose(None, None, [Inst(2, 1), Inst(5, 0)], 0.0) == 1   # 6 vs 5 (least-loaded would pick 0)
+    assert r.choose(None, None, [Inst(1, 0), Inst(1, 0)], 0.0) == 0   # ties to the lower index

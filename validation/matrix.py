@@ -438,10 +438,10 @@ def _recorded_overrides(run, hardware: str, model: str) -> dict[str, Any]:
     out = {f"engine.{k}": v for k, v in engine.items()}
     out["cluster.tensor_parallel_size"] = run.tp
     if run.dp > 1:
-        # Data-parallel ranks behind vLLM's internal load balancer, which sends a request to
-        # the rank with the fewest waiting + running requests: least-loaded.
+        # Data-parallel ranks behind vLLM's internal load balancer (lowest 4·waiting + running).
         out["cluster.instances"] = run.dp
-        out["policy.router"] = "least-loaded"
+        out["cluster.data_parallel"] = True  # one engine's ranks: lockstep for a MoE model (dp_lockstep auto)
+        out["policy.router"] = "vllm-dp"
     return out
 
 

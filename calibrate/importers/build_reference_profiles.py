@@ -33,6 +33,16 @@ LLMSERVINGSIM = [
 ]
 
 
+# GPU-to-GPU path of the box the profiles and the recorded runs come from, where it differs
+# from the device file's default link.
+BOX_LINKS = {
+    "RTXPRO6000": ("pcie5-x16-no-p2p", (
+        "GPU-to-GPU over PCIe through host memory (no P2P): the recorded runs do not say whether P2P was "
+        "available; without it vLLM disables its custom all-reduce and NCCL stages every collective through "
+        "host memory. An RTX PRO 6000 box with P2P would use pcie5-x16 and vLLM's custom all-reduce at TP 2.")),
+}
+
+
 def build_llmservingsim(ref: Path, out: Path) -> list[Path]:
     written = []
     tables_of: dict[str, str] = {}  # profile folder -> tables written for it (shared by EP variants)
@@ -41,7 +51,8 @@ def build_llmservingsim(ref: Path, out: Path) -> list[Path]:
         if not d.is_dir():
             print(f"skip {name}: {d} not found", file=sys.stderr)
             continue
-        prof = import_llmservingsim(d, model=model, name=name, expert_parallel=ep)
+        prof = import_llmservingsim(d, model=model, name=name, expert_parallel=ep,
+                                    intra_node_link=BOX_LINKS.get(sub.split("/", 1)[0]))
         if sub in tables_of:
             prof["latency_model"]["tables"] = tables_of[sub]
         else:

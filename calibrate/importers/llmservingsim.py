@@ -126,11 +126,12 @@ def read_tp_tables(d: Path, tp: int) -> dict[str, pd.DataFrame]:
 def import_llmservingsim(profile_dir, *, model=None, name: str | None = None, device: str | None = None,
                          tp_degrees: list[int] | None = None, expert_parallel: int = 1,
                          host_overhead_s: float = 0.0, host_overhead_note: str = HOST_OVERHEAD_NOTE,
-                         commit: str | None = None) -> dict[str, Any]:
+                         commit: str | None = None, intra_node_link: tuple[str, str] | None = None) -> dict[str, Any]:
     """An `operators` profile (a dict; `write_profile` writes it) from an LLMServingSim
     profile folder. `model`: a hardware/models name or config.json (default: looked up by
     the profile's HF id); `expert_parallel`: EP degree the MoE layer runs at (DP x EP
-    deployments, see OperatorModel)."""
+    deployments, see OperatorModel); `intra_node_link`: (interconnect name, why) when the
+    GPUs of the profiled box talk over another path than the device file's default."""
     d = Path(profile_dir)
     meta = read_meta(d)
     hf_id = str(meta.get("model", ""))
@@ -191,6 +192,8 @@ def import_llmservingsim(profile_dir, *, model=None, name: str | None = None, de
     if dropped:
         fit["dropped_tp"] = dropped
     dev = _device_entry(str(meta.get("hardware", "")), device)
+    if intra_node_link is not None:
+        dev = {**dev, "intra_node_link": intra_node_link[0], "intra_node_link_note": intra_node_link[1]}
     stem = name or f"{dev['name']}-{model_name}"
     overrides = eff.get("hf_overrides") or {}
     spec: dict[str, Any] = {
@@ -203,8 +206,9 @@ def import_llmservingsim(profile_dir, *, model=None, name: str | None = None, de
                       "interp_by_tp": {t: interp_all[t] for t in kept}},
         "allreduces_per_layer": 2,
         "collectives": {"all_reduce": {"source": (
-            f"none measured for {dev['name']}: tensor-parallel all-reduce uses the spec of its intra-node "
-            f"link ({dev.get('intra_node_link')}, hardware/interconnects/)")}},
+            f"none measured for {dev['name']}: tensor-parallel and expert-parallel collectives use its "
+            f"intra-node link ({dev.get('intra_node_link')}, hardware/interconnects/): NCCL's cost model "
+            f"where the link file has an nccl section, else its spec")}},
         "host_overhead_s": float(host_overhead_s),
         "host_overhead_per_seq_s": 0.0,
         "host_overhead_source": host_overhead_note,

@@ -82,6 +82,7 @@ class Instance:
         self.num_tokens_computed = 0
         self._prio = PRIO_STEP_END + index
         self._run: _DecodeRun | None = None
+        self.group = None  # a LockstepGroup when this instance is a lockstepped data-parallel rank
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -93,6 +94,8 @@ class Instance:
     def wake(self) -> None:
         if self._run is not None:
             self._cut_run(self.loop.now)
+        elif self.group is not None:
+            self.group.wake(self.loop.now)
         elif not self.busy:
             self._start_step(self.loop.now)
 
@@ -113,23 +116,43 @@ class Instance:
         self.loop.schedule(req.load_done_time, PRIO_TRANSFER, self.wake)
 
     # -- the engine loop -----------------------------------------------------------------
-    def _start_step(self, now: float) -> None:
+    def schedule_step(self, now: float) -> SchedulerOutput | None:
+        """Schedule the next step: its output, or None (and the instance idle) when nothing
+        can run."""
         out = self.scheduler.schedule(now)
         while not out.scheduled and out.preempted:
             # A step emptied by preemption runs nothing; vLLM's engine loop schedules again.
             out = self.scheduler.schedule(now)
         if not out.scheduled:
             self.busy = False
-            return
+            return None
         self.busy = True
+        return out
+
+    def price_step(self, out: SchedulerOutput, ep_tokens: int | None = None) -> float:
+        """The step's duration on this instance (`ep_tokens`: see LatencyModel.step_time)."""
         if out.prefill_chunks:
-            dur = self.latency.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum, out.num_sampled,
-                                         out.decode_ctx_max or None)
-        else:
-            dur = self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max or None)
-            if self.fast_forward and not out.preempted and self._plan_run(out, now, dur):
-                return
-        self.loop.schedule(now + dur, self._prio, self._on_step_end, out, now, dur)
+            return self.latency.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum,
+                                          out.num_sampled, out.decode_ctx_max or None, ep_tokens)
+        return self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max or None,
+                                             ep_tokens)
+
+    def run_step(self, out: SchedulerOutput, start: float, dur: float) -> None:
+        """The planned step ends `dur` after `start` (a lockstep group may stretch it)."""
+        self.loop.schedule(start + dur, self._prio, self._on_step_end, out, start, dur)
+
+    def _start_step(self, now: float) -> None:
+        if self.group is not None:
+            self.group.step_done(now)
+            return
+        out = self.schedule_step(now)
+        if out is None:
+            return
+        dur = self.price_step(out)
+        if (not out.prefill_chunks and self.fast_forward and not out.preempted
+                and self._plan_run(out, now, dur)):
+            return
+        self.run_step(out, now, dur)
 
     def _on_step_end(self, out: SchedulerOutput, start: float, dur: float) -> None:
         now = self.loop.now

@@ -42,12 +42,15 @@ class LatencyModel:
     kind = "base"
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
-                  decode_ctx_max: int | None = None) -> float:
+                  decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
         """`decode_ctx_max`: the longest decode's context + 1 (for models of the slowdown of
-        decode attention over uneven lengths); models that do not use it ignore it."""
+        decode attention over uneven lengths); `ep_tokens`: the tokens of all expert-parallel
+        ranks in this step (None: each rank as many as this one). Models that do not use
+        them ignore them."""
         return self.time_of(step_features(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled))
 
-    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
+                         ep_tokens: int | None = None) -> float:
         """A pure-decode step (every request samples). Hot path of decode runs."""
         return self.time_of(StepFeatures(0, 0.0, 0, 0, num_decodes, decode_ctx_sum, num_decodes))
 
@@ -63,7 +66,8 @@ class LatencyModel:
 
 class ScaledLatency(LatencyModel):
     """Another model's step times times a constant: a what-if (a device `scale` times as fast
-    or slow) and validation's sensitivity check (how much a metric moves per % of step time)."""
+    or slow) and validation's sensitivity check (how much a metric moves per % of step time).
+    Extra keyword arguments (e.g. the operator model's `ep_tokens`) pass through."""
 
     kind = "scaled"
 
@@ -72,12 +76,13 @@ class ScaledLatency(LatencyModel):
         self.scale = float(scale)
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
-                  decode_ctx_max: int | None = None) -> float:
+                  decode_ctx_max: int | None = None, **kw) -> float:
         return self.scale * self.inner.step_time(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled,
-                                                 decode_ctx_max)
+                                                 decode_ctx_max, **kw)
 
-    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
-        return self.scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max)
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
+                         **kw) -> float:
+        return self.scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max, **kw)
 
     def time_of(self, f: StepFeatures) -> float:
         return self.scale * self.inner.time_of(f)

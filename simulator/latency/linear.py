@@ -39,7 +39,8 @@ class LinearStepModel(LatencyModel):
             t += w * x
         return t if t > self.floor else self.floor
 
-    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
+                         ep_tokens: int | None = None) -> float:
         w = self._w
         t = self.intercept + (w[4] + w[6] + w[7]) * num_decodes + w[5] * decode_ctx_sum
         return t if t > self.floor else self.floor

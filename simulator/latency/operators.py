@@ -39,6 +39,7 @@ import numpy as np
 
 from ..hardware import HARDWARE_DIR, _load_yaml
 from .base import LatencyModel, StepFeatures
+from .collectives import nccl_ring_time_s
 
 US = 1e-6
 _INTERPS = ("linear", "loglog", "affine")
@@ -272,8 +273,11 @@ class AttentionTable:
 
 
 class Collective:
-    """time(bytes) of one collective among `n` GPUs: a measured curve (µs vs bytes), or the
-    link spec's ring formula (latency per hop + algorithm bytes / (bandwidth · efficiency))."""
+    """time(bytes) of one collective among `n` GPUs: a measured curve (µs vs bytes); else,
+    when the link file describes how NCCL runs over it (`nccl:`), NCCL's own cost model
+    (collectives.py); else the link spec's ring formula (latency per hop + algorithm bytes /
+    (bandwidth · efficiency)). `nbytes` is the reduced buffer for all-reduce and the whole
+    gathered (scattered) buffer for all-gather (reduce-scatter)."""
 
     def __init__(self, kind: str, n: int, curve: Curve | None = None, link=None, source: str = ""):
         self.kind, self.n, self.curve, self.link, self.source = kind, n, curve, link, source
@@ -286,6 +290,8 @@ class Collective:
         if self.curve is not None:
             return self.curve(nbytes) * US
         n, lk = self.n, self.link
+        if lk.nccl is not None:
+            return nccl_ring_time_s(self.kind, n, nbytes, lk.nccl.bus_bandwidth_Bps, lk.nccl.hw)[0]
         bw = lk.bandwidth_Bps * lk.allreduce_efficiency
         if self.kind == "all_reduce":  # ring: reduce-scatter + all-gather, 2(n-1) hops
             return 2 * (n - 1) * lk.latency_s + 2.0 * (n - 1) / n * nbytes / bw
@@ -293,8 +299,13 @@ class Collective:
         return (n - 1) * lk.latency_s + (n - 1) / n * nbytes / bw
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "gpus": self.n,
-                "from": "measured curve" if self.curve is not None else f"link spec {self.link.name}",
+        if self.curve is not None:
+            how = "measured curve"
+        elif self.link.nccl is not None:
+            how = f"NCCL cost model over {self.link.name} (bus bandwidth {self.link.nccl.bus_bandwidth_Bps:.3g} B/s)"
+        else:
+            how = f"link spec {self.link.name}"
+        return {"kind": self.kind, "gpus": self.n, "from": how,
                 **({"source": self.source} if self.source else {})}
 
 
@@ -323,6 +334,9 @@ def collective_from_spec(kind: str, n: int, spec: dict | None, link) -> Collecti
                           source=str(spec.get("source", "")))
     if link is None:
         raise ValueError(f"no measured {kind} curve for {n} GPUs and no intra-node link to fall back on")
+    if link.nccl is not None:
+        return Collective(kind, n, link=link, source=f"NCCL cost model (NVIDIA/nccl src/graph/tuning.cc), bus "
+                                                     f"bandwidth of {link.name}: {link.nccl.source}")
     return Collective(kind, n, link=link, source=f"spec of {link.name}: {link.source}")
 
 
@@ -425,7 +439,8 @@ class OperatorModel(LatencyModel):
     def __init__(self, *, num_layers: int, hidden_size: int, dtype_bytes: int, dense_layer: dict[str, Curve],
                  dense_layer_count: dict[str, int], dense_step: dict[str, Curve], per_sequence: dict[str, Curve],
                  attention: AttentionTable, tp: int = 1, allreduce: Collective | None = None,
-                 allreduces_per_layer: int = 2, moe: MoETable | None = None, num_experts: int = 0,
+                 allreduces_per_layer: int = 2, allreduces_per_step: int = 1, logits_gather: Collective | None = None,
+                 vocab_size: int = 0, moe: MoETable | None = None, num_experts: int = 0,
                  top_k: int = 0, ep: int = 1, ep_gather: Collective | None = None, ep_scatter: Collective | None = None,
                  host_overhead_s: float = 0.0, host_overhead_per_seq_s: float = 0.0, skew_alpha: float = 0.0,
                  max_tokens: int = 8192, max_seqs: int = 1024, source: dict | None = None):
@@ -438,12 +453,16 @@ class OperatorModel(LatencyModel):
         self.tp = tp
         self.allreduce = allreduce if tp > 1 else None
         self.ar_per_layer = allreduces_per_layer
+        self.ar_per_step = allreduces_per_step
+        self.logits_gather = logits_gather if tp > 1 else None
+        self.vocab = int(vocab_size)
         self.moe, self.E, self.k, self.ep = moe, num_experts, top_k, ep
         self.ep_gather, self.ep_scatter = ep_gather, ep_scatter
         self.host_s = float(host_overhead_s)
         self.host_seq_s = float(host_overhead_per_seq_s)
         self.skew_alpha = float(skew_alpha)
         self.source = source or {}
+        self._ep_cache: dict[tuple[int, int], float] = {}
         self._precompute(int(max_tokens), int(max_seqs))
 
     # -- per-family times for T tokens / S sequences (seconds, whole model) ------------------
@@ -452,29 +471,57 @@ class OperatorModel(LatencyModel):
         once = sum(c(T) for c in self.dense_step.values())
         return layer * self.L * US, once * US
 
-    def _moe_s(self, T: float) -> tuple[float, float]:
-        """(experts compute, expert-parallel communication) for T local tokens."""
+    def _moe_s(self, T: float, N: float | None = None) -> tuple[float, float]:
+        """(experts compute, expert-parallel communication) for T local tokens when the `ep`
+        ranks bring N tokens in all (default: each as many as this one, N = ep·T, as when
+        vLLM pads every data-parallel rank to the largest)."""
         if self.moe is None or T <= 0:
             return 0.0, 0.0
         ep = self.ep
-        # Each of the `ep` data-parallel ranks is assumed to run as many tokens as this one:
-        # the experts local to this rank (E/ep) see the tokens of all ranks (all-gather).
-        active = expected_active_experts(self.E, self.k, T * ep) / ep
-        t = self.moe(T, max(active, float(self.k) / ep)) * self.L * US
+        if ep == 1 or N is None:
+            N = T * ep
+        # The experts local to this rank (E/ep) see the tokens of all ranks (all-gather):
+        # N·k/ep token-expert pairs, which the one-GPU table (all E experts) prices at N/ep tokens.
+        active = expected_active_experts(self.E, self.k, N) / ep
+        t = self.moe(N / ep, max(active, float(self.k) / ep)) * self.L * US
         comm = 0.0
         if ep > 1 and self.ep_gather is not None:
-            total = T * ep * self.hidden * self.dtype_bytes
-            logits = T * ep * self.E * 4  # fp32 router logits travel with the hidden states
+            total = N * self.hidden * self.dtype_bytes
+            logits = N * self.E * 4  # fp32 router logits travel with the hidden states
             comm = (self.ep_gather.time_s(total + logits) + self.ep_scatter.time_s(total)) * self.L
         return t, comm
 
+    def _tok_ep_s(self, T: int, N: int) -> float:
+        """Token-dependent time of a step with T local tokens when the expert-parallel ranks
+        bring N tokens in all."""
+        if self.moe is None or self.ep == 1 or N == T * self.ep:
+            return self._tok_s(T)
+        key = (T, N)
+        v = self._ep_cache.get(key)
+        if v is None:
+            layer, once = self._dense_s(T)
+            moe, comm = self._moe_s(T, N)
+            v = self._ep_cache[key] = layer + once + moe + comm + self._allreduce_s(T)
+        return v
+
     def _allreduce_s(self, T: float) -> float:
+        """Tensor-parallel all-reduces of T·hidden activations: `ar_per_layer` per layer
+        (after o_proj and down_proj) and `ar_per_step` per step (vLLM's VocabParallelEmbedding
+        all-reduces the embedded tokens)."""
         if self.allreduce is None or T <= 0:
             return 0.0
-        return self.ar_per_layer * self.L * self.allreduce.time_s(T * self.hidden * self.dtype_bytes)
+        n = self.ar_per_layer * self.L + self.ar_per_step
+        return n * self.allreduce.time_s(T * self.hidden * self.dtype_bytes)
 
     def _per_seq_s(self, S: float) -> float:
-        return sum(c(S) for c in self.per_sequence.values()) * US if S > 0 else 0.0
+        if S <= 0:
+            return 0.0
+        t = sum(c(S) for c in self.per_sequence.values()) * US
+        if self.logits_gather is not None:
+            # vLLM's LogitsProcessor all-gathers each rank's vocab shard of the logits (model
+            # dtype) before sampling (use_all_gather() is true on CUDA).
+            t += self.logits_gather.time_s(S * self.vocab * self.dtype_bytes)
+        return t
 
     def _token_parts(self, T: float) -> dict[str, float]:
         layer, once = self._dense_s(T)
@@ -519,7 +566,8 @@ class OperatorModel(LatencyModel):
             return row[i - 1] + (row[i] - row[i - 1]) * (kd - x0) / (ks[i] - x0)
         return row[-1] + self._dslope[B] * (kd - ks[-1])
 
-    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
+                         ep_tokens: int | None = None) -> float:
         B = num_decodes
         if B <= 0:
             return self.host_s
@@ -527,14 +575,16 @@ class OperatorModel(LatencyModel):
         a = self._decode_attn_s(B, kd)
         if decode_ctx_max is not None and self.skew_alpha and B > 1 and decode_ctx_max - 1 > kd:
             a += self.skew_alpha * (self._decode_attn_s(B, decode_ctx_max - 1.0) - a)
-        return self._tok_s(B) + self._seq_s(B) + a + self.host_s + self.host_seq_s * B
+        tok = self._tok_s(B) if ep_tokens is None else self._tok_ep_s(B, ep_tokens)
+        return tok + self._seq_s(B) + a + self.host_s + self.host_seq_s * B
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
-                  decode_ctx_max: int | None = None) -> float:
+                  decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
         """`decode_ctx_max` (optional): the longest decode's context + 1, as `decode_ctx_sum`
-        counts them; with it the profile's skew correction applies."""
+        counts them; with it the profile's skew correction applies. `ep_tokens` (optional):
+        the tokens of all expert-parallel ranks in this step (see `_moe_s`)."""
         if not prefill_chunks:
-            return self.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max)
+            return self.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max, ep_tokens)
         T = num_decodes
         for n, _c in prefill_chunks:
             T += n
@@ -542,11 +592,12 @@ class OperatorModel(LatencyModel):
         kd = decode_ctx_sum / num_decodes - 1.0 if num_decodes else 0.0
         kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
         pa, da = self.attn.step(prefill_chunks, num_decodes, kd, kmax, self.skew_alpha)
-        return (self._tok_s(T) + self._seq_s(S) + (pa + da) * self.L * US
+        tok = self._tok_s(T) if ep_tokens is None else self._tok_ep_s(T, ep_tokens)
+        return (tok + self._seq_s(S) + (pa + da) * self.L * US
                 + self.host_s + self.host_seq_s * S)
 
     def breakdown_step(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int,
-                       decode_ctx_max: int | None = None) -> dict[str, float]:
+                       decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> dict[str, float]:
         """Per-operator times (s) of one step, exact for the given chunks."""
         T = num_decodes + sum(n for n, _ in prefill_chunks)
         S = len(prefill_chunks) + num_decodes
@@ -558,6 +609,8 @@ class OperatorModel(LatencyModel):
             for op, c in self.dense_step.items():
                 parts[op] = c(T) * US
             tp = self._token_parts(T)
+            if ep_tokens is not None:
+                tp["moe"], tp["ep_comm"] = self._moe_s(T, ep_tokens)
             for k in ("moe", "ep_comm", "allreduce"):
                 if tp[k]:
                     parts[k] = tp[k]
@@ -567,6 +620,8 @@ class OperatorModel(LatencyModel):
             parts["attn_decode"] = da * self.L * US
             for op, c in self.per_sequence.items():
                 parts[op] = c(S) * US
+            if self.logits_gather is not None:
+                parts["logits_all_gather"] = self.logits_gather.time_s(S * self.vocab * self.dtype_bytes)
         parts["host"] = self.host_s + self.host_seq_s * S
         parts["total"] = sum(parts.values())
         return parts
@@ -584,9 +639,14 @@ class OperatorModel(LatencyModel):
              "host_overhead_per_seq_s": self.host_seq_s, "skew_alpha": self.skew_alpha,
              "dense_ops": {op: c.interp for op, c in {**self.dense_layer, **self.dense_step}.items()}}
         if self.allreduce is not None:
-            d["allreduce"] = self.allreduce.describe()
+            d["allreduce"] = {**self.allreduce.describe(), "per_layer": self.ar_per_layer, "per_step": self.ar_per_step}
+        if self.logits_gather is not None:
+            d["logits_all_gather"] = self.logits_gather.describe()
         if self.moe is not None:
             d["moe"] = {"num_experts": self.E, "top_k": self.k, "expert_parallel": self.ep}
+            if self.ep_gather is not None:
+                d["moe"]["dispatch"] = self.ep_gather.describe()
+                d["moe"]["combine"] = self.ep_scatter.describe()
         if self.source:
             d["source"] = self.source
         return d
@@ -629,6 +689,7 @@ class OperatorModel(LatencyModel):
         attention = AttentionTable(tables["attention"])
         coll = spec.get("collectives", {}) or {}
         allreduce = collective_from_spec("all_reduce", tp, coll.get("all_reduce"), link) if tp > 1 else None
+        tp_gather = collective_from_spec("all_gather", tp, coll.get("all_gather"), link) if tp > 1 else None
         moe = None
         E = k = 0
         ep = 1
@@ -650,11 +711,18 @@ class OperatorModel(LatencyModel):
         return cls(num_layers=model.num_layers, hidden_size=model.hidden_size, dtype_bytes=model.dtype_bytes,
                    dense_layer=dense_layer, dense_layer_count=counts, dense_step=dense_step, per_sequence=per_seq,
                    attention=attention, tp=tp, allreduce=allreduce,
-                   allreduces_per_layer=int(spec.get("allreduces_per_layer", 2)), moe=moe, num_experts=E,
+                   allreduces_per_layer=int(spec.get("allreduces_per_layer", 2)),
+                   allreduces_per_step=int(spec.get("allreduces_per_step", 1)), logits_gather=tp_gather,
+                   vocab_size=_padded_vocab(model.vocab_size, tp), moe=moe, num_experts=E,
                    top_k=k, ep=ep, ep_gather=gather, ep_scatter=scatter, host_overhead_s=float(host or 0.0),
                    host_overhead_per_seq_s=float(host_seq or 0.0), skew_alpha=alpha, max_tokens=max_tokens,
                    max_seqs=max_seqs,
                    source={k2: spec[k2] for k2 in ("provenance_note",) if k2 in spec})
+
+
+def _padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:
+    """The vocabulary vLLM shards (VocabParallelEmbedding pads it to a multiple of 64 first)."""
+    return -(-int(vocab) // pad) * pad if tp > 1 else int(vocab)
 
 
 _SHAPE_KEYS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "num_experts",

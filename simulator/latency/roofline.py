@@ -99,7 +99,8 @@ class RooflineModel(LatencyModel):
     def time_of(self, f: StepFeatures) -> float:
         return self.breakdown(f)["total"]
 
-    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None) -> float:
+    def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
+                         ep_tokens: int | None = None) -> float:
         T = num_decodes
         t = max(T * self._lin_flop_per_tok, self._lin_bytes_time)
         if self._moe:

@@ -4,6 +4,11 @@
 - least-loaded: fewest outstanding requests (running + waiting); ties to the lower index.
 - session-affinity: a program's first call goes least-loaded, its later calls follow it to
   the same instance (where its KV is).
+- vllm-dp: vLLM's internal load balancer across the data-parallel ranks of one engine
+  (DPLBAsyncMPClient.get_core_engine_for_request, vllm/v1/engine/core_client.py): the rank
+  with the lowest 4·waiting + running; ties to the lower index (one API server scans from
+  rank 0). vLLM reads the counts from a snapshot the DP coordinator publishes every 100 ms
+  and adds its own assignments since; here they are exact.
 - prefix-aware: sgl-router's cache-aware policy. If the load is imbalanced (max - min
   outstanding > `policy.router_balance_abs_threshold` and max > min ·
   `policy.router_balance_rel_threshold`), route least-loaded; else route to the instance
@@ -58,6 +63,17 @@ class RoundRobin(Router):
 class LeastLoaded(Router):
     def choose(self, req, program, instances, now):
         return _least_loaded(instances)
+
+
+@ROUTERS.register("vllm-dp")
+class VllmDataParallel(Router):
+    def choose(self, req, program, instances, now):
+        best, best_score = 0, None
+        for i, inst in enumerate(instances):
+            score = 4 * inst.scheduler.num_waiting() + len(inst.scheduler.running)
+            if best_score is None or score < best_score:
+                best, best_score = i, score
+        return best
 
 
 @ROUTERS.register("session-affinity")
