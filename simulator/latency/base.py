@@ -67,7 +67,7 @@ class LatencyModel:
 class ScaledLatency(LatencyModel):
     """Another model's step times times a constant: a what-if (a device `scale` times as fast
     or slow) and validation's sensitivity check (how much a metric moves per % of step time).
-    Extra keyword arguments (e.g. the operator model's `ep_tokens`) pass through."""
+    `ep_tokens` passes through (see LatencyModel.step_time)."""
 
     kind = "scaled"
 
@@ -76,13 +76,13 @@ class ScaledLatency(LatencyModel):
         self.scale = float(scale)
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
-                  decode_ctx_max: int | None = None, **kw) -> float:
+                  decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
         return self.scale * self.inner.step_time(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled,
-                                                 decode_ctx_max, **kw)
+                                                 decode_ctx_max, ep_tokens)
 
     def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
-                         **kw) -> float:
-        return self.scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max, **kw)
+                         ep_tokens: int | None = None) -> float:
+        return self.scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max, ep_tokens)
 
     def time_of(self, f: StepFeatures) -> float:
         return self.scale * self.inner.time_of(f)
