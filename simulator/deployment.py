@@ -78,7 +78,7 @@ def estimate_num_gpu_blocks(model: ModelArch, device: DeviceSpec, tp: int, block
     weights = model.weight_bytes() / tp
     act = max_num_batched_tokens * (4 * model.hidden_size + 2 * model.intermediate_size // tp) * model.dtype_bytes
     act += max_num_seqs * model.vocab_size * 4  # fp32 logits of the sampler warm-up
-    free = util * device.memory_bytes - weights - act - NON_TORCH_BYTES
+    free = util * device.usable_memory_bytes - weights - act - NON_TORCH_BYTES
     per_block = block_size * model.kv_bytes_per_token() / tp
     n = int(free // per_block)
     if n < 2:

@@ -128,6 +128,13 @@ class DeviceSpec:
     source: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
+    @property
+    def usable_memory_bytes(self) -> float:
+        """The memory CUDA reports as the device's total (`cuda_total_memory_bytes`, where a
+        measurement is on file): vLLM's gpu_memory_utilization is a fraction of that, which is
+        a little less than the datasheet's capacity. The datasheet figure otherwise."""
+        return float(self.extra.get("cuda_total_memory_bytes") or self.memory_bytes)
+
 
 @dataclass(frozen=True)
 class ModelArch:
