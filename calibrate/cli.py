@@ -244,6 +244,11 @@ def format_fit(profile: dict) -> list[str]:
     for kind, e in parts["execute"].get("by_step_kind", {}).items():
         lines.append(f"    {kind:<10} CV MAPE {100 * e['cv_mape']:6.2f} %   p90 APE {100 * e['cv_p90_ape']:6.2f} %"
                      f"   total {100 * e.get('cv_total_error', float('nan')):+6.2f} %   (n={e['n']})")
+    fe = parts.get("frontend")
+    if fe and fe.get("n_samples"):
+        split = (f" (way in {1e3 * fe['frontend_in_s']:.2f}, way out {1e3 * fe['frontend_out_s']:.2f})"
+                 if "frontend_in_s" in fe else "")
+        lines.append(f"  frontend     {1e3 * fe['frontend_s']:.2f} ms{split}, median of {fe['n_samples']} calls")
     ops = parts.get("operators", {})
     if ops.get("available"):
         shares = ", ".join(f"{k} {100 * v['share_of_step']:.0f}%" for k, v in ops["families"].items()
