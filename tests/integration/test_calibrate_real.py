@@ -93,3 +93,16 @@ def test_refit_from_the_raw_data(quick_profile, tmp_path):
     assert cli.main(["fit", str(data), "--out", str(out)]) == 0
     again = yaml.safe_load(out.read_text())
     assert again["latency_model"]["coefficients"] == pytest.approx(prof["latency_model"]["coefficients"])
+
+
+def test_frontend_probe_splits_the_way_in_from_the_way_out(quick_profile):
+    """The live-client probe is matched call for call to its prefill steps in the engine's log,
+    and the way out (API server to client) is the smaller share on a local server."""
+    prof, data, _ = quick_profile
+    lm = prof["latency_model"]
+    fe = lm["fit"]["parts"]["frontend"]
+    assert (data / "frontend" / "calls.csv").exists()
+    assert fe["n_samples"] >= 20 and fe["unmatched"] <= 3
+    assert 0 < lm["frontend_s"] < 0.1
+    assert 0 < lm["frontend_in_s"] <= lm["frontend_s"]
+    assert fe["frontend_out_s"] < fe["frontend_in_s"]
