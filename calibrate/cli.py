@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-other-cpu", type=float, default=0.25, metavar="CORES",
                    help="leave out experiments during which other programs used more than this many cores")
 
+    sh = sub.add_parser("show", help="describe a calibrated profile (its fit, errors, provenance)")
+    sh.add_argument("profile", help="a calibrated profile YAML")
+    sh.add_argument("--markdown", action="store_true", help="the Markdown section docs/calibration.md keeps")
+
     im = sub.add_parser("import", help="fit a per-operator profile from a public profile format",
                         description="Read a public per-operator profile and write an `operators` profile: "
                                     "`llmservingsim DIR` (a profiler/perf/<GPU>/<org>/<model>/<dtype> folder of "
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("a subcommand is needed: run, profile or fit (see --help)")
         if args.cmd == "import":
             return cmd_import(args)
+        if args.cmd == "show":
+            return cmd_show(args)
         if engine_args and args.cmd == "fit":
             raise UsageError("`fit` takes no engine arguments")
         if args.cmd == "fit":
@@ -223,6 +229,27 @@ def _frontend_from_probe(data_dir: Path, intercept: float, coefficients: dict, h
     fe = estimate_frontend_live(calls, float(t0), records, intercept, coefficients, host_s)
     fe.pop("samples", None)
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fe.items()}
+
+
+def cmd_show(args) -> int:
+    import yaml
+
+    path = Path(args.profile)
+    try:
+        profile = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(profile, dict) or (profile.get("latency_model") or {}).get("kind") != "linear" \
+            or "fit" not in profile["latency_model"]:
+        raise UsageError(f"{path}: not a profile fitted by asim-calibrate run/fit")
+    if args.markdown:
+        from .report import profile_markdown
+        print("\n".join(profile_markdown(profile)))
+    else:
+        print("\n".join(format_fit(profile)))
+    return 0
 
 
 def format_fit(profile: dict) -> list[str]:

@@ -514,3 +514,17 @@ def test_profile_frontend_split_reaches_the_simulated_client():
     dep = build_deployment(load_model("tiny-llama"), device, build_config({}, {"latency.frontend_s": 0.02}),
                            {**prof, "latency_model": {**prof["latency_model"]}})
     assert dep.frontend_split == pytest.approx((0.018, 0.002))
+
+
+def test_cli_show_describes_a_calibrated_profile(capsys, tmp_path):
+    assert cli.main(["show", "hardware/profiles/cpu-tiny-llama.yaml", "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("### `cpu-tiny-llama.yaml`")
+    assert "| execute (all steps) |" in md and "| step period (whole model) |" in md and "model: intercept" in md
+    assert "- / -" not in md  # operator families the engine does not separate are left out
+    assert cli.main(["show", "hardware/profiles/cpu-tiny-llama.yaml"]) == 0
+    assert "CV MAPE" in capsys.readouterr().out
+    # an imported (per-operator) profile is not one asim-calibrate fitted: one line, exit 2
+    assert cli.main(["show", "hardware/profiles/rtx4090-llama-3.1-8b.yaml"]) == 2
+    assert "not a profile fitted" in capsys.readouterr().err
+    assert cli.main(["show", str(tmp_path / "missing.yaml")]) == 2
