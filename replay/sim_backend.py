@@ -43,5 +43,7 @@ def run_simulation(programs, hardware: str, model: str, config: SimConfig, out_d
         w.calls(sorted(res.calls, key=lambda c: (c["arrival_s"], c["program_id"], c["call_index"])))
         w.programs(sorted(res.programs, key=lambda p: (p["arrival_s"], p["program_id"])))
         w.timeseries(res.timeseries)
+        if config.metrics.step_log:
+            w.steps(res.steps)
         w.summary(summary)
     return summary

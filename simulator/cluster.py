@@ -65,6 +65,7 @@ class SimResult:
     itl_weights: list[int] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     instances: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # with metrics.step_log: STEP_COLUMNS rows
     events: int = 0
     sim_time_s: float = 0.0
 
@@ -91,6 +92,8 @@ class Simulation:
                             self.retention, residency, on_finished=self._on_call_finished, itl_sink=itl,
                             fast_forward=config.fast_forward and not lockstep)
             inst.gap_of = self._gap_of
+            if config.metrics.step_log:
+                inst.step_log = []
             self.instances.append(inst)
         # vLLM's default CUDA-graph capture limit, min(2·max_num_seqs, 512) tokens
         # (vllm/config/vllm.py): data-parallel ranks are padded to the largest within it.
@@ -311,6 +314,12 @@ class Simulation:
                 i = row["instance"]
                 row.update({"lockstep_steps": g.num_steps, "lockstep_dummy_steps": g.dummy_steps[i],
                             "lockstep_wait_s": g.stretched_s[i]})
+        if self.cfg.metrics.step_log:
+            res.steps = sorted(({"t_s": end, "instance": inst.index, "num_prefill_reqs": npre,
+                                 "num_prefill_tokens": ntok, "num_decode_reqs": ndec, "period_ms": 1000.0 * dur,
+                                 "elapsed_ms": None}
+                                for inst in self.instances for end, npre, ntok, ndec, dur in inst.step_log),
+                               key=lambda r: (r["t_s"], r["instance"]))
         res.summary = summarize(res.calls, res.programs, res.itl_values, res.itl_weights)
         return res
 

@@ -168,10 +168,14 @@ class LatencyConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     sample_interval_s: float = _f(1.0, "Period of timeseries.csv samples (s); 0 disables sampling.")
+    step_log: bool = _f(False, "Write steps.csv: one row per engine step (its end, batch and period), to compare "
+                               "with a live run's steps (asim-validate).")
 
     def __post_init__(self):
         if not _is_number(self.sample_interval_s) or self.sample_interval_s < 0:
             raise ConfigError(f"metrics.sample_interval_s must be a number >= 0, got {self.sample_interval_s!r}")
+        if not isinstance(self.step_log, bool):
+            raise ConfigError(f"metrics.step_log must be true or false, got {self.step_log!r}")
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ BASE = ["--hardware", "h100-sxm", "--model", "tiny-llama", "--quiet",
 def _run(trace, out, *extra):
     rc = main([str(trace), "--out", str(out), *BASE, *extra])
     assert rc == 0
-    return {f: (out / f).read_bytes() for f in RESULT_FILES}
+    return {f: (out / f).read_bytes() for f in RESULT_FILES + ("steps.csv",) if (out / f).exists()}
 
 
 def test_same_inputs_give_byte_identical_outputs(trace, tmp_path):
@@ -182,3 +182,16 @@ def test_config_file_and_set_combine(trace, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["config"]["policy"]["kv"] == "drop"
     assert s["deployment"]["engine"]["max_num_seqs"] == 9
+
+
+def test_step_log_is_identical_with_and_without_fast_forward(trace, tmp_path):
+    """metrics.step_log writes one row per engine step; a decode run fast-forwarded logs the
+    same steps, ends and periods as stepping one at a time."""
+    on = _run(trace, tmp_path / "on", "--set", "fast_forward=true", "--set", "metrics.step_log=true")
+    off = _run(trace, tmp_path / "off", "--set", "fast_forward=false", "--set", "metrics.step_log=true")
+    assert on["steps.csv"] == off["steps.csv"]
+    rows = on["steps.csv"].decode().splitlines()
+    assert rows[0] == "t_s,instance,num_prefill_reqs,num_prefill_tokens,num_decode_reqs,period_ms,elapsed_ms"
+    s = json.loads(on["summary.json"])
+    assert len(rows) - 1 == sum(i["steps"] for i in s["instances"])
+    assert "steps.csv" not in _run(trace, tmp_path / "none")  # off by default

@@ -409,9 +409,9 @@ def step_time_sensitivity(programs, hardware: str, model: str, overrides: dict) 
     runs = {}
     for sign in (-1, 1):
         cfg = build_config(None, {**overrides, "latency.step_time_scale": 1 + sign * SENSITIVITY_STEP,
-                                  "metrics.sample_interval_s": 0})
+                                  "metrics.sample_interval_s": 0, "metrics.step_log": False})
         runs[sign] = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
-    cfg = build_config(None, {**overrides, "metrics.sample_interval_s": 0})
+    cfg = build_config(None, {**overrides, "metrics.sample_interval_s": 0, "metrics.step_log": False})
     base = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
     out = {}
     for metric, key in _SUMMARY_KEYS.items():
@@ -485,6 +485,7 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
             overrides["engine.num_gpu_blocks_override"] = int(info.num_gpu_blocks)
         if info.block_size:
             overrides["engine.block_size"] = int(info.block_size)
+        overrides["metrics.step_log"] = True  # steps to compare with the server's
         model = str(Path(case.model) / "config.json")
     write_trace(programs, case_dir / "trace.jsonl")
     overrides.update(case.overrides)

@@ -83,6 +83,7 @@ class Instance:
         self._prio = PRIO_STEP_END + index
         self._run: _DecodeRun | None = None
         self.group = None  # a LockstepGroup when this instance is a lockstepped data-parallel rank
+        self.step_log: list | None = None  # (end, prefill reqs, prefill tokens, decodes, period) per step
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -156,6 +157,9 @@ class Instance:
 
     def _on_step_end(self, out: SchedulerOutput, start: float, dur: float) -> None:
         now = self.loop.now
+        if self.step_log is not None:
+            chunks = out.prefill_chunks
+            self.step_log.append((now, len(chunks), sum(n for n, _ in chunks), out.num_decodes, dur))
         self.num_steps += 1
         self.busy_time += dur
         self.num_tokens_computed += out.num_scheduled_tokens
@@ -359,6 +363,8 @@ class Instance:
         for j in range(1, M - 1):
             itl_v.append(starts[j + 1] - starts[j])
             itl_w.append(B)
+        if self.step_log is not None:
+            self.step_log.extend((starts[j + 1], 0, 0, B, durs[j]) for j in range(M - 1))
         for j in range(M - 1):
             busy += durs[j]
         self.busy_time = busy
