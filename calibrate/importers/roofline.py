@@ -30,6 +30,7 @@ import yaml
 from scipy.optimize import minimize
 
 from simulator.hardware import HARDWARE_DIR, load_model
+from simulator.latency.roofline import AttentionTiles, decode_attention_s, prefill_attention_s
 
 MIN_US = 20.0
 FAMILIES = ("gemm", "attn_prefill", "attn_decode", "elementwise", "moe")
@@ -87,14 +88,15 @@ def dense_rows(dev: str, src: str, s: Shape, op: str, T: float, us: float) -> li
 
 def attention_rows(dev: str, src: str, s: Shape, pc: int, kp: int, nd: int, kd: int, us: float) -> list[dict]:
     h, kvh, d, b = s.heads, s.kv_heads, s.head_dim, 2
+    shape = {"heads": h, "kv_heads": kvh, "head_dim": d, "n": pc, "c": kp, "nd": nd}
     if nd == 0 and pc > 0:
         f = 4.0 * h * d * pc * (kp + (pc + 1) / 2)
         by = 2 * kvh * d * b * (kp + pc) + 2 * pc * h * d * b
-        return [_row(dev, src, "attn_prefill", "attention", pc, 0.0, f, by, us)]
+        return [{**_row(dev, src, "attn_prefill", "attention", pc, 0.0, f, by, us), **shape}]
     if pc == 0 and nd > 0:
         f = 4.0 * h * d * nd * (kd + 1)
         by = 2 * kvh * d * b * nd * (kd + 1)
-        return [_row(dev, src, "attn_decode", "attention", nd, 0.0, f, by, us)]
+        return [{**_row(dev, src, "attn_decode", "attention", nd, 0.0, f, by, us), **shape}]
     return []
 
 
@@ -192,12 +194,54 @@ def measured_points(ref: Path) -> pd.DataFrame:
 # -- the model and its fit --------------------------------------------------------------------
 
 
-def device_specs(names) -> dict[str, tuple[float, float]]:
+def device_specs(names) -> dict[str, tuple[float, float, float]]:
+    """(peak bf16 FLOP/s, memory bandwidth, SM count or NaN) per device, from the datasheets."""
     out = {}
     for n in names:
         d = yaml.safe_load((HARDWARE_DIR / "devices" / f"{n}.yaml").read_text())
-        out[n] = (float(d["peak_bf16_flops"]), float(d["memory_bandwidth_Bps"]))
+        out[n] = (float(d["peak_bf16_flops"]), float(d["memory_bandwidth_Bps"]), float(d.get("sm_count") or "nan"))
     return out
+
+
+# -- the tile model of attention (simulator/latency/roofline.py) -------------------------------
+
+ATTN_FAMILIES = ("attn_prefill", "attn_decode")
+TILE_KEYS = ("compute_efficiency", "memory_efficiency", "floor_us", "prefill_tile_us", "decode_tile_us")
+TILE_BOUNDS = [(0.05, 1.2), (0.1, 1.2), (0.0, 40.0), (0.0, 40.0), (0.0, 40.0)]
+
+
+def _tiles(x) -> AttentionTiles:
+    return AttentionTiles.from_dict(dict(zip(TILE_KEYS, x)))
+
+
+def predict_attention_us(df: pd.DataFrame, tiles: dict, specs: dict) -> np.ndarray:
+    """Attention times (us) of `df`'s attention rows by the tile model, from each device's spec."""
+    p = AttentionTiles.from_dict(tiles)
+    peak, bw, sms = (df.device.map(lambda d, i=i: specs[d][i]).to_numpy() for i in range(3))
+    n, c, nd, h, kvh, d = (df[k].to_numpy(dtype=float) for k in ("n", "c", "nd", "heads", "kv_heads", "head_dim"))
+    pre = prefill_attention_s(n, c, h, d, sms, peak, p)
+    dec = decode_attention_s(nd, df.bytes.to_numpy(), kvh, sms, bw, p)
+    return (np.where(df.family.to_numpy() == "attn_prefill", pre, dec) + p.floor_s) * 1e6
+
+
+def fit_attention_tiles(df: pd.DataFrame, specs: dict) -> dict[str, float] | None:
+    """The tile model's five constants, minimising the same weighted squared log error as
+    `fit_efficiencies` over the attention points of devices with an SM count."""
+    d = df[(df.us >= MIN_US) & df.family.isin(ATTN_FAMILIES)]
+    d = d[d.device.map(lambda x: np.isfinite(specs[x][2]))]
+    if d.empty:
+        return None
+    w = _weights(d)
+    logm = np.log(d.us.to_numpy())
+
+    def loss(x):
+        return float(np.sum(w * (np.log(predict_attention_us(d, dict(zip(TILE_KEYS, x)), specs)) - logm) ** 2))
+
+    best = None
+    for x0 in ([0.5, 0.8, 8.0, 5.0, 3.0], [0.8, 0.95, 12.0, 10.0, 5.0]):
+        r = minimize(loss, x0=x0, bounds=TILE_BOUNDS, method="L-BFGS-B")
+        best = r if best is None or r.fun < best.fun else best
+    return {k: float(v) for k, v in zip(TILE_KEYS, best.x)}
 
 
 def predict_us(df: pd.DataFrame, eff: dict[str, float], specs: dict) -> np.ndarray:
@@ -230,9 +274,15 @@ def fit_efficiencies(df: pd.DataFrame, specs: dict) -> dict[str, float]:
     return {"gemm": float(res.x[0]), "attention": float(res.x[1]) if has_attn else 0.5, "memory": float(res.x[2])}
 
 
-def family_errors(df: pd.DataFrame, eff: dict, specs: dict) -> dict[str, dict]:
+def family_errors(df: pd.DataFrame, eff: dict, specs: dict, tiles: dict | None = None) -> dict[str, dict]:
+    """Per-family errors; attention by the tile model when `tiles` is given (and the device
+    has an SM count), else by the flat efficiencies."""
     d = df[df.us >= MIN_US]
     pred = predict_us(d, eff, specs)
+    if tiles is not None:
+        m = (d.family.isin(ATTN_FAMILIES) & d.device.map(lambda x: np.isfinite(specs[x][2]))).to_numpy()
+        if m.any():
+            pred[m] = predict_attention_us(d[m], tiles, specs)
     rel = (pred - d.us.to_numpy()) / d.us.to_numpy()
     out = {}
     for fam in FAMILIES:
@@ -257,9 +307,12 @@ def leave_one_device_out(df: pd.DataFrame, specs: dict) -> list[dict]:
     for dev in sorted(df.device.unique()):
         train, test = df[df.device != dev], df[df.device == dev]
         eff = fit_efficiencies(train, specs)
-        errs = family_errors(test, eff, specs)
+        tiles = fit_attention_tiles(train, specs)
+        errs = family_errors(test, eff, specs, tiles)
+        flat = family_errors(test, eff, specs)
         base = family_errors(test, DEFAULT_EFF, specs)
-        rows.append({"device": dev, "efficiencies": eff, "errors": errs, "default_errors": base})
+        rows.append({"device": dev, "efficiencies": eff, "attention_tiles": tiles, "errors": errs,
+                     "flat_errors": flat, "default_errors": base})
     return rows
 
 
@@ -270,15 +323,15 @@ def loo_table(rows: list[dict]) -> list[str]:
         e = r["efficiencies"]
         cells = []
         for f in FAMILIES:
-            x, b = r["errors"].get(f), r["default_errors"].get(f)
+            x, b = r["errors"].get(f), r["flat_errors"].get(f)
             cells.append(f"{x['time_weighted_ape_pct']:5.1f}/{x['mape_pct']:5.1f}% ({x['bias_pct']:+4.0f}%) "
                          f"[{b['time_weighted_ape_pct']:3.0f}%]" if x else "n/a")
         lines.append(f"{r['device']:16s} {e['gemm']:>8.2f}/{e['attention']:.2f}/{e['memory']:.2f}      " +
                      " ".join(f"{c:>29s}" for c in cells))
     lines.append(f"cells: time-weighted / plain mean absolute % error of the held-out device's operator times "
                  f"(points >= {MIN_US:.0f} us) predicted from its spec with efficiencies learned on the other devices, "
-                 "(median signed error), [time-weighted error with the simulator's default efficiencies "
-                 f"{DEFAULT_EFF['gemm']}/{DEFAULT_EFF['attention']}/{DEFAULT_EFF['memory']}]")
+                 "(median signed error); attention by the tile model learned on the other devices. "
+                 "[time-weighted error of the flat roofline, attention as one efficiency, learned the same way]")
     return lines
 
 
@@ -295,8 +348,10 @@ def learn(ref: Path) -> dict:
     df = measured_points(ref)
     specs = device_specs(df.device.unique())
     eff = fit_efficiencies(df, specs)
+    tiles = fit_attention_tiles(df, specs)
     loo = leave_one_device_out(df, specs)
-    return {"efficiencies": eff, "attention_fixed_us": attention_fixed_us(df), "in_sample": family_errors(df, eff, specs),
+    return {"efficiencies": eff, "attention_tiles": tiles, "attention_fixed_us": attention_fixed_us(df),
+            "in_sample": family_errors(df, eff, specs, tiles), "in_sample_flat": family_errors(df, eff, specs),
             "leave_one_device_out": loo, "devices": sorted(df.device.unique()),
             "sources": sorted(df.source.unique()), "points": int((df.us >= MIN_US).sum())}
 
