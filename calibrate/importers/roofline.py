@@ -30,7 +30,7 @@ import yaml
 from scipy.optimize import minimize
 
 from simulator.hardware import HARDWARE_DIR, load_model
-from simulator.latency.roofline import AttentionTiles, decode_attention_s, prefill_attention_s
+from simulator.latency.roofline import FLASH_Q_TILE, AttentionTiles, decode_attention_s, prefill_attention_s
 
 MIN_US = 20.0
 FAMILIES = ("gemm", "attn_prefill", "attn_decode", "elementwise", "moe")
@@ -61,7 +61,8 @@ class Shape:
 
 def _rows_gemm(dev, src, op, T, K, N, us, b=2):
     return {"device": dev, "source": src, "family": "gemm", "op": op, "x": T,
-            "flops": 2.0 * T * K * N, "attn_flops": 0.0, "bytes": (K * N + T * K + T * N) * b, "us": us}
+            "flops": 2.0 * T * K * N, "attn_flops": 0.0, "bytes": (K * N + T * K + T * N) * b, "us": us,
+            "k": K, "n_out": N}
 
 
 def _row(dev, src, fam, op, x, flops, attn_flops, nbytes, us):
@@ -205,7 +206,6 @@ def device_specs(names) -> dict[str, tuple[float, float, float]]:
 
 # -- the tile model of attention (simulator/latency/roofline.py) -------------------------------
 
-ATTN_FAMILIES = ("attn_prefill", "attn_decode")
 TILE_KEYS = ("compute_efficiency", "memory_efficiency", "floor_us", "prefill_tile_us", "decode_tile_us")
 TILE_BOUNDS = [(0.05, 1.2), (0.1, 1.2), (0.0, 40.0), (0.0, 40.0), (0.0, 40.0)]
 
@@ -259,19 +259,29 @@ def _weights(df: pd.DataFrame) -> np.ndarray:
     return df.us.to_numpy() / tot
 
 
+ATTN_FAMILIES = ("attn_prefill", "attn_decode")
+
+
 def fit_efficiencies(df: pd.DataFrame, specs: dict) -> dict[str, float]:
-    """(gemm, attention, memory) minimising the group-weighted squared log error."""
+    """(gemm, attention, memory) minimising the group-weighted squared log error: GEMM and
+    memory on the weight-streaming operators (GEMMs, MoE) first, then the flat attention
+    efficiency with those fixed. Attention's KV stream does not pull the memory efficiency:
+    the flat model misprices it (no kernel floor, no waves), and the tile model has its own."""
     d = df[(df.us >= MIN_US) & df.family.isin(FIT_FAMILIES)]
-    w = _weights(d)
-    logm = np.log(d.us.to_numpy())
-    has_attn = bool((d.attn_flops > 0).any())
+    dense, attn = d[~d.family.isin(ATTN_FAMILIES)], d[d.family.isin(ATTN_FAMILIES)]
 
-    def loss(x):
-        eff = {"gemm": x[0], "attention": x[1] if has_attn else 0.5, "memory": x[2]}
-        return float(np.sum(w * (np.log(predict_us(d, eff, specs)) - logm) ** 2))
+    def loss_of(part, eff_of):
+        w, logm = _weights(part), np.log(part.us.to_numpy())
+        return lambda x: float(np.sum(w * (np.log(predict_us(part, eff_of(x), specs)) - logm) ** 2))
 
-    res = minimize(loss, x0=[0.6, 0.4, 0.8], bounds=[(0.02, 1.0)] * 3, method="L-BFGS-B")
-    return {"gemm": float(res.x[0]), "attention": float(res.x[1]) if has_attn else 0.5, "memory": float(res.x[2])}
+    res = minimize(loss_of(dense, lambda x: {"gemm": x[0], "attention": 0.5, "memory": x[1]}),
+                   x0=[0.6, 0.8], bounds=[(0.02, 1.0)] * 2, method="L-BFGS-B")
+    eff = {"gemm": float(res.x[0]), "attention": 0.5, "memory": float(res.x[1])}
+    if len(attn):
+        r = minimize(loss_of(attn, lambda x: {**eff, "attention": x[0]}), x0=[0.4], bounds=[(0.02, 1.0)],
+                     method="L-BFGS-B")
+        eff["attention"] = float(r.x[0])
+    return eff
 
 
 def family_errors(df: pd.DataFrame, eff: dict, specs: dict, tiles: dict | None = None) -> dict[str, dict]:
@@ -360,8 +370,11 @@ def spec_only_profile(device: str, learned: dict) -> dict:
     from .common import agentservesim_version, utc_today
     dev = yaml.safe_load((HARDWARE_DIR / "devices" / f"{device}.yaml").read_text())
     eff = learned["efficiencies"]
-    loo = {r["device"]: {"efficiencies": r["efficiencies"], "errors": r["errors"]}
+    loo = {r["device"]: {"efficiencies": r["efficiencies"], "attention_tiles": r["attention_tiles"],
+                         "errors": r["errors"], "flat_attention_errors": {
+                             f: r["flat_errors"][f] for f in ATTN_FAMILIES if f in r["flat_errors"]}}
            for r in learned["leave_one_device_out"]}
+    tiles = {**learned["attention_tiles"], "q_tile": FLASH_Q_TILE} if learned["attention_tiles"] else None
     return {
         "_header": ("# Spec-only profile: RooflineModel with efficiencies learned from the measured devices'\n"
                     "# operator times (scripts/learn_roofline.py). Not measured on this device.\n"),
@@ -371,14 +384,20 @@ def spec_only_profile(device: str, learned: dict) -> dict:
         "latency_model": {
             "kind": "roofline",
             "efficiencies": {"gemm": eff["gemm"], "attention": eff["attention"], "memory": eff["memory"]},
+            # Attention by the tile model (simulator/latency/roofline.py) when the device has an
+            # SM count; `efficiencies.attention` (the flat roofline) otherwise.
+            "attention_tiles": tiles,
             "host_overhead_s": 0.0,
             "host_overhead_per_seq_s": 0.0,
             "host_overhead_source": HOST_NOTE,
             "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"]},
             "fit": {"method": ("squared log error over operator times >= %g us of the measured devices, each "
                                "(device, family) group weighted equally and points by time; elementwise ops "
-                               "reported, not fitted (RooflineModel has none)") % MIN_US,
+                               "reported, not fitted (RooflineModel has none); attention_tiles fitted the same way on the "
+                               "attention points alone") % MIN_US,
                     "devices": learned["devices"], "points": learned["points"], "in_sample": learned["in_sample"],
+                    "in_sample_flat_attention": {f: learned["in_sample_flat"][f] for f in ATTN_FAMILIES
+                                                 if f in learned["in_sample_flat"]},
                     "leave_one_device_out": loo},
         },
         "provenance": {"measured_from": learned["sources"],
