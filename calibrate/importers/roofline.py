@@ -210,8 +210,8 @@ TILE_KEYS = ("compute_efficiency", "memory_efficiency", "floor_us", "prefill_til
 TILE_BOUNDS = [(0.05, 1.2), (0.1, 1.2), (0.0, 40.0), (0.0, 40.0), (0.0, 40.0)]
 
 
-def _tiles(x) -> AttentionTiles:
-    return AttentionTiles.from_dict(dict(zip(TILE_KEYS, x)))
+def _has_sms(specs: dict, dev: str) -> bool:
+    return len(specs[dev]) > 2 and bool(np.isfinite(specs[dev][2]))
 
 
 def predict_attention_us(df: pd.DataFrame, tiles: dict, specs: dict) -> np.ndarray:
@@ -228,7 +228,7 @@ def fit_attention_tiles(df: pd.DataFrame, specs: dict) -> dict[str, float] | Non
     """The tile model's five constants, minimising the same weighted squared log error as
     `fit_efficiencies` over the attention points of devices with an SM count."""
     d = df[(df.us >= MIN_US) & df.family.isin(ATTN_FAMILIES)]
-    d = d[d.device.map(lambda x: np.isfinite(specs[x][2]))]
+    d = d[d.device.map(lambda x: _has_sms(specs, x))]
     if d.empty:
         return None
     w = _weights(d)
@@ -290,7 +290,7 @@ def family_errors(df: pd.DataFrame, eff: dict, specs: dict, tiles: dict | None =
     d = df[df.us >= MIN_US]
     pred = predict_us(d, eff, specs)
     if tiles is not None:
-        m = (d.family.isin(ATTN_FAMILIES) & d.device.map(lambda x: np.isfinite(specs[x][2]))).to_numpy()
+        m = (d.family.isin(ATTN_FAMILIES) & d.device.map(lambda x: _has_sms(specs, x))).to_numpy()
         if m.any():
             pred[m] = predict_attention_us(d[m], tiles, specs)
     rel = (pred - d.us.to_numpy()) / d.us.to_numpy()
