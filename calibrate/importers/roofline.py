@@ -342,6 +342,13 @@ def loo_table(rows: list[dict]) -> list[str]:
                  f"(points >= {MIN_US:.0f} us) predicted from its spec with efficiencies learned on the other devices, "
                  "(median signed error); attention by the tile model learned on the other devices. "
                  "[time-weighted error of the flat roofline, attention as one efficiency, learned the same way]")
+    lines += ["", "attention tile model learned without the held-out device: prefill compute efficiency, "
+                  "decode memory efficiency, floor / prefill wave / decode wave (us)"]
+    for r in rows:
+        t = r.get("attention_tiles")
+        if t:
+            lines.append(f"  {r['device']:16s} {t['compute_efficiency']:.3f}  {t['memory_efficiency']:.3f}  "
+                         f"{t['floor_us']:5.1f} / {t['prefill_tile_us']:5.1f} / {t['decode_tile_us']:5.1f}")
     return lines
 
 
