@@ -397,7 +397,7 @@ def spec_only_profile(device: str, learned: dict) -> dict:
             "host_overhead_s": 0.0,
             "host_overhead_per_seq_s": 0.0,
             "host_overhead_source": HOST_NOTE,
-            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"]},
+            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"], "attention_tiles": tiles},
             "fit": {"method": ("squared log error over operator times >= %g us of the measured devices, each "
                                "(device, family) group weighted equally and points by time; elementwise ops "
                                "reported, not fitted (RooflineModel has none); attention_tiles fitted the same way on the "
