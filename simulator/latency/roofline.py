@@ -36,10 +36,12 @@ DEFAULT_HOST_OVERHEAD_S = 1.5e-3
 DEFAULT_HOST_OVERHEAD_PER_SEQ_S = 0.0
 
 
-# FlashAttention-2's forward query tile (kBlockM) for head_dim 128, causal, on the measured
-# sm8x/sm12x parts (flash_fwd_launch_template.h, run_mha_fwd_hdim128: 64 x 64 tiles); the
-# measured tables step in waves of 64-token tiles (e.g. RTX PRO 6000: 32 heads, chunk <= 256
-# one wave, 512 two, 1024 three = ceil(16·32/188)).
+# Query rows per attention block. FlashAttention-2 picks 64 x 64 tiles for causal head_dim 128
+# on sm86/sm89 and 128 x 64 on sm80 (flash_fwd_launch_template.h, run_mha_fwd_hdim128); FA3 on
+# Hopper uses 128-row tiles. The measured tables step in waves of 64-token tiles on both the
+# RTX 4090 (sm89) and the RTX PRO 6000 (sm120: 32 heads, chunk <= 256 one wave, 512 two, 1024
+# three = ceil(16·32/188)); 128 fits them worse (LOO), so 64 is used for every device. Over
+# many waves the FLOPs are the same either way; the quantization and wave count differ.
 FLASH_Q_TILE = 64
 
 
