@@ -40,7 +40,7 @@ DEFAULT_HOST_OVERHEAD_PER_SEQ_S = 0.0
 # on sm86/sm89 and 128 x 64 on sm80 (flash_fwd_launch_template.h, run_mha_fwd_hdim128); FA3 on
 # Hopper uses 128-row tiles. The measured tables step in waves of 64-token tiles on both the
 # RTX 4090 (sm89) and the RTX PRO 6000 (sm120: 32 heads, chunk <= 256 one wave, 512 two, 1024
-# three = ceil(16·32/188)); 128 fits them worse (LOO), so 64 is used for every device. Over
+# three = ceil(16·32/188)); 128 fits them worse overall (docs/gpu-profiles.md), so 64 is used for every device. Over
 # many waves the FLOPs are the same either way; the quantization and wave count differ.
 FLASH_Q_TILE = 64
 
