@@ -1,6 +1,6 @@
-"""Learn RooflineModel's efficiencies (GEMM, attention, memory) from the measured devices'
-operator times, print the leave-one-device-out table, and (with --write) write the
-spec-only profiles hardware/profiles/{h200,b200,mi300x,l40s}-roofline-learned.yaml.
+"""Learn RooflineModel's efficiencies (GEMM, attention, memory) and its tile model of attention
+from the measured devices' operator times, print the leave-one-device-out table, and (with
+--write) write the spec-only profiles hardware/profiles/{h200,b200,mi300x,l40s}-roofline-learned.yaml.
 
     python scripts/learn_roofline.py [--reference DIR] [--write]
 
@@ -37,12 +37,18 @@ def main(argv=None) -> int:
     print(f"learned on {', '.join(learned['devices'])} ({learned['points']} operator points): "
           f"gemm {e['gemm']:.3f}, attention {e['attention']:.3f}, memory {e['memory']:.3f}; "
           f"attention kernel floor {learned['attention_fixed_us']:.1f} us")
+    t = learned["attention_tiles"]
+    if t:
+        print(f"attention tile model: prefill blocks at {t['compute_efficiency']:.3f} of an SM's peak, decode KV at "
+              f"{t['memory_efficiency']:.3f} of bandwidth, floor {t['floor_us']:.1f} us, per wave "
+              f"{t['prefill_tile_us']:.1f} us (prefill) / {t['decode_tile_us']:.1f} us (decode)")
     print("in-sample error per family (time-weighted / plain MAPE, median signed):")
     for f in FAMILIES:
-        x = learned["in_sample"].get(f)
+        x, y = learned["in_sample"].get(f), learned["in_sample_flat"].get(f)
         if x:
+            flat = f"  [flat attention {y['time_weighted_ape_pct']:.1f}%]" if f.startswith("attn") else ""
             print(f"  {f:13s} {x['time_weighted_ape_pct']:5.1f}% / {x['mape_pct']:5.1f}%  ({x['bias_pct']:+.0f}%)  "
-                  f"{x['points']} points")
+                  f"{x['points']} points{flat}")
     print()
     for line in loo_table(learned["leave_one_device_out"]):
         print(line)

@@ -13,6 +13,7 @@ from typing import Any
 from .config import ConfigError, SimConfig
 from .hardware import DeviceSpec, ModelArch, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
+from .latency.roofline import AttentionTiles
 
 GiB = 1 << 30
 
@@ -97,6 +98,17 @@ def expert_parallel_blocks(model: ModelArch, device: DeviceSpec, ep: int, block_
     return estimate_num_gpu_blocks(local, device, 1, block_size, util, max_num_batched_tokens, max_num_seqs)
 
 
+def _attention_tiles(spec: dict, lat):
+    """The profile's tile model of attention, unless the config overrides the attention efficiency."""
+    d = spec.get("attention_tiles")
+    if not d or lat.attention_efficiency:
+        return None
+    try:
+        return AttentionTiles.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"profile attention_tiles: {e}") from None
+
+
 def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict) -> LatencyModel:
     lat = cfg.latency
     spec = profile.get("latency_model") if profile else None
@@ -114,7 +126,8 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                                  attention_efficiency=lat.attention_efficiency or eff.get("attention"),
                                  memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                                  host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
-                                 host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"))
+                                 host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"),
+                                 attention_tiles=_attention_tiles(spec, lat))
         if kind == "operators":
             try:
                 return OperatorModel.from_profile(

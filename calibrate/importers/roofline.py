@@ -30,6 +30,7 @@ import yaml
 from scipy.optimize import minimize
 
 from simulator.hardware import HARDWARE_DIR, load_model
+from simulator.latency.roofline import FLASH_Q_TILE, AttentionTiles, decode_attention_s, prefill_attention_s
 
 MIN_US = 20.0
 FAMILIES = ("gemm", "attn_prefill", "attn_decode", "elementwise", "moe")
@@ -60,7 +61,8 @@ class Shape:
 
 def _rows_gemm(dev, src, op, T, K, N, us, b=2):
     return {"device": dev, "source": src, "family": "gemm", "op": op, "x": T,
-            "flops": 2.0 * T * K * N, "attn_flops": 0.0, "bytes": (K * N + T * K + T * N) * b, "us": us}
+            "flops": 2.0 * T * K * N, "attn_flops": 0.0, "bytes": (K * N + T * K + T * N) * b, "us": us,
+            "k": K, "n_out": N}
 
 
 def _row(dev, src, fam, op, x, flops, attn_flops, nbytes, us):
@@ -87,14 +89,15 @@ def dense_rows(dev: str, src: str, s: Shape, op: str, T: float, us: float) -> li
 
 def attention_rows(dev: str, src: str, s: Shape, pc: int, kp: int, nd: int, kd: int, us: float) -> list[dict]:
     h, kvh, d, b = s.heads, s.kv_heads, s.head_dim, 2
+    shape = {"heads": h, "kv_heads": kvh, "head_dim": d, "n": pc, "c": kp, "nd": nd}
     if nd == 0 and pc > 0:
         f = 4.0 * h * d * pc * (kp + (pc + 1) / 2)
         by = 2 * kvh * d * b * (kp + pc) + 2 * pc * h * d * b
-        return [_row(dev, src, "attn_prefill", "attention", pc, 0.0, f, by, us)]
+        return [{**_row(dev, src, "attn_prefill", "attention", pc, 0.0, f, by, us), **shape}]
     if pc == 0 and nd > 0:
         f = 4.0 * h * d * nd * (kd + 1)
         by = 2 * kvh * d * b * nd * (kd + 1)
-        return [_row(dev, src, "attn_decode", "attention", nd, 0.0, f, by, us)]
+        return [{**_row(dev, src, "attn_decode", "attention", nd, 0.0, f, by, us), **shape}]
     return []
 
 
@@ -192,12 +195,53 @@ def measured_points(ref: Path) -> pd.DataFrame:
 # -- the model and its fit --------------------------------------------------------------------
 
 
-def device_specs(names) -> dict[str, tuple[float, float]]:
+def device_specs(names) -> dict[str, tuple[float, float, float]]:
+    """(peak bf16 FLOP/s, memory bandwidth, SM count or NaN) per device, from the datasheets."""
     out = {}
     for n in names:
         d = yaml.safe_load((HARDWARE_DIR / "devices" / f"{n}.yaml").read_text())
-        out[n] = (float(d["peak_bf16_flops"]), float(d["memory_bandwidth_Bps"]))
+        out[n] = (float(d["peak_bf16_flops"]), float(d["memory_bandwidth_Bps"]), float(d.get("sm_count") or "nan"))
     return out
+
+
+# -- the tile model of attention (simulator/latency/roofline.py) -------------------------------
+
+TILE_KEYS = ("compute_efficiency", "memory_efficiency", "floor_us", "prefill_tile_us", "decode_tile_us")
+TILE_BOUNDS = [(0.05, 1.2), (0.1, 1.2), (0.0, 40.0), (0.0, 40.0), (0.0, 40.0)]
+
+
+def _has_sms(specs: dict, dev: str) -> bool:
+    return len(specs[dev]) > 2 and bool(np.isfinite(specs[dev][2]))
+
+
+def predict_attention_us(df: pd.DataFrame, tiles: dict, specs: dict) -> np.ndarray:
+    """Attention times (us) of `df`'s attention rows by the tile model, from each device's spec."""
+    p = AttentionTiles.from_dict(tiles)
+    peak, bw, sms = (df.device.map(lambda d, i=i: specs[d][i]).to_numpy() for i in range(3))
+    n, c, nd, h, kvh, d = (df[k].to_numpy(dtype=float) for k in ("n", "c", "nd", "heads", "kv_heads", "head_dim"))
+    pre = prefill_attention_s(n, c, h, d, sms, peak, p)
+    dec = decode_attention_s(nd, df.bytes.to_numpy(), kvh, sms, bw, p)
+    return (np.where(df.family.to_numpy() == "attn_prefill", pre, dec) + p.floor_s) * 1e6
+
+
+def fit_attention_tiles(df: pd.DataFrame, specs: dict) -> dict[str, float] | None:
+    """The tile model's five constants, minimising the same weighted squared log error as
+    `fit_efficiencies` over the attention points of devices with an SM count."""
+    d = df[(df.us >= MIN_US) & df.family.isin(ATTN_FAMILIES)]
+    d = d[d.device.map(lambda x: _has_sms(specs, x))]
+    if d.empty:
+        return None
+    w = _weights(d)
+    logm = np.log(d.us.to_numpy())
+
+    def loss(x):
+        return float(np.sum(w * (np.log(predict_attention_us(d, dict(zip(TILE_KEYS, x)), specs)) - logm) ** 2))
+
+    best = None
+    for x0 in ([0.5, 0.8, 8.0, 5.0, 3.0], [0.8, 0.95, 12.0, 10.0, 5.0]):
+        r = minimize(loss, x0=x0, bounds=TILE_BOUNDS, method="L-BFGS-B")
+        best = r if best is None or r.fun < best.fun else best
+    return {k: float(v) for k, v in zip(TILE_KEYS, best.x)}
 
 
 def predict_us(df: pd.DataFrame, eff: dict[str, float], specs: dict) -> np.ndarray:
@@ -215,24 +259,40 @@ def _weights(df: pd.DataFrame) -> np.ndarray:
     return df.us.to_numpy() / tot
 
 
+ATTN_FAMILIES = ("attn_prefill", "attn_decode")
+
+
 def fit_efficiencies(df: pd.DataFrame, specs: dict) -> dict[str, float]:
-    """(gemm, attention, memory) minimising the group-weighted squared log error."""
+    """(gemm, attention, memory) minimising the group-weighted squared log error: GEMM and
+    memory on the weight-streaming operators (GEMMs, MoE) first, then the flat attention
+    efficiency with those fixed. Attention's KV stream does not pull the memory efficiency:
+    the flat model misprices it (no kernel floor, no waves), and the tile model has its own."""
     d = df[(df.us >= MIN_US) & df.family.isin(FIT_FAMILIES)]
-    w = _weights(d)
-    logm = np.log(d.us.to_numpy())
-    has_attn = bool((d.attn_flops > 0).any())
+    dense, attn = d[~d.family.isin(ATTN_FAMILIES)], d[d.family.isin(ATTN_FAMILIES)]
 
-    def loss(x):
-        eff = {"gemm": x[0], "attention": x[1] if has_attn else 0.5, "memory": x[2]}
-        return float(np.sum(w * (np.log(predict_us(d, eff, specs)) - logm) ** 2))
+    def loss_of(part, eff_of):
+        w, logm = _weights(part), np.log(part.us.to_numpy())
+        return lambda x: float(np.sum(w * (np.log(predict_us(part, eff_of(x), specs)) - logm) ** 2))
 
-    res = minimize(loss, x0=[0.6, 0.4, 0.8], bounds=[(0.02, 1.0)] * 3, method="L-BFGS-B")
-    return {"gemm": float(res.x[0]), "attention": float(res.x[1]) if has_attn else 0.5, "memory": float(res.x[2])}
+    res = minimize(loss_of(dense, lambda x: {"gemm": x[0], "attention": 0.5, "memory": x[1]}),
+                   x0=[0.6, 0.8], bounds=[(0.02, 1.0)] * 2, method="L-BFGS-B")
+    eff = {"gemm": float(res.x[0]), "attention": 0.5, "memory": float(res.x[1])}
+    if len(attn):
+        r = minimize(loss_of(attn, lambda x: {**eff, "attention": x[0]}), x0=[0.4], bounds=[(0.02, 1.0)],
+                     method="L-BFGS-B")
+        eff["attention"] = float(r.x[0])
+    return eff
 
 
-def family_errors(df: pd.DataFrame, eff: dict, specs: dict) -> dict[str, dict]:
+def family_errors(df: pd.DataFrame, eff: dict, specs: dict, tiles: dict | None = None) -> dict[str, dict]:
+    """Per-family errors; attention by the tile model when `tiles` is given (and the device
+    has an SM count), else by the flat efficiencies."""
     d = df[df.us >= MIN_US]
     pred = predict_us(d, eff, specs)
+    if tiles is not None:
+        m = (d.family.isin(ATTN_FAMILIES) & d.device.map(lambda x: _has_sms(specs, x))).to_numpy()
+        if m.any():
+            pred[m] = predict_attention_us(d[m], tiles, specs)
     rel = (pred - d.us.to_numpy()) / d.us.to_numpy()
     out = {}
     for fam in FAMILIES:
@@ -257,9 +317,12 @@ def leave_one_device_out(df: pd.DataFrame, specs: dict) -> list[dict]:
     for dev in sorted(df.device.unique()):
         train, test = df[df.device != dev], df[df.device == dev]
         eff = fit_efficiencies(train, specs)
-        errs = family_errors(test, eff, specs)
+        tiles = fit_attention_tiles(train, specs)
+        errs = family_errors(test, eff, specs, tiles)
+        flat = family_errors(test, eff, specs)
         base = family_errors(test, DEFAULT_EFF, specs)
-        rows.append({"device": dev, "efficiencies": eff, "errors": errs, "default_errors": base})
+        rows.append({"device": dev, "efficiencies": eff, "attention_tiles": tiles, "errors": errs,
+                     "flat_errors": flat, "default_errors": base})
     return rows
 
 
@@ -270,15 +333,22 @@ def loo_table(rows: list[dict]) -> list[str]:
         e = r["efficiencies"]
         cells = []
         for f in FAMILIES:
-            x, b = r["errors"].get(f), r["default_errors"].get(f)
+            x, b = r["errors"].get(f), r["flat_errors"].get(f)
             cells.append(f"{x['time_weighted_ape_pct']:5.1f}/{x['mape_pct']:5.1f}% ({x['bias_pct']:+4.0f}%) "
                          f"[{b['time_weighted_ape_pct']:3.0f}%]" if x else "n/a")
         lines.append(f"{r['device']:16s} {e['gemm']:>8.2f}/{e['attention']:.2f}/{e['memory']:.2f}      " +
                      " ".join(f"{c:>29s}" for c in cells))
     lines.append(f"cells: time-weighted / plain mean absolute % error of the held-out device's operator times "
                  f"(points >= {MIN_US:.0f} us) predicted from its spec with efficiencies learned on the other devices, "
-                 "(median signed error), [time-weighted error with the simulator's default efficiencies "
-                 f"{DEFAULT_EFF['gemm']}/{DEFAULT_EFF['attention']}/{DEFAULT_EFF['memory']}]")
+                 "(median signed error); attention by the tile model learned on the other devices. "
+                 "[time-weighted error of the flat roofline, attention as one efficiency, learned the same way]")
+    lines += ["", "attention tile model learned without the held-out device: prefill compute efficiency, "
+                  "decode memory efficiency, floor / prefill wave / decode wave (us)"]
+    for r in rows:
+        t = r.get("attention_tiles")
+        if t:
+            lines.append(f"  {r['device']:16s} {t['compute_efficiency']:.3f}  {t['memory_efficiency']:.3f}  "
+                         f"{t['floor_us']:5.1f} / {t['prefill_tile_us']:5.1f} / {t['decode_tile_us']:5.1f}")
     return lines
 
 
@@ -295,8 +365,10 @@ def learn(ref: Path) -> dict:
     df = measured_points(ref)
     specs = device_specs(df.device.unique())
     eff = fit_efficiencies(df, specs)
+    tiles = fit_attention_tiles(df, specs)
     loo = leave_one_device_out(df, specs)
-    return {"efficiencies": eff, "attention_fixed_us": attention_fixed_us(df), "in_sample": family_errors(df, eff, specs),
+    return {"efficiencies": eff, "attention_tiles": tiles, "attention_fixed_us": attention_fixed_us(df),
+            "in_sample": family_errors(df, eff, specs, tiles), "in_sample_flat": family_errors(df, eff, specs),
             "leave_one_device_out": loo, "devices": sorted(df.device.unique()),
             "sources": sorted(df.source.unique()), "points": int((df.us >= MIN_US).sum())}
 
@@ -305,8 +377,11 @@ def spec_only_profile(device: str, learned: dict) -> dict:
     from .common import agentservesim_version, utc_today
     dev = yaml.safe_load((HARDWARE_DIR / "devices" / f"{device}.yaml").read_text())
     eff = learned["efficiencies"]
-    loo = {r["device"]: {"efficiencies": r["efficiencies"], "errors": r["errors"]}
+    loo = {r["device"]: {"efficiencies": r["efficiencies"], "attention_tiles": r["attention_tiles"],
+                         "errors": r["errors"], "flat_attention_errors": {
+                             f: r["flat_errors"][f] for f in ATTN_FAMILIES if f in r["flat_errors"]}}
            for r in learned["leave_one_device_out"]}
+    tiles = {**learned["attention_tiles"], "q_tile": FLASH_Q_TILE} if learned["attention_tiles"] else None
     return {
         "_header": ("# Spec-only profile: RooflineModel with efficiencies learned from the measured devices'\n"
                     "# operator times (scripts/learn_roofline.py). Not measured on this device.\n"),
@@ -316,14 +391,20 @@ def spec_only_profile(device: str, learned: dict) -> dict:
         "latency_model": {
             "kind": "roofline",
             "efficiencies": {"gemm": eff["gemm"], "attention": eff["attention"], "memory": eff["memory"]},
+            # Attention by the tile model (simulator/latency/roofline.py) when the device has an
+            # SM count; `efficiencies.attention` (the flat roofline) otherwise.
+            "attention_tiles": tiles,
             "host_overhead_s": 0.0,
             "host_overhead_per_seq_s": 0.0,
             "host_overhead_source": HOST_NOTE,
-            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"]},
+            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"], "attention_tiles": tiles},
             "fit": {"method": ("squared log error over operator times >= %g us of the measured devices, each "
                                "(device, family) group weighted equally and points by time; elementwise ops "
-                               "reported, not fitted (RooflineModel has none)") % MIN_US,
+                               "reported, not fitted (RooflineModel has none); attention_tiles fitted the same way on the "
+                               "attention points alone") % MIN_US,
                     "devices": learned["devices"], "points": learned["points"], "in_sample": learned["in_sample"],
+                    "in_sample_flat_attention": {f: learned["in_sample_flat"][f] for f in ATTN_FAMILIES
+                                                 if f in learned["in_sample_flat"]},
                     "leave_one_device_out": loo},
         },
         "provenance": {"measured_from": learned["sources"],

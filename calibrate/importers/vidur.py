@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from simulator.hardware import HARDWARE_DIR, ModelArch
+from simulator.latency.roofline import AttentionTiles, decode_attention_s, prefill_attention_s
 
 from .common import (ImportError_, agentservesim_version, choose_interp, fit_curves, loo_errors, model_shape,
                      resolve_model, sum_loo, summarize_errors, utc_today)
@@ -189,21 +190,30 @@ def gemm_shapes(arch: ModelArch, tp: int) -> dict[str, tuple[int, int]]:
 
 
 def synth_attention(arch: ModelArch, tp: int, device: dict, eff: dict) -> list[dict]:
-    """One-layer attention times (µs) on the grid from the roofline: max(FLOPs / (peak·e_a),
-    KV bytes / (bw·e_m)) + the fixed kernel cost, for prefill alone, decode alone, and mixed
-    steps as prefill + decode (no measurement says how the two interact on this device)."""
+    """One-layer attention times (µs) on the grid from the learned roofline, for prefill alone,
+    decode alone, and mixed steps as prefill + decode (no measurement says how the two
+    interact on this device). With the learned tile model (`eff["attention_tiles"]`) and the
+    device's SM count: FlashAttention's blocks in waves over the SMs plus the kernel floor
+    (simulator/latency/roofline.py); else max(FLOPs / (peak·e_a), KV bytes / (bw·e_m)) + the
+    fixed kernel cost."""
     peak, bw = float(device["peak_bf16_flops"]), float(device["memory_bandwidth_Bps"])
     ea, em, c0 = float(eff["attention"]), float(eff["memory"]), float(eff.get("attention_fixed_us", 0.0))
     heads, kvh = arch.num_heads // tp, max(arch.num_kv_heads // tp, 1)
     d, b = arch.head_dim, arch.dtype_bytes
     kv_tok = 2 * kvh * d * b
+    sms = device.get("sm_count")
+    tiles = AttentionTiles.from_dict(eff["attention_tiles"]) if eff.get("attention_tiles") and sms else None
 
     def prefill(n, c):
+        if tiles is not None:
+            return float(prefill_attention_s(n, c, heads, d, float(sms), peak, tiles) + tiles.floor_s) * 1e6
         f = 4.0 * heads * d * n * (c + (n + 1) / 2)
         by = kv_tok * (c + n) + 2 * n * heads * d * b
         return max(f / (peak * ea), by / (bw * em)) * 1e6 + c0
 
     def decode(nd, kd):
+        if tiles is not None:
+            return float(decode_attention_s(nd, kv_tok * nd * (kd + 1), kvh, float(sms), bw, tiles) + tiles.floor_s) * 1e6
         f = 4.0 * heads * d * nd * (kd + 1)
         by = kv_tok * nd * (kd + 1)
         return max(f / (peak * ea), by / (bw * em)) * 1e6 + c0
@@ -281,7 +291,9 @@ def import_vidur(vidur_dir, device: str = "h100", model: str = "meta-llama/Llama
         g_eff = device_gemm_efficiency(pts, arch, tp, float(dev["peak_bf16_flops"]))
         fit[f"tp{tp}"] = {"operators": rep, "dense_layer_sum": summarize_errors(sum_loo(ops, per_layer, interp)),
                           "device_gemm_efficiency": g_eff,
-                          "attention": "synthesized (roofline, learned efficiencies): no CV",
+                          "attention": ("synthesized (roofline: learned tile model of attention, this device's SM count): no CV"
+                                        if eff.get("attention_tiles") and dev.get("sm_count") else
+                                        "synthesized (roofline, learned efficiencies): no CV"),
                           "per_sequence": "synthesized (roofline, this device's GEMM efficiency): no CV"}
         for op, p in ops.items():
             for x, y in p:

@@ -7,9 +7,23 @@ layer over the intra-node link (ring: 2·(tp-1)/tp of the bytes). A per-step hos
 
 The efficiencies are inputs: defaults below are conservative starting points, not measured
 facts; calibrated profiles (and `calibrate import`) replace them with fitted values.
+
+Attention, when the device spec names its SM count and the profile carries `AttentionTiles`,
+is priced as FlashAttention runs it rather than as one flat efficiency: the kernel launches
+one thread block (CTA) per (query tile, head) for a prefill and per (sequence, KV head) for a
+decode, one block per SM at a time, so the blocks run in ceil(CTAs / SMs) waves. A prefill
+wave lasts one block's work, 4·d·Br·(keys it sees) FLOPs at the SM's share of peak
+(compute-bound); a decode is the KV stream at the memory bandwidth (memory-bound). Each
+wave adds a fixed tile cost (loading Q and the page table, the softmax epilogue, writing O:
+latency, not throughput) and the kernel a fixed floor (launch, KV-cache write, metadata).
+Chunks of up to Br·SMs/heads tokens thus cost the same, as the measured tables show.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
 
 from ..hardware import DeviceSpec, LinkSpec, ModelArch
 from .base import LatencyModel, StepFeatures
@@ -22,13 +36,63 @@ DEFAULT_HOST_OVERHEAD_S = 1.5e-3
 DEFAULT_HOST_OVERHEAD_PER_SEQ_S = 0.0
 
 
+# Query rows per attention block. FlashAttention-2 picks 64 x 64 tiles for causal head_dim 128
+# on sm86/sm89 and 128 x 64 on sm80 (flash_fwd_launch_template.h, run_mha_fwd_hdim128); FA3 on
+# Hopper uses 128-row tiles. The measured tables step in waves of 64-token tiles on both the
+# RTX 4090 (sm89) and the RTX PRO 6000 (sm120: 32 heads, chunk <= 256 one wave, 512 two, 1024
+# three = ceil(16·32/188)); 128 fits them worse overall (docs/gpu-profiles.md), so 64 is used for every device. Over
+# many waves the FLOPs are the same either way; the quantization and wave count differ.
+FLASH_Q_TILE = 64
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    """Learned constants of the tile model of attention (see the module doc)."""
+
+    compute_efficiency: float   # fraction of an SM's share of peak FLOP/s a prefill block reaches
+    memory_efficiency: float    # fraction of the memory bandwidth the decode KV stream reaches
+    floor_s: float              # per kernel: launch, KV-cache write, scheduler metadata
+    prefill_tile_s: float       # per wave of prefill blocks
+    decode_tile_s: float        # per wave of decode blocks
+    q_tile: int = FLASH_Q_TILE
+
+    def __post_init__(self):
+        if not (0 < self.compute_efficiency <= 1.5 and 0 < self.memory_efficiency <= 1.5):
+            raise ValueError(f"attention efficiencies out of range: {self}")
+        if min(self.floor_s, self.prefill_tile_s, self.decode_tile_s) < 0 or self.q_tile < 1:
+            raise ValueError(f"attention tile costs must be >= 0: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AttentionTiles":
+        return cls(float(d["compute_efficiency"]), float(d["memory_efficiency"]), float(d["floor_us"]) * 1e-6,
+                   float(d["prefill_tile_us"]) * 1e-6, float(d["decode_tile_us"]) * 1e-6,
+                   int(d.get("q_tile", FLASH_Q_TILE)))
+
+
+def prefill_attention_s(n, c, heads, head_dim, sms, peak, p: AttentionTiles, num_seqs=1):
+    """One layer's prefill attention of `num_seqs` chunks of n new tokens over c cached ones
+    (seconds, without the kernel floor); numpy arrays or floats."""
+    ctas = np.ceil(n / p.q_tile) * heads * num_seqs
+    waves = np.ceil(ctas / sms)
+    # A block's causal work: Br queries over the cached keys and, on average, half the chunk.
+    block_flops = 4.0 * head_dim * p.q_tile * (c + (n + np.minimum(n, p.q_tile)) / 2)
+    return waves * (block_flops / (p.compute_efficiency * peak / sms) + p.prefill_tile_s)
+
+
+def decode_attention_s(num_decodes, kv_bytes, kv_heads, sms, bandwidth, p: AttentionTiles):
+    """One layer's decode attention over `kv_bytes` of KV (seconds, without the floor): one
+    block per (sequence, KV head), the query heads of a group packed into it."""
+    waves = np.ceil(num_decodes * kv_heads / sms)
+    return kv_bytes / (p.memory_efficiency * bandwidth) + waves * p.decode_tile_s
+
+
 class RooflineModel(LatencyModel):
     kind = "roofline"
 
     def __init__(self, model: ModelArch, device: DeviceSpec, tp: int = 1, link: LinkSpec | None = None,
                  gemm_efficiency: float | None = None, attention_efficiency: float | None = None,
                  memory_efficiency: float | None = None, host_overhead_s: float | None = None,
-                 host_overhead_per_seq_s: float | None = None):
+                 host_overhead_per_seq_s: float | None = None, attention_tiles: AttentionTiles | None = None):
         self.model = model
         self.device = device
         self.tp = tp
@@ -58,6 +122,14 @@ class RooflineModel(LatencyModel):
         # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer.
         self._attn_flop_per_pair = 4.0 * m.num_heads * m.head_dim * L / tp / (peak * self.attn_eff)
         self._kv_bytes_time_per_pos = m.kv_bytes_per_token() / tp / bw
+        # Tile model of attention: needs the SM count from the device spec.
+        sms = device.extra.get("sm_count")
+        self.tiles = attention_tiles if (attention_tiles is not None and sms) else None
+        if self.tiles is not None:
+            self._sms = float(sms)
+            self._heads = max(m.num_heads // tp, 1)
+            self._kv_heads = max(m.num_kv_heads // tp, 1)
+            self._kv_bytes_per_pos = m.kv_bytes_per_token() / L / tp
         # LM head for each sampled token; its weights read once.
         self._lm_flop_per_tok = 2.0 * m.hidden_size * m.vocab_size / tp / (peak * self.gemm_eff)
         self._lm_bytes_time = m.hidden_size * m.vocab_size * dt / tp / bw
@@ -82,12 +154,16 @@ class RooflineModel(LatencyModel):
             E, k = m.num_experts, m.num_experts_per_tok
             active = E * (1.0 - (1.0 - k / E) ** T)
             moe = max(T * self._moe_flop_per_tok, active * self._moe_expert_bytes_time)
-        attn_p = 0.0
-        if f.num_prefills:
-            attn_p = max(f.prefill_attn * self._attn_flop_per_pair, f.prefill_kv * self._kv_bytes_time_per_pos)
-        attn_d = 0.0
-        if f.num_decodes:
-            attn_d = max(f.decode_ctx_sum * self._attn_flop_per_pair, f.decode_ctx_sum * self._kv_bytes_time_per_pos)
+        if self.tiles is not None:
+            attn_p, attn_d = self._attention_tiles(f.num_prefills, f.prefill_tokens, f.prefill_kv,
+                                                   f.num_decodes, f.decode_ctx_sum)
+        else:
+            attn_p = 0.0
+            if f.num_prefills:
+                attn_p = max(f.prefill_attn * self._attn_flop_per_pair, f.prefill_kv * self._kv_bytes_time_per_pos)
+            attn_d = 0.0
+            if f.num_decodes:
+                attn_d = max(f.decode_ctx_sum * self._attn_flop_per_pair, f.decode_ctx_sum * self._kv_bytes_time_per_pos)
         lm = max(f.num_sampled * self._lm_flop_per_tok, self._lm_bytes_time) if f.num_sampled else 0.0
         ar = (T * self._ar_time_per_tok + self._ar_fixed) if self.tp > 1 else 0.0
         host = self.host_s + self.host_seq_s * f.num_seqs
@@ -95,6 +171,27 @@ class RooflineModel(LatencyModel):
                  "lm_head": lm, "allreduce": ar, "host": host}
         parts["total"] = sum(parts.values())
         return parts
+
+    def _attention_tiles(self, num_prefills, prefill_tokens, prefill_kv, num_decodes, decode_ctx_sum):
+        """(prefill, decode) attention over all layers by the tile model. The step carries
+        sums only, so its prefills are priced as `num_prefills` chunks of the mean shape. One
+        kernel floor per layer: vLLM v1 runs a mixed batch's attention as one launch."""
+        p, L = self.tiles, self.model.num_layers
+        attn_p = attn_d = 0.0
+        if num_prefills:
+            n = prefill_tokens / num_prefills
+            c = max(prefill_kv / num_prefills - n, 0.0)
+            attn_p = L * float(prefill_attention_s(n, c, self._heads, self.model.head_dim, self._sms,
+                                                   self.device.peak_flops, p, num_prefills))
+        if num_decodes:
+            attn_d = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos,
+                                                  self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
+        floor = L * p.floor_s
+        if attn_p:
+            attn_p += floor
+        else:
+            attn_d += floor
+        return attn_p, attn_d
 
     def time_of(self, f: StepFeatures) -> float:
         return self.breakdown(f)["total"]
@@ -107,7 +204,10 @@ class RooflineModel(LatencyModel):
             m = self.model
             E, k = m.num_experts, m.num_experts_per_tok
             t += max(T * self._moe_flop_per_tok, E * (1.0 - (1.0 - k / E) ** T) * self._moe_expert_bytes_time)
-        t += decode_ctx_sum * max(self._attn_flop_per_pair, self._kv_bytes_time_per_pos)
+        if self.tiles is not None:
+            t += self._attention_tiles(0, 0, 0, num_decodes, decode_ctx_sum)[1] if num_decodes else 0.0
+        else:
+            t += decode_ctx_sum * max(self._attn_flop_per_pair, self._kv_bytes_time_per_pos)
         t += max(T * self._lm_flop_per_tok, self._lm_bytes_time)
         if self.tp > 1:
             t += T * self._ar_time_per_tok + self._ar_fixed
@@ -117,4 +217,8 @@ class RooflineModel(LatencyModel):
         return {"kind": self.kind, "device": self.device.name, "model": self.model.name, "tp": self.tp,
                 "gemm_efficiency": self.gemm_eff, "attention_efficiency": self.attn_eff,
                 "memory_efficiency": self.mem_eff, "host_overhead_s": self.host_s,
-                "host_overhead_per_seq_s": self.host_seq_s}
+                "host_overhead_per_seq_s": self.host_seq_s,
+                "attention_tiles": None if self.tiles is None else {
+                    "compute_efficiency": self.tiles.compute_efficiency, "memory_efficiency": self.tiles.memory_efficiency,
+                    "floor_us": self.tiles.floor_s * 1e6, "prefill_tile_us": self.tiles.prefill_tile_s * 1e6,
+                    "decode_tile_us": self.tiles.decode_tile_s * 1e6, "q_tile": self.tiles.q_tile}}

@@ -1,0 +1,138 @@
+"""The roofline's tile model of attention: FlashAttention blocks run in waves over the SMs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibrate.importers.roofline import (TILE_KEYS, fit_attention_tiles, leave_one_device_out,
+                                          predict_attention_us)
+from simulator.config import build_config
+from simulator.deployment import build_deployment
+from simulator.hardware import load_device, load_model
+from simulator.latency.base import step_features
+from simulator.latency.roofline import AttentionTiles, RooflineModel, decode_attention_s, prefill_attention_s
+
+P = AttentionTiles(compute_efficiency=0.5, memory_efficiency=0.9, floor_s=10e-6, prefill_tile_s=5e-6,
+                   decode_tile_s=3e-6, q_tile=64)
+
+
+def test_prefill_chunks_filling_one_wave_cost_the_same():
+    """32 heads on 188 SMs: chunks of 16..320 tokens (<= 5 tiles of 64, 160 blocks) are one wave."""
+    c = 8192.0
+    one = [prefill_attention_s(n, c, 32, 128, 188, 5e14, P) for n in (16, 64, 256)]
+    assert one[0] == pytest.approx(one[1], rel=0.01) and one[1] == pytest.approx(one[2], rel=0.02)
+    # 384 tokens: 6 tiles x 32 heads = 192 blocks > 188 SMs, a second wave.
+    assert prefill_attention_s(384, c, 32, 128, 188, 5e14, P) == pytest.approx(2 * one[2], rel=0.05)
+
+
+def test_prefill_wave_arithmetic():
+    """One wave: a block's causal FLOPs at the SM's share of peak, plus the per-wave tile cost."""
+    n, c, d, sms, peak = 100, 1000, 128, 10, 1e13
+    waves = np.ceil(np.ceil(n / 64) * 8 / sms)          # 2 tiles x 8 heads = 16 blocks -> 2 waves
+    block = 4.0 * d * 64 * (c + (n + 64) / 2)
+    want = waves * (block / (0.5 * peak / sms) + 5e-6)
+    assert waves == 2
+    assert prefill_attention_s(n, c, 8, d, sms, peak, P) == pytest.approx(want, rel=1e-12)
+
+
+def test_decode_is_kv_stream_plus_waves():
+    """Decode: KV bytes at the efficient bandwidth, plus one tile cost per wave of (seq, KV head) blocks."""
+    kv_bytes, bw = 1e9, 1e12
+    t1 = decode_attention_s(16, kv_bytes, 8, 128, bw, P)     # 128 blocks: one wave
+    t2 = decode_attention_s(17, kv_bytes, 8, 128, bw, P)     # 136 blocks: two
+    assert t1 == pytest.approx(kv_bytes / (0.9 * bw) + 3e-6)
+    assert t2 - t1 == pytest.approx(3e-6)
+
+
+def test_attention_tiles_reject_bad_constants():
+    """Efficiencies outside (0, 1.5] or negative costs are refused on construction."""
+    with pytest.raises(ValueError):
+        dataclasses.replace(P, compute_efficiency=0.0)
+    with pytest.raises(ValueError):
+        dataclasses.replace(P, decode_tile_s=-1e-6)
+
+
+def _device(sms):
+    dev, _ = load_device("h100-sxm")
+    extra = {k: v for k, v in dev.extra.items() if k != "sm_count"}
+    if sms:
+        extra["sm_count"] = sms
+    return dataclasses.replace(dev, extra=extra)
+
+
+def test_roofline_prices_decode_attention_by_tiles_per_layer():
+    """RooflineModel with tiles: decode attention = L x (stream + waves + floor); no SM count -> flat model."""
+    m = load_model("llama-3.1-8b")
+    dev = _device(132)
+    lat = RooflineModel(m, dev, 1, host_overhead_s=0.0, attention_tiles=P)
+    B, ctx = 64, 64 * 2001
+    kv_bytes = ctx * m.kv_bytes_per_token() / m.num_layers
+    want = m.num_layers * (kv_bytes / (0.9 * dev.memory_bandwidth_Bps) + np.ceil(B * 8 / 132) * 3e-6 + 10e-6)
+    parts = lat.breakdown(step_features([], B, ctx, B))
+    assert parts["attn_decode"] == pytest.approx(want, rel=1e-9)
+    assert lat.decode_step_time(B, ctx, decode_ctx_max=4000, ep_tokens=B) == pytest.approx(parts["total"])
+    flat = RooflineModel(m, _device(None), 1, host_overhead_s=0.0, attention_tiles=P)
+    assert flat.tiles is None
+    assert flat.breakdown(step_features([], B, ctx, B))["attn_decode"] != pytest.approx(want, rel=1e-3)
+
+
+def test_roofline_mixed_step_charges_one_floor_per_layer():
+    """A mixed step's attention is one launch per layer: the floor is counted once."""
+    m = load_model("llama-3.1-8b")
+    lat = RooflineModel(m, _device(132), 1, host_overhead_s=0.0, attention_tiles=P)
+    pre = lat.breakdown(step_features([(512, 1024)], 0, 0, 1))["attn_prefill"]
+    dec = lat.breakdown(step_features([], 8, 8 * 1000, 8))["attn_decode"]
+    mixed = lat.breakdown(step_features([(512, 1024)], 8, 8 * 1000, 9))
+    floor = m.num_layers * 10e-6
+    assert mixed["attn_prefill"] + mixed["attn_decode"] == pytest.approx(pre + dec - floor, rel=1e-9)
+
+
+def test_spec_profile_tiles_reach_the_model_unless_config_overrides():
+    """A profile's attention_tiles build the tile model; a configured attention efficiency turns it off."""
+    dev = _device(132)
+    prof = {"latency_model": {"kind": "roofline", "efficiencies": {"gemm": 0.7, "attention": 0.3, "memory": 0.8},
+                              "attention_tiles": {"compute_efficiency": 0.7, "memory_efficiency": 0.9, "floor_us": 10,
+                                                  "prefill_tile_us": 5, "decode_tile_us": 3, "q_tile": 64}}}
+    m = load_model("llama-3.1-8b")
+    lat = build_deployment(m, dev, build_config({}), prof).latency
+    t = lat.tiles
+    assert (t.compute_efficiency, t.memory_efficiency, t.q_tile) == (0.7, 0.9, 64)
+    assert (t.floor_s, t.prefill_tile_s, t.decode_tile_s) == pytest.approx((10e-6, 5e-6, 3e-6))
+    lat2 = build_deployment(m, dev, build_config({"latency": {"attention_efficiency": 0.4}}), prof).latency
+    assert lat2.tiles is None
+
+
+def _synthetic_attention(specs, tiles):
+    rows = []
+    for dev in specs:
+        for n, c in [(16, 4096), (256, 4096), (512, 8192), (1024, 0), (2048, 2048), (2048, 8192)]:
+            rows.append({"device": dev, "family": "attn_prefill", "n": n, "c": c, "nd": 0, "heads": 32,
+                         "kv_heads": 8, "head_dim": 128, "bytes": 4096.0 * (c + n), "us": 1.0})
+        for B, kv in [(1, 16384), (16, 256), (64, 4096), (256, 16), (256, 2048), (128, 8192)]:
+            rows.append({"device": dev, "family": "attn_decode", "n": 0, "c": 0, "nd": B, "heads": 32,
+                         "kv_heads": 8, "head_dim": 128, "bytes": 4096.0 * B * (kv + 1), "us": 1.0})
+    df = pd.DataFrame(rows)
+    df["us"] = predict_attention_us(df, tiles, specs)
+    for k in ("source", "op"):
+        df[k] = "synthetic"
+    df["x"], df["flops"], df["attn_flops"] = 1.0, 0.0, 1.0
+    return df
+
+
+def test_tile_fit_recovers_constants_and_predicts_held_out_devices():
+    """Devices built from one set of tile constants: the fit recovers them, and each held-out
+    device (its own SM count, peak and bandwidth) is predicted exactly."""
+    specs = {"a": (1e15, 3e12, 132.0), "b": (5e14, 1.6e12, 188.0), "c": (1.6e14, 1e12, 128.0)}
+    tiles = {"compute_efficiency": 0.7, "memory_efficiency": 0.9, "floor_us": 10.0, "prefill_tile_us": 6.0,
+             "decode_tile_us": 3.0}
+    df = _synthetic_attention(specs, tiles)
+    got = fit_attention_tiles(df, specs)
+    for k in TILE_KEYS:
+        assert got[k] == pytest.approx(tiles[k], rel=2e-2, abs=0.2)
+    for r in leave_one_device_out(df, specs):
+        for fam in ("attn_prefill", "attn_decode"):
+            assert r["errors"][fam]["time_weighted_ape_pct"] < 1.0
