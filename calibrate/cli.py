@@ -228,6 +228,8 @@ def _frontend_from_probe(data_dir: Path, intercept: float, coefficients: dict, h
         records = list(iter_iteration_records(f))
     fe = estimate_frontend_live(calls, float(t0), records, intercept, coefficients, host_s)
     fe.pop("samples", None)
+    if (probe / "contention.json").exists():
+        fe["contention"] = read_json(probe / "contention.json")
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in fe.items()}
 
 

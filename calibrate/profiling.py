@@ -137,7 +137,8 @@ def profile_engine(model: str, engine_args: list[str], out_dir: str | Path, *, p
                                                               retries=1 if quick else 2)
         log("frontend probe: single calls through the live-replay client")
         run_probe(server.base_url, server.served_model_name, out / FRONTEND_DIR,
-                  min(facts["max_num_batched_tokens"], facts["max_model_len"] - 2), seed=seed)
+                  min(facts["max_num_batched_tokens"], facts["max_model_len"] - 2), seed=seed, pgid=server.pid,
+                  max_other_cpu=max_other_cpu, retries=1 if quick else 2, log=log)
         time.sleep(1.0)  # let the last iteration lines reach the log
     finally:
         server.stop()

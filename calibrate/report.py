@@ -47,8 +47,10 @@ def profile_markdown(profile: dict) -> list[str]:
     if fe.get("n_samples"):
         split = (f" (way in {1e3 * fe['frontend_in_s']:.2f} ms, way out {1e3 * fe['frontend_out_s']:.2f} ms)"
                  if "frontend_in_s" in fe else "")
+        cont = fe.get("contention") or {}
+        busy = f"; other programs used {cont['other_cpu']:.2f} cores meanwhile" if "other_cpu" in cont else ""
         lines.append(f"- frontend: {1e3 * fe['frontend_s']:.2f} ms{split}, median of {fe['n_samples']} probe calls "
-                     f"(p10–p90 {1e3 * fe.get('p10_s', 0):.2f}–{1e3 * fe.get('p90_s', 0):.2f} ms)")
+                     f"(p10–p90 {1e3 * fe.get('p10_s', 0):.2f}–{1e3 * fe.get('p90_s', 0):.2f} ms{busy})")
     lines += ["", "| part | CV MAPE / p90 APE / total error | n |", "|---|---|---|"]
     ex_part = parts.get("execute", {})
     if "cv_mape" in ex_part:

@@ -102,6 +102,8 @@ def test_frontend_probe_splits_the_way_in_from_the_way_out(quick_profile):
     lm = prof["latency_model"]
     fe = lm["fit"]["parts"]["frontend"]
     assert (data / "frontend" / "calls.csv").exists()
+    assert fe["contention"]["attempts"] >= 1 and fe["contention"]["other_cpu"] >= 0
+    assert not list(data.glob("frontend~r*"))  # other attempts are not left behind
     assert fe["n_samples"] >= 20 and fe["unmatched"] <= 3
     assert 0 < lm["frontend_s"] < 0.1
     assert 0 < lm["frontend_in_s"] <= lm["frontend_s"]
