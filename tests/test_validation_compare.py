@@ -440,3 +440,24 @@ def test_step_time_sensitivity_is_about_one_for_an_unloaded_trace_and_more_near_
     busy = step_time_sensitivity(scale_arrivals(progs, 0.25), "hardware/profiles/cpu-tiny-llama.yaml", "tiny-llama",
                                  over)
     assert busy["ttft_ms"] > 2.0 and busy["ttft_ms"] > 2 * busy["tpot_ms"]
+
+
+def test_as_issued_replays_the_live_clients_send_times():
+    """The first call moves to its measured send time; in a chain a later call's issue lag is
+    added to the gap before it; DAG programs keep their gaps."""
+    import pandas as pd
+    from simkit import call, program
+    from validation.matrix import as_issued
+    chain = program("c", 1.0, [call(10, 2, tool_s=0.5), call(10, 2, tool_s=0.25), call(10, 2)])
+    dag = program("d", 2.0, [call(10, 2, tool_s=0.5), call(10, 2, after=[0]), call(10, 2, after=[0])])
+    untouched = program("u", 3.0, [call(10, 2)])
+    calls = pd.DataFrame([
+        {"program_id": "c", "call_index": 0, "arrival_s": 1.004, "issue_lag_s": 0.004},
+        {"program_id": "c", "call_index": 1, "arrival_s": 2.0, "issue_lag_s": 0.010},
+        {"program_id": "c", "call_index": 2, "arrival_s": 3.0, "issue_lag_s": 0.0},
+        {"program_id": "d", "call_index": 0, "arrival_s": 2.02, "issue_lag_s": 0.02},
+        {"program_id": "d", "call_index": 1, "arrival_s": 3.0, "issue_lag_s": 0.03}])
+    c, d, u = as_issued([chain, dag, untouched], calls)
+    assert c.arrival_s == 1.004 and [x.tool_s for x in c.calls] == [pytest.approx(0.51), 0.25, None]
+    assert d.arrival_s == 2.02 and [x.tool_s for x in d.calls] == [0.5, None, None]
+    assert u is untouched

@@ -19,7 +19,9 @@ A matrix YAML has a grid part and/or explicit cases:
         model: llama-3.1-8b
         set: {engine.max_num_seqs: 256}       # optional simulator overrides
 
-Grid cases are named `<model>-<trace>-<load>-<variant>`. Layout of the output directory:
+Grid cases are named `<model>-<trace>-<load>-<variant>`. A live case is simulated as the
+client actually issued it (`as_issued`: measured send times, issue lags added to tool gaps),
+which `<case>/trace.jsonl` holds. Layout of the output directory:
 `<case>/trace.jsonl`, `<case>/measured/`, `<case>/simulated/`, `<case>/report/`, and
 `summary.md` / `summary.json` across cases. With `repeats: N` a live case's further
 measurements go to `<case>/measured-repeats/2..N/`; aggregates are compared with the median
@@ -187,6 +189,29 @@ def scale_arrivals(programs, factor: float):
     if factor == 1.0:
         return programs
     return [replace(p, arrival_s=p.arrival_s * factor) for p in programs]
+
+
+def as_issued(programs, calls) -> list:
+    """The programs as a live client actually issued them (`calls`: its calls.csv): each
+    program's first call at its measured send time, and in a chain each later call's tool gap
+    lengthened by the client's issue lag for it, so the simulated engine receives what the
+    real one did (a 2-core client falls behind in bursts). DAG programs keep their gaps."""
+    lag = {(str(r.program_id), int(r.call_index)): (float(r.arrival_s), float(r.issue_lag_s))
+           for r in calls.itertuples(index=False)}
+    out = []
+    for prog in programs:
+        first = lag.get((prog.program_id, 0))
+        if first is None:
+            out.append(prog)
+            continue
+        calls_ = list(prog.calls)
+        if all(c.after is None for c in calls_):
+            for k in range(1, len(calls_)):
+                got = lag.get((prog.program_id, k))
+                if got is not None and got[1] > 0:
+                    calls_[k - 1] = replace(calls_[k - 1], tool_s=(calls_[k - 1].tool_s or 0.0) + got[1])
+        out.append(replace(prog, arrival_s=first[0], calls=tuple(calls_)))
+    return out
 
 
 # -- comparing ----------------------------------------------------------------------------
@@ -486,6 +511,8 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         if info.block_size:
             overrides["engine.block_size"] = int(info.block_size)
         overrides["metrics.step_log"] = True  # steps to compare with the server's
+        import pandas as pd
+        programs = as_issued(programs, pd.read_csv(measured / "calls.csv"))
         model = str(Path(case.model) / "config.json")
     write_trace(programs, case_dir / "trace.jsonl")
     overrides.update(case.overrides)
