@@ -203,22 +203,20 @@ class Instance:
             return False
         running = list(self.scheduler.running)
         max_len = self.engine.max_model_len
-        R = _MAX_RUN  # steps until the first request finishes
-        for r in running:
-            left = r.max_tokens - r.num_output_tokens
-            if left < R:
-                R = left
-            left = max_len - r.num_prompt_tokens - r.num_output_tokens
-            if left < R:
-                R = left
-        if R < 2:
-            return False
         bs = self.kv.block_size
         caching = self.kv.enable_caching
+        R = _MAX_RUN  # steps until the first request finishes
         base = []
         by_mod = [[] for _ in range(bs)]
         allocs_mod = [0] * bs  # allocations at steps j with j % bs == r
         for i, r in enumerate(running):
+            num_out = r.num_output_tokens
+            left = r.max_tokens - num_out
+            if left < R:
+                R = left
+            left = max_len - r.num_prompt_tokens - num_out
+            if left < R:
+                R = left
             c = r.num_computed_tokens - 1
             base.append(c)
             # Step j allocates a block for request i when c + j is a multiple of bs, and
@@ -228,6 +226,8 @@ class Instance:
             allocs_mod[m] += 1
             if caching:
                 by_mod[(m - 1) % bs].append(2 * i + 1)
+        if R < 2:
+            return False
         B = len(running)
         free = self.kv.pool.num_free
         ctx0 = out.decode_ctx_sum
