@@ -137,21 +137,22 @@ class Scheduler:
         last_slot = bs - 1
         max_c = self.max_model_len - 1
         scheduled = out.scheduled
+        append = scheduled.append
+        n0 = len(scheduled)
         ctx = 0
         ctx_max = out.decode_ctx_max
-        k = 0
         for req in self.running[start:start + limit]:
             c = req.num_computed_tokens
             o = req.num_output_tokens
-            if not (o and req.num_prompt_tokens + o == c + 1 and 0 < c % bs < last_slot and c < max_c):
+            if not o or req.num_prompt_tokens + o != c + 1 or not 0 < c % bs < last_slot or c >= max_c:
                 break
-            scheduled.append((req, 1))
+            append((req, 1))
             c += 1
             req.num_computed_tokens = c
             ctx += c
             if c > ctx_max:
                 ctx_max = c
-            k += 1
+        k = len(scheduled) - n0
         out.num_decodes += k
         out.decode_ctx_sum += ctx
         out.decode_ctx_max = ctx_max
