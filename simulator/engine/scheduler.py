@@ -129,11 +129,12 @@ class Scheduler:
         return budget
 
     def _schedule_decodes(self, out: SchedulerOutput, start: int, limit: int) -> int:
-        """Schedule running[start:], at most `limit` of them, while they are decodes whose
-        slot is inside their last block and that fill no block (allocate_slots would
-        allocate and cache nothing): the bulk of a step, kept to one tight loop. Returns
-        how many were scheduled (advanced, as `_advance` does)."""
-        bs = self.kv.block_size
+        """Schedule running[start:], at most `limit` of them, while they are decodes that get
+        their slot (allocate_slots(req, 1) succeeds): the bulk of a step, kept to one tight
+        loop. A slot inside the last block needs no block work at all. Returns how many were
+        scheduled (advanced, as `_advance` does)."""
+        kv = self.kv
+        bs = kv.block_size
         last_slot = bs - 1
         max_c = self.max_model_len - 1
         scheduled = out.scheduled
@@ -144,8 +145,10 @@ class Scheduler:
         for req in self.running[start:start + limit]:
             c = req.num_computed_tokens
             o = req.num_output_tokens
-            if not o or req.num_prompt_tokens + o != c + 1 or not 0 < c % bs < last_slot or c >= max_c:
+            if not o or req.num_prompt_tokens + o != c + 1 or c >= max_c:
                 break
+            if not 0 < c % bs < last_slot and not kv.allocate_decode_slot(req):
+                break  # no free block: the general path preempts
             append((req, 1))
             c += 1
             req.num_computed_tokens = c
