@@ -36,15 +36,15 @@ class _DecodeRun:
 
     __slots__ = ("running", "base", "starts", "durs", "by_mod", "applied", "M", "out0", "ctx0", "handle")
 
-    def __init__(self, running, base, starts, durs, by_mod, out0, ctx0):
+    def __init__(self, running, base, starts, durs, out0, ctx0):
         self.running = running
         self.base = base          # num_computed_tokens of each request before step 0
         self.starts = starts      # start time of steps 0..M (starts[M] = end of the run)
         self.durs = durs
         # Block events of step j are by_mod[j % block_size]: 2 * (running index) + kind
         # (0 allocate, 1 cache), in running order (a request's slot crosses a block boundary,
-        # or fills a block, every block_size steps).
-        self.by_mod = by_mod
+        # or fills a block, every block_size steps). Built when first needed.
+        self.by_mod: list[list[int]] | None = None
         self.applied = 0          # block events applied through this step
         self.M = len(durs)
         self.out0 = out0
@@ -203,13 +203,8 @@ class Instance:
             return False
         running = list(self.scheduler.running)
         max_len = self.engine.max_model_len
-        bs = self.kv.block_size
-        caching = self.kv.enable_caching
         R = _MAX_RUN  # steps until the first request finishes
-        base = []
-        by_mod = [[] for _ in range(bs)]
-        allocs_mod = [0] * bs  # allocations at steps j with j % bs == r
-        for i, r in enumerate(running):
+        for r in running:
             num_out = r.num_output_tokens
             left = r.max_tokens - num_out
             if left < R:
@@ -217,17 +212,13 @@ class Instance:
             left = max_len - r.num_prompt_tokens - num_out
             if left < R:
                 R = left
-            c = r.num_computed_tokens - 1
-            base.append(c)
-            # Step j allocates a block for request i when c + j is a multiple of bs, and
-            # caches one when c + j + 1 is. Events are encoded 2 * i + kind.
-            m = -c % bs
-            by_mod[m].append(2 * i)
-            allocs_mod[m] += 1
-            if caching:
-                by_mod[(m - 1) % bs].append(2 * i + 1)
         if R < 2:
             return False
+        bs = self.kv.block_size
+        base = [r.num_computed_tokens - 1 for r in running]
+        allocs_mod = [0] * bs  # step j allocates a block for each request with c + j = 0 (mod bs)
+        for c in base:
+            allocs_mod[-c % bs] += 1
         B = len(running)
         free = self.kv.pool.num_free
         ctx0 = out.decode_ctx_sum
@@ -249,7 +240,7 @@ class Instance:
         if M < 2:
             return False
         starts.append(t)
-        run = _DecodeRun(running, base, starts, durs, by_mod, out, ctx0)
+        run = _DecodeRun(running, base, starts, durs, out, ctx0)
         run.handle = self.loop.schedule(starts[M], self._prio, self._end_run)
         self._run = run
         return True
@@ -265,7 +256,7 @@ class Instance:
         num_cached_block = kv.num_cached_block
         running = run.running
         base = run.base
-        by_mod = run.by_mod
+        by_mod = run.by_mod or self._run_events(run)
         for j in range(run.applied + 1, upto + 1):
             for e in by_mod[j % bs]:
                 i = e >> 1
@@ -278,6 +269,25 @@ class Instance:
                     pool.cache_block(blocks[idx], req.block_key(idx))  # a no-op if cached already
                     num_cached_block[req.request_id] = idx + 1
         run.applied = upto
+
+    def _run_events(self, run: _DecodeRun) -> list[list[int]]:
+        """The run's block events by step residue (built when the first step applies any)."""
+        bs = self.kv.block_size
+        caching = self.kv.enable_caching
+        M = run.M  # no step from M on runs (a cut only shortens a run)
+        by_mod = [[] for _ in range(bs)]
+        for i, c in enumerate(run.base):
+            # Step j allocates a block for request i when c + j is a multiple of bs, and
+            # caches one when c + j + 1 is; the first such step is the residue, or bs.
+            m = -c % bs
+            if (m or bs) < M:
+                by_mod[m].append(2 * i)
+            if caching:
+                m = (m - 1) % bs
+                if (m or bs) < M:
+                    by_mod[m].append(2 * i + 1)
+        run.by_mod = by_mod
+        return by_mod
 
     def _step_at(self, run: _DecodeRun, now: float) -> int:
         """Index of the step in progress at `now` (the last one begun at or before now)."""
