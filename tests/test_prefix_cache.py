@@ -94,6 +94,25 @@ def test_allocate_decode_slot_is_allocate_slots_of_one_token(num_blocks):
     assert ok_a == (num_blocks == 8)
 
 
+def test_key_index_pages_stay_proportional_to_live_keys():
+    """Writing keys on thousands of pages whose entries go stale keeps a bounded number of
+    pages (sweeps recycle dead ones), and the live key stays readable throughout."""
+    import numpy as np
+
+    from simulator.engine.block_pool import NO_KEY
+    from simulator.engine.key_index import _MIN_SWEEP, _SWEEP_GROWTH, PAGE, KeyIndex
+
+    main_key = np.full(4, NO_KEY, np.int64)  # blocks 0..2, and the spare entry [-1]
+    index = KeyIndex(main_key)
+    live = 3 * PAGE + 5
+    index.set(live, 1)
+    main_key[1] = live
+    for p in range(10, 5000):
+        index.set(p * PAGE, 2)  # block 2 never holds these keys: stale at once
+        assert index.get(live) == 1
+    assert len(index.page_row) <= _SWEEP_GROWTH * _MIN_SWEEP
+
+
 def test_freed_blocks_join_queue_tail_first():
     """A finished request's blocks are appended to the free queue last block first."""
     kv = KVCacheManager(16, BS)
