@@ -129,7 +129,11 @@ class KVCacheManager:
             blocks.append(pool.get_new_block())
         if self.enable_caching:
             num_full = (c + 1) // bs
-            if num_full > self.num_cached_block[rid]:
+            start = self.num_cached_block[rid]
+            if num_full == start + 1:  # the token fills a block: cache it
+                self.num_cached_block[rid] = num_full
+                self.pool.cache_block(blocks[start], req.block_key(start))
+            elif num_full > start:
                 self._cache_full_blocks(req, blocks, num_full)
         return True
 
