@@ -3,8 +3,9 @@
 A speed change to the engine (block pool, KV cache manager, fast-forward) must not change a
 single result. This script replays every sample trace and a synthetic bench workload under
 a set of configurations that exercise the block layer (retention policies, schedulers,
-every router and scheduler, a per-operator latency profile, a frontend delay, a small KV so
-that preemption and eviction happen, fast-forward off) and compares calls.csv, programs.csv, timeseries.csv and
+every router and scheduler, a per-operator latency profile, a frontend delay, block sizes 1
+and 128, prefix caching and chunked prefill off, a small KV so that preemption and eviction
+happen, fast-forward off) and compares calls.csv, programs.csv, timeseries.csv and
 summary.json byte for byte (summary's `sim_events` excepted: event counts may change).
 
     python benchmarks/check_equivalence.py record /tmp/eqref     # before the change
@@ -58,6 +59,10 @@ CONFIGS: dict[str, list[str]] = {
     "affinity4": ["cluster.instances=4", "policy.router=session-affinity"],
     "small-affinity3-pin-ttl": [SMALL_KV, "cluster.instances=3", "policy.router=session-affinity", "policy.kv=pin-ttl"],
     "small-frontend": [SMALL_KV, "latency.frontend_s=0.004"],
+    "bs1": ["engine.block_size=1", "engine.num_gpu_blocks_override=60000"],
+    "bs128-seqs8": ["engine.block_size=128", "engine.max_num_seqs=8", "engine.num_gpu_blocks_override=400"],
+    "small-nocache": [SMALL_KV, "engine.enable_prefix_caching=false"],
+    "small-nochunk": [SMALL_KV, "engine.enable_chunked_prefill=false"],
     "ops": [],
     "small-ops-plas": [SMALL_KV, "policy.scheduler=plas"],
 }
