@@ -3,7 +3,8 @@
 A speed change to the engine (block pool, KV cache manager, fast-forward) must not change a
 single result. This script replays every sample trace and a synthetic bench workload under
 a set of configurations that exercise the block layer (retention policies, schedulers,
-several instances with a cache-aware router, a small KV so that preemption and eviction
+every router and scheduler, a per-operator latency profile, a frontend delay, block sizes 1
+and 128, prefix caching and chunked prefill off, a small KV so that preemption and eviction
 happen, fast-forward off) and compares calls.csv, programs.csv, timeseries.csv and
 summary.json byte for byte (summary's `sim_events` excepted: event counts may change).
 
@@ -51,7 +52,27 @@ CONFIGS: dict[str, list[str]] = {
     "small-prefix3": [SMALL_KV, "cluster.instances=3", "policy.router=prefix-aware"],
     "small-nofast": [SMALL_KV, "fast_forward=false"],
     "small-chunk": [SMALL_KV, "engine.long_prefill_token_threshold=256", "engine.max_num_batched_tokens=1024"],
+    "program-fcfs": ["policy.scheduler=program-fcfs"],
+    "small-program-fcfs": [SMALL_KV, "policy.scheduler=program-fcfs"],
+    "rr4": ["cluster.instances=4", "policy.router=round-robin"],
+    "small-least3": [SMALL_KV, "cluster.instances=3", "policy.router=least-loaded"],
+    "affinity4": ["cluster.instances=4", "policy.router=session-affinity"],
+    "small-affinity3-pin-ttl": [SMALL_KV, "cluster.instances=3", "policy.router=session-affinity", "policy.kv=pin-ttl"],
+    "small-frontend": [SMALL_KV, "latency.frontend_s=0.004"],
+    "bs1": ["engine.block_size=1", "engine.num_gpu_blocks_override=60000"],
+    "bs128-seqs8": ["engine.block_size=128", "engine.max_num_seqs=8", "engine.num_gpu_blocks_override=400"],
+    "small-nocache": [SMALL_KV, "engine.enable_prefix_caching=false"],
+    "small-nochunk": [SMALL_KV, "engine.enable_chunked_prefill=false"],
+    "ops": [],
+    "small-ops-plas": [SMALL_KV, "policy.scheduler=plas"],
 }
+# Cases run on other hardware than h100-sxm / llama-3.1-8b: name -> (--hardware, --model).
+# h100-sxm-llama-2-7b is a per-operator profile (OperatorModel); the rest use the roofline.
+HARDWARE: dict[str, tuple[str, str]] = {
+    "ops": ("h100-sxm-llama-2-7b", "llama-2-7b"),
+    "small-ops-plas": ("h100-sxm-llama-2-7b", "llama-2-7b"),
+}
+DEFAULT_HARDWARE = ("h100-sxm", "llama-3.1-8b")
 
 
 def traces(workdir: Path) -> list[Path]:
@@ -64,13 +85,14 @@ def traces(workdir: Path) -> list[Path]:
     return out + [synth]
 
 
-def run_case(trace: Path, sets: list[str], out: Path, repo: Path = REPO) -> str:
+def run_case(trace: Path, name: str, out: Path, repo: Path = REPO) -> str:
     # A path relative to the repository: summary.json records it, and a reference recorded
     # from another checkout must read the same.
     path = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
-    cmd = [sys.executable, "-m", "replay.cli", str(path), "--hardware", "h100-sxm", "--model", "llama-3.1-8b",
+    hardware, model = HARDWARE.get(name, DEFAULT_HARDWARE)
+    cmd = [sys.executable, "-m", "replay.cli", str(path), "--hardware", hardware, "--model", model,
            "--out", str(out), "--quiet"]
-    for s in sets:
+    for s in CONFIGS[name]:
         cmd += ["--set", s]
     p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if p.returncode != 0:
@@ -119,25 +141,25 @@ def main() -> int:
         other = None
         work = Path(tempfile.mkdtemp(prefix="eqcheck-"))
     a.refdir.mkdir(parents=True, exist_ok=True)
-    cases = [(t, name, sets) for t in traces(work if other else a.refdir) for name, sets in CONFIGS.items()
+    cases = [(t, name) for t in traces(work if other else a.refdir) for name in CONFIGS
              if a.only in f"{t.stem}/{name}"]
     scratch = work / "new" if other else work
 
     def one(case) -> tuple[str, str]:
-        trace, name, sets = case
+        trace, name = case
         label = f"{trace.stem}/{name}"
         ref = a.refdir / trace.stem / name
         if a.mode == "record":
-            err = run_case(trace, sets, ref)
+            err = run_case(trace, name, ref)
             return label, ("RECORDED" if not err else f"ERROR {err}")
         if other is not None:
-            err = run_case(trace, sets, ref, other)
+            err = run_case(trace, name, ref, other)
             if err:
                 return label, f"FAIL reference run: {err}"
         elif not ref.exists():
             return label, "FAIL (no reference)"
         new = scratch / trace.stem / name
-        err = run_case(trace, sets, new)
+        err = run_case(trace, name, new)
         if err:
             return label, f"FAIL {err}"
         bad = compare_dirs(ref, new)

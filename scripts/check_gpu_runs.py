@@ -89,13 +89,13 @@ class _WithDecodeMax:
 
     def __init__(self, lat, scheduler):
         self.lat, self.max = lat, 0
-        orig = scheduler._update_after_schedule
+        orig = scheduler.schedule
 
-        def update(out):
-            pre = [(req, n, req.num_computed_tokens) for req, n in out.scheduled]
-            orig(out)
-            self.max = max((c + 1 for req, n, c in pre if n == 1 and c >= req.num_prompt_tokens), default=0)
-        scheduler._update_after_schedule = update
+        def schedule(now):
+            out = orig(now)
+            self.max = out.decode_ctx_max
+            return out
+        scheduler.schedule = schedule
 
     def step_time(self, chunks, nd, ctx, ns, decode_ctx_max=None, ep_tokens=None):
         return self.lat.step_time(chunks, nd, ctx, ns, self.max or None, ep_tokens)

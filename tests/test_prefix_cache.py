@@ -58,6 +58,61 @@ def test_different_keys_do_not_hit():
     assert kv.get_computed_blocks(make_req(1, 16))[1] == 0
 
 
+def _decode_twins(num_blocks):
+    """Two managers holding the same request mid-prompt (one short of a block boundary)."""
+    out = []
+    for _ in range(2):
+        kv = KVCacheManager(num_blocks, BS)
+        other = make_req(9, 8)
+        _computed(kv, other)
+        kv.free(other)  # two cached blocks in the free queue, so allocations evict
+        req = make_req(0, 6, max_tokens=20)
+        _computed(kv, req)
+        req.num_output_tokens = 1  # one token sampled: the next step is a decode
+        out.append((kv, req))
+    return out
+
+
+@pytest.mark.parametrize("num_blocks", [8, 4])
+def test_allocate_decode_slot_is_allocate_slots_of_one_token(num_blocks):
+    """Decoding token by token across block boundaries, allocate_decode_slot leaves the same
+    tables, cached keys and free queue as allocate_slots(req, 1), and fails the same way."""
+    (kv_a, a), (kv_b, b) = _decode_twins(num_blocks)
+    for _ in range(12):
+        ok_a = kv_a.allocate_decode_slot(a)
+        ok_b = kv_b.allocate_slots(b, 1)
+        assert ok_a == ok_b
+        assert kv_a.req_to_blocks == kv_b.req_to_blocks
+        assert kv_a.num_cached_block == kv_b.num_cached_block
+        assert list(kv_a.pool.block_key) == list(kv_b.pool.block_key)
+        assert kv_a.pool.free_queue() == kv_b.pool.free_queue()
+        if not ok_a:
+            break
+        for r in (a, b):
+            r.num_computed_tokens += 1
+            r.num_output_tokens += 1
+    assert ok_a == (num_blocks == 8)
+
+
+def test_key_index_pages_stay_proportional_to_live_keys():
+    """Writing keys on thousands of pages whose entries go stale keeps a bounded number of
+    pages (sweeps recycle dead ones), and the live key stays readable throughout."""
+    import numpy as np
+
+    from simulator.engine.block_pool import NO_KEY
+    from simulator.engine.key_index import _MIN_SWEEP, _SWEEP_GROWTH, PAGE, KeyIndex
+
+    main_key = np.full(4, NO_KEY, np.int64)  # blocks 0..2, and the spare entry [-1]
+    index = KeyIndex(main_key)
+    live = 3 * PAGE + 5
+    index.set(live, 1)
+    main_key[1] = live
+    for p in range(10, 5000):
+        index.set(p * PAGE, 2)  # block 2 never holds these keys: stale at once
+        assert index.get(live) == 1
+    assert len(index.page_row) <= _SWEEP_GROWTH * _MIN_SWEEP
+
+
 def test_freed_blocks_join_queue_tail_first():
     """A finished request's blocks are appended to the free queue last block first."""
     kv = KVCacheManager(16, BS)

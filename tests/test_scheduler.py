@@ -281,6 +281,10 @@ def test_priority_preemption_does_not_skip_the_next_running_request():
     out = s.schedule(0.0)  # h1 needs a block: lo (already scheduled) is the victim
     assert out.preempted == [lo]
     assert scheduled_ids(out) == [1, 2]
+    # The batch shape counts h1's and h2's decodes only (contexts 8 + 1 and 4 + 1).
+    assert (out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max) == (2, 9 + 5, 9)
+    assert (out.num_scheduled_tokens, out.num_sampled, out.prefill_chunks) == (2, 2, [])
+    assert (lo.num_computed_tokens, h1.num_computed_tokens, h2.num_computed_tokens) == (0, 9, 5)
 
 
 # --- the real Instance on an event loop ----------------------------------------------------

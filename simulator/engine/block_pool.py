@@ -152,6 +152,15 @@ class BlockPool:
     def _pop(self, k: int) -> np.ndarray:
         """Take the first k live entries off the queue (the caller checked num_free >= k)."""
         segs, stamp = self._segs, self._stamp
+        blocks, stamps = segs[0]
+        pos = self._pos
+        end = pos + k
+        if end < len(blocks):
+            w = blocks[pos:end]
+            if (stamp[w] == stamps[pos:end]).all():  # the common case: k live entries in a row
+                self._qlen -= k
+                self._pos = end
+                return w
         parts = []
         win = 2 * k + 16  # most entries near the head are live; widen over dead runs
         while k:

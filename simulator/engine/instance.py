@@ -34,16 +34,17 @@ _MAX_RUN = 1 << 15
 class _DecodeRun:
     """A planned run of pure-decode steps 0..M-1 (step 0 already scheduled by the scheduler)."""
 
-    __slots__ = ("running", "base", "starts", "durs", "events", "ev_pos", "applied", "M", "out0",
-                 "ctx0", "handle")
+    __slots__ = ("running", "base", "starts", "durs", "by_mod", "applied", "M", "out0", "ctx0", "handle")
 
-    def __init__(self, running, base, starts, durs, events, out0, ctx0):
+    def __init__(self, running, base, starts, durs, out0, ctx0):
         self.running = running
         self.base = base          # num_computed_tokens of each request before step 0
         self.starts = starts      # start time of steps 0..M (starts[M] = end of the run)
         self.durs = durs
-        self.events = events      # sorted (step, running index, kind 0=allocate 1=cache)
-        self.ev_pos = 0
+        # Block events of step j are by_mod[j % block_size]: 2 * (running index) + kind
+        # (0 allocate, 1 cache), in running order (a request's slot crosses a block boundary,
+        # or fills a block, every block_size steps). Built when first needed.
+        self.by_mod: list[list[int]] | None = None
         self.applied = 0          # block events applied through this step
         self.M = len(durs)
         self.out0 = out0
@@ -167,20 +168,22 @@ class Instance:
         same = 0
         finished = []
         max_len = self.engine.max_model_len
-        for req, n in out.scheduled:
-            if req.num_computed_tokens < req.num_tokens:
+        for req, _n in out.scheduled:
+            num_out = req.num_output_tokens
+            if req.num_computed_tokens < req.num_prompt_tokens + num_out:
                 continue  # a prefill chunk that does not reach the end samples nothing
-            req.num_output_tokens += 1
+            num_out += 1
+            req.num_output_tokens = num_out
             last = req.last_token_time
-            if req.first_token_time < 0:
-                req.first_token_time = now
-            elif last == start:
+            if last == start:
                 same += 1
+            elif req.first_token_time < 0:
+                req.first_token_time = now
             else:
                 itl_v.append(now - last)
                 itl_w.append(1)
             req.last_token_time = now
-            if req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_len:
+            if num_out >= req.max_tokens or req.num_prompt_tokens + num_out >= max_len:
                 finished.append(req)
         if same:
             itl_v.append(now - start)
@@ -227,22 +230,23 @@ class Instance:
             return False
         running = list(self.scheduler.running)
         max_len = self.engine.max_model_len
-        R = _MAX_RUN
+        R = _MAX_RUN  # steps until the first request finishes
         for r in running:
-            left = r.max_tokens - r.num_output_tokens
+            num_out = r.num_output_tokens
+            left = r.max_tokens - num_out
             if left < R:
                 R = left
-            left = max_len - r.num_tokens
+            left = max_len - r.num_prompt_tokens - num_out
             if left < R:
                 R = left
         if R < 2:
             return False
         bs = self.kv.block_size
-        B = len(running)
         base = [r.num_computed_tokens - 1 for r in running]
-        per_mod = [0] * bs
+        allocs_mod = [0] * bs  # step j allocates a block for each request with c + j = 0 (mod bs)
         for c in base:
-            per_mod[c % bs] += 1
+            allocs_mod[-c % bs] += 1
+        B = len(running)
         free = self.kv.pool.num_free
         ctx0 = out.decode_ctx_sum
         max0 = out.decode_ctx_max or None
@@ -252,7 +256,7 @@ class Instance:
         t = now + d0
         need = 0
         for j in range(1, R):
-            need += per_mod[(-j) % bs]
+            need += allocs_mod[j % bs]
             if need > free:
                 break  # step j would preempt: it runs normally
             starts.append(t)
@@ -263,49 +267,54 @@ class Instance:
         if M < 2:
             return False
         starts.append(t)
-        events = []
-        caching = self.kv.enable_caching
-        for i, c in enumerate(base):
-            j = (-c) % bs or bs
-            while j < M:
-                events.append((j, i, 0))
-                j += bs
-            if caching:
-                j = (-(c + 1)) % bs or bs
-                while j < M:
-                    events.append((j, i, 1))
-                    j += bs
-        events.sort()
-        run = _DecodeRun(running, base, starts, durs, events, out, ctx0)
+        run = _DecodeRun(running, base, starts, durs, out, ctx0)
         run.handle = self.loop.schedule(starts[M], self._prio, self._end_run)
         self._run = run
         return True
 
     def _apply_run_events(self, run: _DecodeRun, upto: int) -> None:
-        """Apply the block events of steps 1..upto (allocations, then caching, per request)."""
+        """Apply the block events of steps applied+1..upto (allocations, then caching, per request)."""
         if upto <= run.applied:
             return
-        events = run.events
-        pos = run.ev_pos
-        n = len(events)
         kv = self.kv
         pool = kv.pool
         bs = kv.block_size
+        req_to_blocks = kv.req_to_blocks
+        num_cached_block = kv.num_cached_block
         running = run.running
         base = run.base
-        while pos < n and events[pos][0] <= upto:
-            j, i, kind = events[pos]
-            req = running[i]
-            blocks = kv.req_to_blocks[req.request_id]
-            if kind == 0:
-                blocks.append(pool.get_new_block())
-            else:
-                idx = (base[i] + j + 1) // bs - 1
-                pool.cache_block(blocks[idx], req.block_key(idx))  # a no-op if cached already
-                kv.num_cached_block[req.request_id] = idx + 1
-            pos += 1
-        run.ev_pos = pos
+        by_mod = run.by_mod or self._run_events(run)
+        for j in range(run.applied + 1, upto + 1):
+            for e in by_mod[j % bs]:
+                i = e >> 1
+                req = running[i]
+                blocks = req_to_blocks[req.request_id]
+                if not e & 1:
+                    blocks.append(pool.get_new_block())
+                else:
+                    idx = (base[i] + j + 1) // bs - 1
+                    pool.cache_block(blocks[idx], req.block_key(idx))  # a no-op if cached already
+                    num_cached_block[req.request_id] = idx + 1
         run.applied = upto
+
+    def _run_events(self, run: _DecodeRun) -> list[list[int]]:
+        """The run's block events by step residue (built when the first step applies any)."""
+        bs = self.kv.block_size
+        caching = self.kv.enable_caching
+        M = run.M  # no step from M on runs (a cut only shortens a run)
+        by_mod = [[] for _ in range(bs)]
+        for i, c in enumerate(run.base):
+            # Step j allocates a block for request i when c + j is a multiple of bs, and
+            # caches one when c + j + 1 is; the first such step is the residue, or bs.
+            m = -c % bs
+            if (m or bs) < M:
+                by_mod[m].append(2 * i)
+            if caching:
+                m = (m - 1) % bs
+                if (m or bs) < M:
+                    by_mod[m].append(2 * i + 1)
+        run.by_mod = by_mod
+        return by_mod
 
     def _step_at(self, run: _DecodeRun, now: float) -> int:
         """Index of the step in progress at `now` (the last one begun at or before now)."""
@@ -338,46 +347,47 @@ class Instance:
         if M == 1:
             self._on_step_end(run.out0, run.starts[0], run.durs[0])
             return
+        now = self.loop.now  # == starts[M]
         starts, durs = run.starts, run.durs
         running = run.running
         B = len(running)
         itl_v, itl_w = self.itl
-        # Outputs of steps 0..M-2 in bulk; step M-1 goes through the normal step end.
+        # The outputs of all M steps at once, in the order stepping one at a time appends them.
         t0, e0 = starts[0], starts[1]
-        last = starts[M - 1]
         base = run.base
+        max_len = self.engine.max_model_len
         same = 0
+        finished = []
         for i, r in enumerate(running):
-            if r.last_token_time == t0:
+            last = r.last_token_time
+            if last == t0:
                 same += 1
             else:
-                itl_v.append(e0 - r.last_token_time)
+                itl_v.append(e0 - last)
                 itl_w.append(1)
-            r.num_output_tokens += M - 1
+            num_out = r.num_output_tokens + M
+            r.num_output_tokens = num_out
             r.num_computed_tokens = base[i] + M
-            r.last_token_time = last
+            r.last_token_time = now
+            if num_out >= r.max_tokens or r.num_prompt_tokens + num_out >= max_len:
+                finished.append(r)
         if same:
             itl_v.append(e0 - t0)
             itl_w.append(same)
         busy = self.busy_time
-        for j in range(1, M - 1):
+        for j in range(1, M):
             itl_v.append(starts[j + 1] - starts[j])
             itl_w.append(B)
         if self.step_log is not None:
-            self.step_log.extend((starts[j + 1], 0, 0, B, durs[j]) for j in range(M - 1))
-        for j in range(M - 1):
+            self.step_log.extend((starts[j + 1], 0, 0, B, durs[j]) for j in range(M))
+        for j in range(M):
             busy += durs[j]
         self.busy_time = busy
-        self.num_steps += M - 1
-        self.num_tokens_computed += B * (M - 1)
-        out = SchedulerOutput()
-        out.scheduled = [(r, 1) for r in running]
-        out.num_decodes = B
-        out.decode_ctx_sum = run.ctx0 + (M - 1) * B
-        out.decode_ctx_max = run.out0.decode_ctx_max + (M - 1) if run.out0.decode_ctx_max else 0
-        out.num_scheduled_tokens = B
-        out.num_sampled = B
-        self._on_step_end(out, last, durs[M - 1])
+        self.num_steps += M
+        self.num_tokens_computed += B * M
+        for req in finished:
+            self._finish(req, now)
+        self._start_step(now)
 
     # -- observation ---------------------------------------------------------------------
     def num_running(self) -> int:

@@ -112,6 +112,31 @@ class KVCacheManager:
                 self._cache_full_blocks(req, blocks, num_full, have, have, new)
         return True
 
+    def allocate_decode_slot(self, req: Request) -> bool:
+        """allocate_slots(req, 1) for a running decode (one token short of its token count,
+        below max_model_len): at most one new block and one block to cache, without the
+        general bookkeeping. The scheduler's hot loop calls it at block boundaries."""
+        rid = req.request_id
+        blocks = self.req_to_blocks.get(rid)
+        c = req.num_computed_tokens
+        bs = self.block_size
+        if blocks is None or -(-(c + 1) // bs) - len(blocks) > 1:
+            return self.allocate_slots(req, 1)
+        if len(blocks) * bs == c:  # the slot opens a new block
+            pool = self.pool
+            if not pool.num_free:
+                return False
+            blocks.append(pool.get_new_block())
+        if self.enable_caching:
+            num_full = (c + 1) // bs
+            start = self.num_cached_block[rid]
+            if num_full == start + 1:  # the token fills a block: cache it
+                self.num_cached_block[rid] = num_full
+                self.pool.cache_block(blocks[start], req.block_key(start))
+            elif num_full > start:
+                self._cache_full_blocks(req, blocks, num_full)
+        return True
+
     def _allocate_with_hits(self, req: Request, num_new_tokens: int, num_new_computed_tokens: int,
                             hit_blocks: list[int], delay_cache_blocks: bool) -> bool:
         """allocate_slots for a request admitted with cache hits (they come first in its table)."""

@@ -11,7 +11,8 @@ recompute are one code path.
 2. Waiting requests only if this step preempted nothing, while budget and `max_num_seqs`
    allow: a new (or preempted) request first looks up its prefix-cache hit; the first one
    that cannot get blocks stops admission (no skipping ahead, no preemption for it).
-3. Every scheduled request's `num_computed_tokens` advances by its scheduled tokens.
+3. Every scheduled request's `num_computed_tokens` advances by its scheduled tokens (as it
+   is scheduled: nothing later in the step reads it).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget, now)
-        self._update_after_schedule(out)
         return out
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
@@ -97,20 +97,15 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running = self.running
-        scheduled = out.scheduled
-        bs = self.kv.block_size
-        max_len = self.max_model_len
+        recount = False
         i = 0
         while i < len(running) and budget > 0:
+            k = self._schedule_decodes(out, i, budget)
+            i += k
+            budget -= k
+            if i >= len(running) or budget <= 0:
+                break
             req = running[i]
-            c = req.num_computed_tokens
-            if req.num_prompt_tokens + req.num_output_tokens - c == 1 and c % bs and (c + 1) % bs and c + 1 < max_len:
-                # A decode whose slot is inside its last block and that fills no block:
-                # allocate_slots would allocate and cache nothing.
-                scheduled.append((req, 1))
-                budget -= 1
-                i += 1
-                continue
             n = self._num_new_tokens(req, budget)
             if n == 0:
                 i += 1
@@ -119,16 +114,54 @@ class Scheduler:
                 victim = self.policy.pick_victim(running)
                 if running.index(victim) < i:
                     i -= 1  # a request already scheduled this step leaves: vLLM steps its index back
+                    recount = True
                 budget += self._preempt(victim, out)
                 if victim is req:
                     break
-            else:
-                scheduled.append((req, n))
-                budget -= n
-                i += 1
-                continue
-            break  # the request itself was preempted
+            if req.status == PREEMPTED:
+                break  # the request itself was preempted
+            out.scheduled.append((req, n))
+            self._advance(out, req, n)
+            budget -= n
+            i += 1
+        if recount:
+            self._recount(out)
         return budget
+
+    def _schedule_decodes(self, out: SchedulerOutput, start: int, limit: int) -> int:
+        """Schedule running[start:], at most `limit` of them, while they are decodes that get
+        their slot (allocate_slots(req, 1) succeeds): the bulk of a step, kept to one tight
+        loop. A slot inside the last block needs no block work at all. Returns how many were
+        scheduled (advanced, as `_advance` does)."""
+        kv = self.kv
+        bs = kv.block_size
+        last_slot = bs - 1
+        max_c = self.max_model_len - 1
+        scheduled = out.scheduled
+        append = scheduled.append
+        n0 = len(scheduled)
+        ctx = 0
+        ctx_max = out.decode_ctx_max
+        for req in self.running[start:start + limit]:
+            c = req.num_computed_tokens
+            o = req.num_output_tokens
+            if not o or req.num_prompt_tokens + o != c + 1 or c >= max_c:
+                break
+            if not 0 < c % bs < last_slot and not kv.allocate_decode_slot(req):
+                break  # no free block: the general path preempts
+            append((req, 1))
+            c += 1
+            req.num_computed_tokens = c
+            ctx += c
+            if c > ctx_max:
+                ctx_max = c
+        k = len(scheduled) - n0
+        out.num_decodes += k
+        out.decode_ctx_sum += ctx
+        out.decode_ctx_max = ctx_max
+        out.num_scheduled_tokens += k
+        out.num_sampled += k
+        return k
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
         """Recompute preemption. Returns budget given back if the victim was already scheduled."""
@@ -212,6 +245,7 @@ class Scheduler:
                 req.scheduled_time = now
             req.status = RUNNING
             out.scheduled.append((req, n))
+            self._advance(out, req, n)
             budget -= n
             if self.on_admitted is not None:
                 self.on_admitted(req)
@@ -225,25 +259,30 @@ class Scheduler:
         if self.kv.enable_caching:
             self.kv.cache_blocks(req, req.num_computed_tokens)
 
-    def _update_after_schedule(self, out: SchedulerOutput) -> None:
-        chunks = out.prefill_chunks
-        n_dec = ctx = total = sampled = ctx_max = 0
+    def _advance(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        """Step 3 for a request just scheduled: add it to the step's batch shape, and advance
+        its `num_computed_tokens` (at once: nothing later in the step reads it)."""
+        c = req.num_computed_tokens
+        if n == 1 and c >= req.num_prompt_tokens:
+            out.num_decodes += 1
+            out.decode_ctx_sum += c + 1
+            if c >= out.decode_ctx_max:
+                out.decode_ctx_max = c + 1
+        else:
+            out.prefill_chunks.append((n, c))
+        c += n
+        req.num_computed_tokens = c
+        out.num_scheduled_tokens += n
+        if c >= req.num_tokens:
+            out.num_sampled += 1
+
+    def _recount(self, out: SchedulerOutput) -> None:
+        """The batch shape from scratch, after a request scheduled earlier in the step was
+        preempted (priority victims) and taken out of it."""
         for req, n in out.scheduled:
-            c = req.num_computed_tokens
-            if n == 1 and c >= req.num_prompt_tokens:
-                n_dec += 1
-                ctx += c + 1
-                if c >= ctx_max:
-                    ctx_max = c + 1
-            else:
-                chunks.append((n, c))
-            c += n
-            req.num_computed_tokens = c
-            total += n
-            if c >= req.num_tokens:
-                sampled += 1
-        out.num_decodes = n_dec
-        out.decode_ctx_sum = ctx
-        out.decode_ctx_max = ctx_max
-        out.num_scheduled_tokens = total
-        out.num_sampled = sampled
+            req.num_computed_tokens -= n
+        out.prefill_chunks.clear()
+        out.num_decodes = out.decode_ctx_sum = out.decode_ctx_max = 0
+        out.num_scheduled_tokens = out.num_sampled = 0
+        for req, n in out.scheduled:
+            self._advance(out, req, n)
