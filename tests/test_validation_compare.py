@@ -457,7 +457,12 @@ def test_as_issued_replays_the_live_clients_send_times():
         {"program_id": "c", "call_index": 2, "arrival_s": 3.0, "issue_lag_s": 0.0},
         {"program_id": "d", "call_index": 0, "arrival_s": 2.02, "issue_lag_s": 0.02},
         {"program_id": "d", "call_index": 1, "arrival_s": 3.0, "issue_lag_s": 0.03}])
-    c, d, u = as_issued([chain, dag, untouched], calls)
+    late = program("l", 1.001, [call(10, 2)])  # planned after "c", sent before it
+    calls = pd.concat([calls, pd.DataFrame([{"program_id": "l", "call_index": 0, "arrival_s": 1.002,
+                                             "issue_lag_s": 0.001}])])
+    out = as_issued([chain, late, dag, untouched], calls)
+    assert [p.program_id for p in out] == ["l", "c", "d", "u"]  # the simulator takes them by arrival
+    _, c, d, u = out
     assert c.arrival_s == 1.004 and [x.tool_s for x in c.calls] == [pytest.approx(0.51), 0.25, None]
     assert d.arrival_s == 2.02 and [x.tool_s for x in d.calls] == [0.5, None, None]
     assert u is untouched

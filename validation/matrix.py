@@ -211,7 +211,7 @@ def as_issued(programs, calls) -> list:
                 if got is not None and got[1] > 0:
                     calls_[k - 1] = replace(calls_[k - 1], tool_s=(calls_[k - 1].tool_s or 0.0) + got[1])
         out.append(replace(prog, arrival_s=first[0], calls=tuple(calls_)))
-    return out
+    return sorted(out, key=lambda p: p.arrival_s)  # a late send can pass a later program's (stable)
 
 
 # -- comparing ----------------------------------------------------------------------------
