@@ -466,3 +466,19 @@ def test_as_issued_replays_the_live_clients_send_times():
     assert c.arrival_s == 1.004 and [x.tool_s for x in c.calls] == [pytest.approx(0.51), 0.25, None]
     assert d.arrival_s == 2.02 and [x.tool_s for x in d.calls] == [0.5, None, None]
     assert u is untouched
+
+
+def test_measured_step_scale_weights_kinds_by_simulated_time():
+    import pandas as pd
+    from validation.steps import measured_step_scale
+    # measured decode steps 10 % slower at the same batch, prefill 25 % slower per token
+    meas = pd.DataFrame(_steps([(4, 5.5, 40)], [(500, 62.5, 10)]))
+    sim = pd.DataFrame(_steps([(4, 5.0, 40)], [(500, 50.0, 10)]))
+    # simulated time: decode 200 ms, prefill 500 ms -> (200 * 1.1 + 500 * 1.25) / 700
+    assert measured_step_scale(meas, sim) == pytest.approx((200 * 1.1 + 500 * 1.25) / 700)
+    from validation.matrix import summary_markdown
+    row = {"case": "c", "status": "ok", "calls": 1, "errors": {}, "noise": {},
+           "at_measured_step_speed": {"step_time_scale": 1.2, "errors": {"mean_ttft_ms": -0.01, "mean_tpot_ms": 0.02,
+                                                                          "mean_e2e_ms": None, "mean_jct_s": 0.0}}}
+    lines = summary_markdown({"matrix": "t", "seconds": 1, "cases": [row], "ranking": []})
+    assert "| c | x1.200 | -1.0% | +2.0% | - | +0.0% |" in lines

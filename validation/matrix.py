@@ -345,6 +345,16 @@ def summary_markdown(result: dict) -> list[str]:
             if vals:
                 v, c = max(vals)
                 lines.append(f"- {stat} {metric}: {100 * v:.1f}% ({c})")
+    at = [(r["case"], r["at_measured_step_speed"]) for r in ok if r.get("at_measured_step_speed")]
+    if at:
+        lines += ["", "At the step speed the engine showed in each measurement (the simulation rerun with every step "
+                      "time scaled to the measured steps; a diagnostic of what is left beside the step model):", "",
+                  "| case | measured / simulated step time | mean TTFT | mean TPOT | mean E2E | mean JCT |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for case, a in at:
+            e = a["errors"]
+            lines.append(f"| {case} | x{a['step_time_scale']:.3f} | " + " | ".join(
+                signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
     if result.get("ranking"):
         lines += ["", "Ranking: does the simulator order the variants as the real engine does?", "",
                   "| group | metric | measured order | simulated order | agree |", "|---|---|---|---|---|"]
@@ -525,7 +535,38 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         warns = profile_mismatch(hardware, case.engine_args)
         for w in warns:
             log(f"    warning: {w['message']}")
-    return compare_dirs(measured, simulated, report, extra, warns, sensitivity)
+    row = compare_dirs(measured, simulated, report, extra, warns, sensitivity)
+    if case.kind == "live":
+        row["at_measured_step_speed"] = _at_measured_step_speed(programs, hardware, model, overrides, measured,
+                                                                simulated, row)
+    return row
+
+
+def _at_measured_step_speed(programs, hardware, model, overrides, measured: Path, simulated: Path,
+                            row: dict) -> dict | None:
+    """The four means' errors when the simulation runs at the step speed the engine showed in
+    this measurement (validation.steps.measured_step_scale): what is left once the machine's
+    step times are taken as measured. A diagnostic, not the case's result."""
+    from replay.results import load_steps
+    from replay.sim_backend import make_deployment
+    from simulator.cluster import Simulation
+
+    from .steps import measured_step_scale
+
+    ms, ss = load_steps(measured), load_steps(simulated)
+    if ms is None or ss is None or not len(ms) or not len(ss):
+        return None
+    scale = measured_step_scale(ms, ss)
+    if scale is None:
+        return None
+    cfg = build_config(None, {**overrides, "latency.step_time_scale": scale, "metrics.sample_interval_s": 0,
+                              "metrics.step_log": False})
+    summ = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+    errors = {}
+    for metric, key in _SUMMARY_KEYS.items():
+        m = row["measured"].get(key)
+        errors[f"mean_{metric}"] = (summ[key] - m) / m if m and summ.get(key) is not None else None
+    return {"step_time_scale": scale, "errors": errors}
 
 
 def _ranking(rows: list[dict], cases: list[Case]) -> list[dict]:

@@ -99,3 +99,20 @@ def steps_finding(cmp: dict) -> str:
         parts.append(f"steps with prefill {m['prefill_ms_per_1k_tokens']:.1f} vs {s['prefill_ms_per_1k_tokens']:.1f} ms "
                      f"per 1k prefill tokens ({100 * e['prefill_per_token']:+.1f}%)")
     return "; ".join(parts)
+
+
+def measured_step_scale(meas: pd.DataFrame, sim: pd.DataFrame) -> float | None:
+    """One factor for how much longer the measured engine's steps took than the simulated
+    ones (1.2: 20 % longer): decode-only steps at the same batch size and steps with prefill
+    per token, weighted by the simulated time spent in each kind. A diagnostic: the
+    simulation rerun at this step speed shows what error is left for everything but the
+    step model (queueing, frontend, client) on this run's machine."""
+    c = compare_steps(meas, sim)
+    prefill, decode = _kinds(sim)
+    parts = []
+    for err, steps in ((c["errors"]["decode_period_same_batch"], decode),
+                       (c["errors"]["prefill_per_token"], prefill)):
+        if err is not None and err > -1:
+            parts.append((float(steps["period_ms"].sum()), 1.0 / (1.0 + err)))
+    total = sum(w for w, _ in parts)
+    return sum(w * r for w, r in parts) / total if total > 0 else None
