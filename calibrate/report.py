@@ -10,7 +10,7 @@ def _pct(x) -> str:
 
 
 def _spct(x) -> str:
-    return "-" if x is None else f"{100 * x:+.1f} %".replace("+-", "−").replace("-", "−")
+    return "-" if x is None else f"{100 * x:+.1f} %".replace("-", "−")
 
 
 def _part_cell(p: dict) -> str:

@@ -433,11 +433,13 @@ def _simulate(programs, hardware: str, model: str, overrides: dict, out: Path) -
 SENSITIVITY_STEP = 0.05  # step times scaled by 1 -/+ this for the sensitivity check
 
 
-def step_time_sensitivity(programs, hardware: str, model: str, overrides: dict) -> dict[str, float | None]:
+def step_time_sensitivity(programs, hardware: str, model: str, overrides: dict,
+                          base: dict | None = None) -> dict[str, float | None]:
     """How much each mean metric moves per 1 % of error in every step time: the simulation
     again with step times x0.95 and x1.05, (M(+) - M(-)) / (2 * 5 % * M). Near saturation
     queueing amplifies a small step-time error (an elasticity of 5 means a 1 % step-time error
-    is a 5 % TTFT error), which says how closely a case can test the rest of the model."""
+    is a 5 % TTFT error), which says how closely a case can test the rest of the model.
+    `base`: the summary of the unscaled simulation when it has already run."""
     from replay.sim_backend import make_deployment
     from simulator.cluster import Simulation
 
@@ -446,8 +448,9 @@ def step_time_sensitivity(programs, hardware: str, model: str, overrides: dict) 
         cfg = build_config(None, {**overrides, "latency.step_time_scale": 1 + sign * SENSITIVITY_STEP,
                                   "metrics.sample_interval_s": 0, "metrics.step_log": False})
         runs[sign] = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
-    cfg = build_config(None, {**overrides, "metrics.sample_interval_s": 0, "metrics.step_log": False})
-    base = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+    if base is None:
+        cfg = build_config(None, {**overrides, "metrics.sample_interval_s": 0, "metrics.step_log": False})
+        base = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
     out = {}
     for metric, key in _SUMMARY_KEYS.items():
         m0, lo, hi = base.get(key), runs[-1].get(key), runs[1].get(key)
@@ -527,8 +530,8 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
     write_trace(programs, case_dir / "trace.jsonl")
     overrides.update(case.overrides)
     log("    simulating ...")
-    _simulate(programs, hardware, model, overrides, simulated)
-    sensitivity = step_time_sensitivity(programs, hardware, model, overrides)
+    sim_summary = _simulate(programs, hardware, model, overrides, simulated)
+    sensitivity = step_time_sensitivity(programs, hardware, model, overrides, base=sim_summary)
     extra, warns = [], []
     if case.kind == "live":
         extra = [_repeat_dir(case_dir, i) for i in range(1, repeats)]
@@ -537,13 +540,12 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
             log(f"    warning: {w['message']}")
     row = compare_dirs(measured, simulated, report, extra, warns, sensitivity)
     if case.kind == "live":
-        row["at_measured_step_speed"] = _at_measured_step_speed(programs, hardware, model, overrides, measured,
-                                                                simulated, row)
+        row["at_measured_step_speed"] = _at_measured_step_speed(programs, hardware, model, overrides, simulated,
+                                                                row)
     return row
 
 
-def _at_measured_step_speed(programs, hardware, model, overrides, measured: Path, simulated: Path,
-                            row: dict) -> dict | None:
+def _at_measured_step_speed(programs, hardware, model, overrides, simulated: Path, row: dict) -> dict | None:
     """The four means' errors when the simulation runs at the step speed the engine showed in
     this measurement (validation.steps.measured_step_scale): what is left once the machine's
     step times are taken as measured. A diagnostic, not the case's result."""
@@ -553,10 +555,11 @@ def _at_measured_step_speed(programs, hardware, model, overrides, measured: Path
 
     from .steps import measured_step_scale
 
-    ms, ss = load_steps(measured), load_steps(simulated)
-    if ms is None or ss is None or not len(ms) or not len(ss):
+    errors = row.get("step_errors")  # the report's comparison of the two runs' steps
+    ss = load_steps(simulated)
+    if errors is None or ss is None or not len(ss):
         return None
-    scale = measured_step_scale(ms, ss)
+    scale = measured_step_scale(None, ss, errors)
     if scale is None:
         return None
     cfg = build_config(None, {**overrides, "latency.step_time_scale": scale, "metrics.sample_interval_s": 0,

@@ -101,17 +101,18 @@ def steps_finding(cmp: dict) -> str:
     return "; ".join(parts)
 
 
-def measured_step_scale(meas: pd.DataFrame, sim: pd.DataFrame) -> float | None:
+def measured_step_scale(meas: pd.DataFrame | None, sim: pd.DataFrame, errors: dict | None = None) -> float | None:
     """One factor for how much longer the measured engine's steps took than the simulated
     ones (1.2: 20 % longer): decode-only steps at the same batch size and steps with prefill
     per token, weighted by the simulated time spent in each kind. A diagnostic: the
     simulation rerun at this step speed shows what error is left for everything but the
-    step model (queueing, frontend, client) on this run's machine."""
-    c = compare_steps(meas, sim)
+    step model (queueing, frontend, client) on this run's machine. `errors`: the "errors" of
+    a `compare_steps` of the two runs already made (then `meas` is not needed)."""
+    if errors is None:
+        errors = compare_steps(meas, sim)["errors"]
     prefill, decode = _kinds(sim)
     parts = []
-    for err, steps in ((c["errors"]["decode_period_same_batch"], decode),
-                       (c["errors"]["prefill_per_token"], prefill)):
+    for err, steps in ((errors["decode_period_same_batch"], decode), (errors["prefill_per_token"], prefill)):
         if err is not None and err > -1:
             parts.append((float(steps["period_ms"].sum()), 1.0 / (1.0 + err)))
     total = sum(w for w, _ in parts)
