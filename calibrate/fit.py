@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
-from simulator.latency.linear import FEATURES
+from simulator.latency.linear import BASE_FEATURES, KNEE_FEATURES, KNEES
 
 CORE = ("prefill_tokens", "prefill_attn", "num_decodes", "decode_ctx_sum", "num_seqs")
 MINIMAL = ("prefill_tokens", "num_decodes", "decode_ctx_sum")
@@ -55,10 +55,13 @@ class Family:
 
 
 def execute_families() -> list[Family]:
+    """Candidate models. `knees` adds min(tokens, K) terms (simulator.latency.linear): a
+    per-token cost that may fall as the step's token count grows."""
     fams = []
-    for subset_name, feats in (("minimal", MINIMAL), ("core", CORE), ("all", FEATURES)):
+    knees = BASE_FEATURES + KNEE_FEATURES
+    for subset_name, feats in (("minimal", MINIMAL), ("core", CORE), ("all", BASE_FEATURES), ("knees", knees)):
         fams.append(Family(f"nnls-rel/{subset_name}", feats, "nnls", True))
-    for subset_name, feats in (("core", CORE), ("all", FEATURES)):
+    for subset_name, feats in (("core", CORE), ("all", BASE_FEATURES), ("knees", knees)):
         fams.append(Family(f"nnls-abs/{subset_name}", feats, "nnls", False))
         fams.append(Family(f"huber-abs/{subset_name}", feats, "huber", False))
         fams.append(Family(f"ols-rel/{subset_name}", feats, "ols", True))
@@ -186,8 +189,19 @@ def choose(results: list[CVResult]) -> CVResult:
 # -- the two parts -----------------------------------------------------------------------------
 
 
+_KNEE_OF = dict(zip(KNEE_FEATURES, KNEES))
+
+
+def feature_value(row, name: str) -> float:
+    """A step feature of a record (attribute), or a token knee computed from it."""
+    k = _KNEE_OF.get(name)
+    if k is not None:
+        return float(min(row.prefill_tokens + row.num_decodes, k))
+    return float(getattr(row, name))
+
+
 def feature_matrix(rows, features: tuple[str, ...]) -> np.ndarray:
-    return np.array([[float(getattr(r, f)) for f in features] for r in rows], dtype=float).reshape(len(rows), len(features))
+    return np.array([[feature_value(r, f) for f in features] for r in rows], dtype=float).reshape(len(rows), len(features))
 
 
 @dataclass

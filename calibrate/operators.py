@@ -284,7 +284,8 @@ def fit_operators(rows: list[dict], folds: int = 5, seed: int = 0, max_other_cpu
     """Per family: its share of the profiled step time and a CV-chosen linear fit."""
     from types import SimpleNamespace
 
-    from .fit import choose, cross_validate, execute_families, group_folds, least_contended_attempts, solve
+    from .fit import (choose, cross_validate, execute_families, feature_matrix, group_folds,
+                      least_contended_attempts, solve)
 
     n_all = len(rows)
     rows = _quietest(rows, max_other_cpu, least_contended_attempts)
@@ -323,10 +324,10 @@ def fit_operators(rows: list[dict], folds: int = 5, seed: int = 0, max_other_cpu
                 for famly in execute_families():
                     if famly.solver == "ols":
                         continue
-                    X = np.array([[getattr(recs[i], f) for f in famly.features] for i in idx])
+                    X = feature_matrix([recs[i] for i in idx], famly.features)
                     cands.append(cross_validate(famly, X, yy[idx], sub_folds))
                 best = choose(cands)
-                X = np.array([[getattr(recs[i], f) for f in best.family.features] for i in idx])
+                X = feature_matrix([recs[i] for i in idx], best.family.features)
                 coef = solve(best.family, X, yy[idx])
                 entry.update({"family": best.family.name, "cv_mape": round(best.mape, 4),
                               "cv_p90_ape": round(best.p90_ape, 4), "n_samples": int(len(idx)),

@@ -26,6 +26,7 @@ from calibrate.fit import (
     Family,
     busy_windows,
     choose,
+    feature_value,
     fit_steps,
     score,
 )
@@ -38,6 +39,7 @@ from simulator.config import build_config
 from simulator.deployment import build_deployment
 from simulator.hardware import load_device, load_model
 from simulator.latency.base import step_features
+from simulator.latency.linear import LinearStepModel
 
 # A made-up step-time law (seconds), close in size to what a 2-core CPU shows for a tiny model.
 TRUE_EXEC = {"intercept": 3e-3, "prefill_tokens": 6e-5, "prefill_attn": 4e-8, "num_decodes": 4e-4,
@@ -183,7 +185,7 @@ def test_profile_round_trips_and_drives_a_deployment(tmp_path):
     assert dep.engine.block_size == 128 and dep.engine.max_model_len == 4096
     assert dep.engine.num_gpu_blocks_source.startswith("profile")
     f = step_features([(300, 256)], 3, 3 * 900, 4)
-    expect = fit.intercept + sum(fit.coefficients.get(k, 0.0) * getattr(f, k) for k in fit.coefficients)
+    expect = fit.intercept + sum(fit.coefficients.get(k, 0.0) * feature_value(f, k) for k in fit.coefficients)
     assert dep.latency.time_of(f) == pytest.approx(expect)
     fd = prof["latency_model"]["fit"]
     for key in ("family", "features", "cv_mape", "cv_p90_ape", "folds", "n_samples", "parts"):
@@ -528,3 +530,37 @@ def test_cli_show_describes_a_calibrated_profile(capsys, tmp_path):
     assert cli.main(["show", "hardware/profiles/rtx4090-llama-3.1-8b.yaml"]) == 2
     assert "not a profile fitted" in capsys.readouterr().err
     assert cli.main(["show", str(tmp_path / "missing.yaml")]) == 2
+
+
+def _concave_exec_time(f) -> float:
+    """Dense layers whose per-token cost falls with the step's token count (weights streamed
+    for few tokens, reused across many): a smooth concave law, not one of the knees."""
+    m = f.prefill_tokens + f.num_decodes
+    return _exec_time(f) + 4e-3 * (1.0 - np.exp(-m / 60.0))
+
+
+def test_token_knees_fit_a_per_token_cost_that_falls_with_batch_size():
+    """On a concave law CV prefers the knee family, and it predicts the small prefills that a
+    straight line in tokens gets wrong."""
+    rows = synthetic_rows(noise=0.01, exec_time=_concave_exec_time)
+    fit = fit_steps(rows, folds=5)
+    assert fit.execute.family.name.endswith("/knees")
+    straight = min((c for c in fit.candidates if c.family.name.endswith("/all") and not c.negative),
+                   key=lambda c: c.mape)
+    assert fit.execute.mape < straight.mape
+    lin = LinearStepModel(fit.execute_coef[0], dict(zip(fit.execute.family.features, fit.execute_coef[1:])))
+    small = [step_features([(r.prefill_tokens, r.prefill_kv - r.prefill_tokens)], 0, 0, 1)
+             for r in rows if r.kind == "prefill" and r.prefill_tokens <= 64]
+    worst = max(abs(lin.time_of(f) / _concave_exec_time(f) - 1) for f in small)
+    assert worst < 0.03
+
+
+def test_linear_decode_fast_path_matches_the_general_path_with_knees():
+    coefs = {"num_decodes": 2e-4, "decode_ctx_sum": 1e-7, "num_seqs": 1e-4, "num_sampled": 3e-5,
+             "tokens_upto_16": 1e-4, "tokens_upto_256": 5e-6, "prefill_tokens": 4e-5}
+    lin = LinearStepModel(2e-3, coefs)
+    for b in (1, 7, 16, 17, 100, 300):
+        f = step_features([], b, b * 900, b)
+        assert lin.decode_step_time(b, b * 900) == pytest.approx(lin.time_of(f), rel=1e-12)
+    with pytest.raises(ValueError, match="unknown latency features"):
+        LinearStepModel(0.0, {"tokens_upto_99": 1.0})

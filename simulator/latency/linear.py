@@ -2,21 +2,34 @@
 
 time = intercept + Σ coef[f] · feature[f] over the features of `StepFeatures`
 (prefill_tokens, prefill_attn, prefill_kv, num_prefills, num_decodes, decode_ctx_sum,
-num_sampled, num_seqs). The intercept is the per-step host overhead.
+num_sampled, num_seqs) and the token knees `tokens_upto_K` = min(num_tokens, K) for
+K in KNEES. The intercept is the per-step host overhead.
 Optional `floor` clamps tiny negative predictions of an extrapolated fit.
+
+The knees let a fit with non-negative weights bend: Σ w_K·min(M, K) + w·M is a concave,
+non-decreasing, piecewise-linear function of the step's token count M, i.e. a per-token
+cost that falls as the batch of tokens grows. That is how the dense layers behave on a
+CPU (and on a GPU below the compute-bound knee): a small forward pass streams the weights
+for few tokens, a large one reuses each weight across many. The knees are log-spaced (×4)
+and the same for every profile; cross-validation decides whether a profile uses them.
 """
 
 from __future__ import annotations
 
 from .base import LatencyModel, StepFeatures
 
-FEATURES = ("prefill_tokens", "prefill_attn", "prefill_kv", "num_prefills", "num_decodes",
-            "decode_ctx_sum", "num_sampled", "num_seqs")
+BASE_FEATURES = ("prefill_tokens", "prefill_attn", "prefill_kv", "num_prefills", "num_decodes",
+                 "decode_ctx_sum", "num_sampled", "num_seqs")
+KNEES = (16, 64, 256, 1024)
+KNEE_FEATURES = tuple(f"tokens_upto_{k}" for k in KNEES)
+FEATURES = BASE_FEATURES + KNEE_FEATURES
 
 
 def feature_vector(f: StepFeatures) -> tuple:
+    m = f.prefill_tokens + f.num_decodes
     return (f.prefill_tokens, f.prefill_attn, f.prefill_kv, f.num_prefills, f.num_decodes,
-            f.decode_ctx_sum, f.num_sampled, f.num_prefills + f.num_decodes)
+            f.decode_ctx_sum, f.num_sampled, f.num_prefills + f.num_decodes,
+            *(m if m < k else k for k in KNEES))
 
 
 class LinearStepModel(LatencyModel):
@@ -30,6 +43,7 @@ class LinearStepModel(LatencyModel):
         self.intercept = float(intercept)
         self.coefficients = {k: float(v) for k, v in coefficients.items()}
         self._w = tuple(self.coefficients.get(k, 0.0) for k in FEATURES)
+        self._knees = tuple((k, w) for k, w in zip(KNEES, self._w[len(BASE_FEATURES):]) if w)
         self.floor = floor
         self.source = source or {}
 
@@ -43,6 +57,8 @@ class LinearStepModel(LatencyModel):
                          ep_tokens: int | None = None) -> float:
         w = self._w
         t = self.intercept + (w[4] + w[6] + w[7]) * num_decodes + w[5] * decode_ctx_sum
+        for k, wk in self._knees:
+            t += wk * (num_decodes if num_decodes < k else k)
         return t if t > self.floor else self.floor
 
     def breakdown(self, f: StepFeatures) -> dict[str, float]:
