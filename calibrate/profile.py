@@ -235,3 +235,21 @@ def utc_now() -> str:
 
 def host_name() -> str:
     return socket.gethostname()
+
+
+def execute_model(profile: dict):
+    """The execute part alone (what a step's logged `elapsed_ms` times) of a calibrated
+    profile: the step model less the fitted host overhead (`StepFit._combine` in reverse)."""
+    from simulator.latency.linear import LinearStepModel
+
+    lm = profile.get("latency_model") or {}
+    parts = ((lm.get("fit") or {}).get("parts") or {})
+    if lm.get("kind") != "linear" or "intercept_s" not in (parts.get("execute") or {}):
+        raise ValueError("not a calibrated linear profile with a fitted execute part")
+    coefs = dict(lm.get("coefficients") or {})
+    for name, c in ((parts.get("host") or {}).get("coefficients_s") or {}).items():
+        if name != "num_steps":
+            coefs[name] = coefs.get(name, 0.0) - c
+    # A feature the execute fit does not use is left with the host's rounding residue only.
+    used = set(parts["execute"].get("features") or coefs)
+    return LinearStepModel(parts["execute"]["intercept_s"], {k: v for k, v in coefs.items() if k in used and v > 0.0})

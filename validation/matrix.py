@@ -12,6 +12,7 @@ A matrix YAML has a grid part and/or explicit cases:
     variants: {prefix-on: {engine_args: [--enable-prefix-caching]},
                prefix-off: {engine_args: [--no-enable-prefix-caching]}}
     repeats: 3                                # measure each live case 3 times (default 1)
+    reference_steps: true                     # time reference batches around each live run (default)
     cases:                                    # explicit cases, e.g. recorded real runs
       - name: rtx4090-llama-3.1-8b
         recorded: {format: llmservingsim, dir: ../shared/reference/LLMServingSim/bench/examples/RTX4090/Llama-3.1-8B}
@@ -25,8 +26,13 @@ which `<case>/trace.jsonl` holds. Layout of the output directory:
 `<case>/trace.jsonl`, `<case>/measured/`, `<case>/simulated/`, `<case>/report/`, and
 `summary.md` / `summary.json` across cases. With `repeats: N` a live case's further
 measurements go to `<case>/measured-repeats/2..N/`; aggregates are compared with the median
-of the N runs and the report gives their spread (a live run on a shared machine is noisy). Paths in the matrix are relative to the
-repository root (or absolute). A failed case is reported and the others still run.
+of the N runs and the report gives their spread (a live run on a shared machine is noisy).
+With `reference_steps` (on by default, live cases with a calibrated profile) designed batches
+run on the same server before and after each measurement (validation/reference.py); their
+factors go to `<case>/reference.json` and the summary adds the errors with the simulation at
+the median factor: the machine's speed at the time, measured apart from the case. Paths in
+the matrix are relative to the repository root (or absolute). A failed case is reported and
+the others still run.
 """
 
 from __future__ import annotations
@@ -126,7 +132,7 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
     if not isinstance(m, dict):
         raise MatrixError(f"{p}: expected a mapping")
     known = {"name", "engine_args", "models", "traces", "loads", "variants", "cases", "kv_cache_space_gib",
-             "python", "settings", "repeats"}
+             "python", "settings", "repeats", "reference_steps"}
     bad = set(m) - known
     if bad:
         raise MatrixError(f"{p}: unknown keys {sorted(bad)} (known: {sorted(known)})")
@@ -180,8 +186,11 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
     repeats = m.get("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise MatrixError(f"{p}: repeats must be an integer >= 1, got {repeats!r}")
+    reference = m.get("reference_steps", True)
+    if not isinstance(reference, bool):
+        raise MatrixError(f"{p}: reference_steps must be true or false, got {reference!r}")
     settings = {"kv_cache_space_gib": m.get("kv_cache_space_gib", 1), "python": m.get("python"),
-                "repeats": repeats, **(m.get("settings") or {})}
+                "repeats": repeats, "reference_steps": reference, **(m.get("settings") or {})}
     return str(m.get("name", p.stem)), cases, settings
 
 
@@ -345,6 +354,27 @@ def summary_markdown(result: dict) -> list[str]:
             if vals:
                 v, c = max(vals)
                 lines.append(f"- {stat} {metric}: {100 * v:.1f}% ({c})")
+    ref = [(r["case"], r["at_reference_speed"]) for r in ok if (r.get("at_reference_speed") or {}).get("errors")]
+    if ref:
+        lines += ["", "At the machine's reference speed (validation/reference.py: designed batches run on the same "
+                      "server just before and after each measurement, compared with the profile; the simulation "
+                      "rerun with every step time scaled by the median of those factors; none of the case's own "
+                      "measurement goes into it):", "",
+                  "| case | reference factors (min-max) | factor used | mean TTFT | mean TPOT | mean E2E | mean JCT |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for case, a in ref:
+            fs = [x["factor"] for x in a["references"] if x.get("factor")]
+            e = a["errors"]
+            lines.append(f"| {case} | x{min(fs):.3f}-x{max(fs):.3f} | x{a['step_time_scale']:.3f} | " + " | ".join(
+                signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
+        lines += ["", "Worst |error| per mean at the reference speed:", ""]
+        for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"):
+            vals = [(abs(a["errors"][f"mean_{m}"]), c) for c, a in ref if a["errors"].get(f"mean_{m}") is not None]
+            if vals:
+                v, c = max(vals)
+                lines.append(f"- mean {m}: {100 * v:.1f}% ({c})")
+        within = sum(1 for _, a in ref if all(v is not None and abs(v) <= 0.05 for v in a["errors"].values()))
+        lines.append(f"- cases with all four means within 5%: {within} of {len(ref)}")
     at = [(r["case"], r["at_measured_step_speed"]) for r in ok if r.get("at_measured_step_speed")]
     if at:
         lines += ["", "At the step speed the engine showed in each measurement (the simulation rerun with every step "
@@ -493,6 +523,7 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
 
     case_dir.mkdir(parents=True, exist_ok=True)
     measured, simulated, report = case_dir / "measured", case_dir / "simulated", case_dir / "report"
+    reference = None
     if case.kind == "recorded":
         from .importers import RECORDED_FORMATS
         fmt = case.recorded.get("format", "llmservingsim")
@@ -510,13 +541,19 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         hardware = case.hardware or _calibrate(case, case_dir, pool, log)
         srv = pool.get(case.model, case.engine_args)
         from replay.live import run_live, write_server_steps
+        reference = _ReferenceSteps(case, hardware, srv, pool, log) if pool.settings.get("reference_steps", True) \
+            else None
         for i in range(repeats):
             if i:
                 pool.reset_prefix_cache()
+            if reference is not None:
+                reference.measure(f"{i + 1}-before")
             log(f"    live replay{f' {i + 1}/{repeats}' if repeats > 1 else ''} ...")
             run_dir = measured if i == 0 else _repeat_dir(case_dir, i)
             run_live(programs, srv.base_url, "model", str(run_dir), quiet=True)
             write_server_steps(run_dir, srv.log_path)
+            if reference is not None:
+                reference.measure(f"{i + 1}-after")
         info = srv.engine_info()
         overrides = engine_args_to_config([*BASE_ENGINE_ARGS, *case.engine_args])
         if info.num_gpu_blocks:
@@ -542,7 +579,62 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
     if case.kind == "live":
         row["at_measured_step_speed"] = _at_measured_step_speed(programs, hardware, model, overrides, simulated,
                                                                 row)
+        if reference is not None:
+            row["at_reference_speed"] = reference.result(programs, hardware, model, overrides, row)
+            (case_dir / "reference.json").write_text(json.dumps(row["at_reference_speed"], indent=2) + "\n")
     return row
+
+
+class _ReferenceSteps:
+    """The machine's speed next to each measurement of a live case (validation.reference):
+    designed batches on the same server before and after each replay, compared with the
+    profile's execute part. Skipped (with a note) for a profile that is not a calibrated
+    linear one."""
+
+    def __init__(self, case: Case, hardware: str, srv, pool: _ServerPool, log):
+        from simulator.hardware import load_device
+        self.srv, self.pool, self.log = srv, pool, log
+        self.runs, self.note = [], None
+        _, self.profile = load_device(hardware)
+        cfg = Path(case.model) / "config.json"
+        self.vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+        self.prefix_caching = "--no-enable-prefix-caching" not in case.engine_args
+        lm = (self.profile or {}).get("latency_model") or {}
+        if lm.get("kind") != "linear" or not self.vocab:
+            self.note = "no calibrated linear profile or no config.json: reference steps skipped"
+
+    def measure(self, tag: str) -> None:
+        from .reference import ReferenceError, run_reference
+        if self.note:
+            return
+        try:
+            r = run_reference(self.srv.base_url, self.srv.log_path, self.profile, self.vocab, tag,
+                              prefix_caching=self.prefix_caching)
+        except (ReferenceError, ValueError, RuntimeError) as e:
+            self.log(f"    reference steps {tag} failed: {e}")
+            return
+        self.runs.append(r)
+        self.log(f"    reference steps {tag}: machine at x{r.factor:.3f} of the profile's step time "
+                 f"(prefill x{r.ratios.get('prefill', float('nan')):.3f}, decode x{r.ratios.get('decode', float('nan')):.3f})")
+        self.pool.reset_prefix_cache()  # the replay starts from an empty cache as before
+
+    def result(self, programs, hardware, model, overrides, row: dict) -> dict | None:
+        """The four means' errors with the simulation at the case's reference factor."""
+        from .reference import case_factor
+        factor = case_factor(self.runs)
+        out = {"references": [r.to_dict() for r in self.runs], "step_time_scale": factor,
+               **({"note": self.note} if self.note else {})}
+        if factor is None:
+            return out
+        cfg = build_config(None, {**overrides, "latency.step_time_scale": factor, "metrics.sample_interval_s": 0,
+                                  "metrics.step_log": False})
+        from replay.sim_backend import make_deployment
+        from simulator.cluster import Simulation
+        summ = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+        out["errors"] = {f"mean_{metric}": (summ[key] - row["measured"][key]) / row["measured"][key]
+                         if row["measured"].get(key) and summ.get(key) is not None else None
+                         for metric, key in _SUMMARY_KEYS.items()}
+        return out
 
 
 def _at_measured_step_speed(programs, hardware, model, overrides, simulated: Path, row: dict) -> dict | None:

@@ -52,3 +52,15 @@ def test_live_case_measured_simulated_and_compared(vllm_python, tmp_path):
     assert row["sensitivity"]["ttft_ms"] > 0
     assert "engine_mode_mismatch" not in row["warnings"]
     assert (case / "report" / "report.html").exists() and (out / "summary.md").exists()
+    # reference batches ran before and after both measurements, every step attributed, and
+    # the simulation was rerun at their median factor
+    ref = row["at_reference_speed"]
+    assert [r["tag"] for r in ref["references"]] == ["1-before", "1-after", "2-before", "2-after"]
+    for r in ref["references"]:
+        assert r["mismatches"] == 0 and r["steps"]["prefill"] >= 4 and r["steps"]["decode"] >= 40
+        assert 0.3 < r["factor"] < 3.0
+    factors = sorted(r["factor"] for r in ref["references"])
+    assert ref["step_time_scale"] == pytest.approx((factors[1] + factors[2]) / 2, rel=1e-3)
+    assert all(math.isfinite(v) for v in ref["errors"].values())
+    assert json.loads((case / "reference.json").read_text())["step_time_scale"] == ref["step_time_scale"]
+    assert "At the machine's reference speed" in (out / "summary.md").read_text()

@@ -1,0 +1,89 @@
+"""Reference steps (validation/reference.py) and the execute part of a calibrated profile:
+the arithmetic, on a hand-made profile; the live run is in tests/integration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from calibrate.experiments import DECODE, PREFILL, EngineLimits
+from calibrate.profile import execute_model
+from simulator.latency.base import step_features
+from validation.reference import (ReferenceError, ReferenceRun, case_factor, engine_limits,
+                                  reference_experiments)
+
+PROFILE = {
+    "engine": {"block_size": 128, "num_gpu_blocks": 2048, "max_num_seqs": 8, "max_num_batched_tokens": 2048,
+               "max_model_len": 4096, "enable_prefix_caching": True},
+    "latency_model": {
+        "kind": "linear", "intercept": 3.0e-3,
+        "coefficients": {"prefill_tokens": 4e-5, "num_seqs": 2.5e-4, "decode_ctx_sum": 5e-7},
+        "fit": {"parts": {
+            "execute": {"intercept_s": 2.4e-3, "features": ["prefill_tokens", "num_seqs", "decode_ctx_sum"]},
+            "host": {"coefficients_s": {"num_steps": 6e-4, "num_seqs": 1.5e-4}},
+        }},
+    },
+}
+
+
+def test_execute_model_is_the_step_model_less_the_host_part():
+    m = execute_model(PROFILE)
+    assert m.intercept == pytest.approx(2.4e-3)
+    assert m.coefficients == pytest.approx({"prefill_tokens": 4e-5, "num_seqs": 1e-4, "decode_ctx_sum": 5e-7})
+    f = step_features([(300, 0)], 2, 1000, 3)
+    assert m.time_of(f) == pytest.approx(2.4e-3 + 4e-5 * 300 + 1e-4 * 3 + 5e-7 * 1000)
+
+
+def test_execute_model_drops_host_rounding_residue_and_rejects_other_models():
+    p = yaml.safe_load(yaml.safe_dump(PROFILE))
+    p["latency_model"]["fit"]["parts"]["execute"]["features"] = ["prefill_tokens", "decode_ctx_sum"]
+    p["latency_model"]["coefficients"]["num_seqs"] = 1.5e-4 + 1e-13  # all host, rounded
+    assert "num_seqs" not in execute_model(p).coefficients
+    with pytest.raises(ValueError, match="calibrated linear"):
+        execute_model({"latency_model": {"kind": "operators"}})
+
+
+def test_reference_batches_are_fresh_and_inside_the_engine_limits():
+    limits, mirror = engine_limits(PROFILE, vocab_size=32000)
+    assert mirror.num_gpu_blocks == 2048 and mirror.enable_prefix_caching
+    a, b = reference_experiments(limits, "1-before"), reference_experiments(limits, "1-after")
+    assert {e.kind for e in a} == {PREFILL, DECODE}
+    names_a = {r.name for e in a for r in e.requests()}
+    assert names_a.isdisjoint({r.name for e in b for r in e.requests()})  # nothing cached across runs
+    for e in a:
+        for r in e.requests():
+            assert r.prompt_len + r.max_tokens <= limits.max_model_len
+        if e.kind == DECODE:
+            assert len(e.requests()) in (1, limits.max_num_seqs)
+    with pytest.raises(ReferenceError, match="num_gpu_blocks"):
+        engine_limits({"engine": {"block_size": 16}}, 100)
+    assert isinstance(limits, EngineLimits)
+
+
+def test_factor_weighs_prefill_and_decode_equally_and_case_takes_the_median():
+    r = ReferenceRun("x", 0.0, 1.0, ratios={"prefill": 1.21, "decode": 1.0})
+    assert r.factor == pytest.approx(1.1)
+    assert ReferenceRun("y", 0, 1, ratios={"decode": 0.9}).factor == pytest.approx(0.9)
+    assert ReferenceRun("z", 0, 1).factor is None
+    runs = [ReferenceRun(str(i), 0, 1, ratios={"decode": f}) for i, f in enumerate((1.3, 0.9, 1.0, 1.1))]
+    assert case_factor(runs) == pytest.approx(1.05)
+    assert case_factor(runs[:3]) == pytest.approx(1.0)
+    assert case_factor([ReferenceRun("z", 0, 1)]) is None
+    d = runs[0].to_dict()
+    assert d["factor"] == 1.3 and math.isfinite(d["t_end"])
+
+
+def test_matrix_reference_steps_setting(tmp_path):
+    from validation.matrix import MatrixError, load_matrix
+    base = {"name": "m", "models": {"tiny": {"dir": "hardware/models/tiny-llama"}},
+            "traces": {"t": "sample_traces/tiny_cpu.jsonl"}}
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(base))
+    assert load_matrix(p)[2]["reference_steps"] is True
+    p.write_text(yaml.safe_dump({**base, "reference_steps": False}))
+    assert load_matrix(p)[2]["reference_steps"] is False
+    p.write_text(yaml.safe_dump({**base, "reference_steps": "yes"}))
+    with pytest.raises(MatrixError, match="reference_steps must be true or false"):
+        load_matrix(p)

@@ -1,0 +1,139 @@
+"""Reference steps: how fast the machine is right now, next to each live measurement.
+
+A profile is taken once; a shared CPU machine's speed drifts by tens of % over minutes (other
+tenants, frequency, cache pressure). So before and after each live replay of a case the
+matrix runs a few designed batches on the same server (`REFERENCE_GRID`, the profiling grid's
+experiments at a handful of sizes: single prefills over no and over a cached context, decode
+batches of 1 and of max_num_seqs), attributes their steps exactly as `asim-calibrate` does,
+and compares their logged execute times with what the profile's execute part predicts for
+those same batches. The ratio is the machine's speed relative to profiling time:
+
+    factor = sqrt(Σ measured / Σ predicted over prefill steps
+                  · Σ measured / Σ predicted over decode steps)
+
+(prefill and decode weigh equally; a case's mix of the two is not known in advance). The
+reference batches are not the case's trace and share none of its prompts, so nothing of the
+measurement being checked goes into the factor; the simulation rerun at that factor is the
+simulator's prediction for the machine as it was at the time of the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from calibrate.attribution import MirrorLimits, attribute
+from calibrate.experiments import WARMUP, EngineLimits, GridSpec, design, with_suffix
+from calibrate.runner import Client, run_all
+
+# Small enough to run in about a second on the tiny CPU models; sizes inside the full grid's.
+REFERENCE_GRID = GridSpec(
+    chunk_sizes=(128, 512),
+    cached_contexts_blocks=(0, 8),
+    decode_batch_sizes=(1, -1),
+    decode_prompt_lens=(256,),
+    decode_output_tokens=24,
+    mixed_decoders=(),
+    mixed_prefill_lens=(),
+    mixed_cached_blocks=(),
+    mixed_decoder_prompt=0,
+    repeats=1,
+)
+KINDS = ("prefill", "decode")
+
+
+class ReferenceError(RuntimeError):
+    """The reference batches could not be run or attributed."""
+
+
+@dataclass
+class ReferenceRun:
+    """One run of the reference batches and the machine speed it showed."""
+
+    tag: str
+    t_start: float
+    t_end: float
+    ratios: dict[str, float] = field(default_factory=dict)  # kind -> Σ measured / Σ predicted
+    steps: dict[str, int] = field(default_factory=dict)  # kind -> steps compared
+    mismatches: int = 0
+
+    @property
+    def factor(self) -> float | None:
+        r = [self.ratios[k] for k in KINDS if self.ratios.get(k)]
+        return math.exp(sum(math.log(x) for x in r) / len(r)) if r else None
+
+    def to_dict(self) -> dict:
+        f = self.factor
+        return {"tag": self.tag, "t_start": round(self.t_start, 3), "t_end": round(self.t_end, 3),
+                "factor": None if f is None else round(f, 4),
+                "ratios": {k: round(v, 4) for k, v in self.ratios.items()}, "steps": self.steps,
+                "mismatches": self.mismatches}
+
+
+def reference_experiments(limits: EngineLimits, tag: str):
+    """The reference batches under a fresh name (so nothing of them is cached yet)."""
+    return [with_suffix(e, f"~{tag}") for e in design(limits, REFERENCE_GRID) if e.kind != WARMUP]
+
+
+def engine_limits(profile: dict, vocab_size: int) -> tuple[EngineLimits, MirrorLimits]:
+    """The limits the reference batches are designed for, from the profile's engine facts."""
+    e = profile.get("engine") or {}
+    missing = [k for k in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens",
+                           "max_model_len") if not e.get(k)]
+    if missing:
+        raise ReferenceError(f"the profile's engine section lacks {missing}")
+    limits = EngineLimits(e["block_size"], e["max_model_len"], e["max_num_batched_tokens"], e["max_num_seqs"],
+                          vocab_size)
+    mirror = MirrorLimits(e["num_gpu_blocks"], e["block_size"], e["max_num_seqs"], e["max_num_batched_tokens"],
+                          e["max_model_len"], bool(e.get("enable_prefix_caching", True)),
+                          bool(e.get("enable_chunked_prefill", True)))
+    return limits, mirror
+
+
+def run_reference(base_url: str, log_path, profile: dict, vocab_size: int, tag: str,
+                  prefix_caching: bool = True, settle_s: float = 0.5) -> ReferenceRun:
+    """Run the reference batches on a live server and compare their steps with the profile.
+    `prefix_caching`: whether this server caches prefixes (the mirror must know)."""
+    from replay.vllm_server import parse_iteration_log
+
+    from calibrate.profile import execute_model
+
+    limits, mirror = engine_limits(profile, vocab_size)
+    if not prefix_caching:
+        mirror = MirrorLimits(**{**mirror.__dict__, "enable_prefix_caching": False})
+    exps = reference_experiments(limits, tag)
+    client = Client(base_url, "model", vocab_size, seed=0)
+    t0 = time.time()
+    runs, ran = run_all(client, exps, retries=0)
+    time.sleep(settle_s)  # the last iteration lines reach the log
+    t1 = time.time()
+    records = [r for r in parse_iteration_log(log_path) if r.t_s is not None and t0 <= r.t_s <= t1]
+    attr = attribute(records, runs, {e.name: e.requests() for e in ran}, mirror)
+    if not attr.steps:
+        raise ReferenceError(f"reference {tag}: no step could be attributed ({dict(attr.discarded)})")
+    model = execute_model(profile)
+    out = ReferenceRun(tag, t0, t1, mismatches=len(attr.mismatches))
+    for kind in KINDS:
+        rows = [r for r in attr.steps if r.kind == kind and r.elapsed_ms > 0]
+        if rows:
+            meas = sum(r.elapsed_ms for r in rows) / 1000.0
+            pred = sum(model.time_of(_features(r)) for r in rows)
+            out.ratios[kind] = meas / pred
+            out.steps[kind] = len(rows)
+    return out
+
+
+def _features(row):
+    from simulator.latency.base import StepFeatures
+    return StepFeatures(row.prefill_tokens, row.prefill_attn, row.prefill_kv, row.num_prefills, row.num_decodes,
+                        row.decode_ctx_sum, row.num_sampled)
+
+
+def case_factor(runs: list[ReferenceRun]) -> float | None:
+    """The median of a case's reference factors (before and after each measurement)."""
+    fs = sorted(f for f in (r.factor for r in runs) if f is not None)
+    if not fs:
+        return None
+    m = len(fs) // 2
+    return fs[m] if len(fs) % 2 else 0.5 * (fs[m - 1] + fs[m])
