@@ -48,7 +48,7 @@ from typing import Any, Callable
 import yaml
 
 from replay.trace import load_trace, write_trace
-from simulator.config import ConfigError, build_config
+from simulator.config import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
