@@ -151,10 +151,17 @@ class LatencyConfig:
 
     step_time_scale: float = _f(1.0, "Multiply every engine step time by this (a what-if for a faster or slower "
                                      "device; the validation's sensitivity check).")
+    decode_step_time_scale: float | None = _f(None, "Multiply pure-decode step times by this instead of "
+                                                    "step_time_scale (steps with prefill work keep "
+                                                    "step_time_scale); unset: step_time_scale for every step. "
+                                                    "Validation's reference steps measure the two apart.")
 
     def __post_init__(self):
         if not _is_number(self.step_time_scale) or self.step_time_scale <= 0:
             raise ConfigError(f"latency.step_time_scale must be a number > 0, got {self.step_time_scale!r}")
+        d = self.decode_step_time_scale
+        if d is not None and (not _is_number(d) or d <= 0):
+            raise ConfigError(f"latency.decode_step_time_scale must be a number > 0, got {d!r}")
         for name in ("host_overhead_s", "host_overhead_per_seq_s", "frontend_s"):
             v = getattr(self, name)
             if v is not None and (not _is_number(v) or v < 0):

@@ -172,8 +172,9 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             long_prefill_token_threshold=e.long_prefill_token_threshold,
                             num_gpu_blocks_source=src)
     latency = build_latency(model, device, tp, cfg, profile)
-    if cfg.latency.step_time_scale != 1.0:
-        latency = ScaledLatency(latency, cfg.latency.step_time_scale)
+    scale, dscale = cfg.latency.step_time_scale, cfg.latency.decode_step_time_scale
+    if scale != 1.0 or (dscale is not None and dscale != 1.0):
+        latency = ScaledLatency(latency, scale, dscale)
     tiers = []
     if cfg.policy.kv == "offload":
         per_block = block_size * model.kv_bytes_per_token() / tp

@@ -87,3 +87,47 @@ def test_matrix_reference_steps_setting(tmp_path):
     p.write_text(yaml.safe_dump({**base, "reference_steps": "yes"}))
     with pytest.raises(MatrixError, match="reference_steps must be true or false"):
         load_matrix(p)
+
+
+def test_case_scales_are_the_medians_of_each_kind():
+    from validation.reference import case_scales
+    runs = [ReferenceRun("a", 0, 1, ratios={"prefill": 1.3, "decode": 0.9}),
+            ReferenceRun("b", 0, 1, ratios={"prefill": 1.1, "decode": 1.0}),
+            ReferenceRun("c", 0, 1, ratios={"prefill": 1.2})]
+    assert case_scales(runs) == pytest.approx((1.2, 0.95))
+    assert case_scales([ReferenceRun("d", 0, 1, ratios={"decode": 0.8})]) == pytest.approx((0.8, 0.8))
+    assert case_scales([]) is None
+
+
+def test_decode_scale_applies_to_pure_decode_steps_only():
+    from simulator.config import ConfigError, build_config
+    from simulator.latency.base import ScaledLatency
+    from simulator.latency.linear import LinearStepModel
+    inner = LinearStepModel(2e-3, {"prefill_tokens": 4e-5, "num_decodes": 3e-4, "decode_ctx_sum": 1e-7})
+    lat = ScaledLatency(inner, 1.5, 0.8)
+    assert lat.decode_step_time(4, 4000) == pytest.approx(0.8 * inner.decode_step_time(4, 4000))
+    assert lat.step_time([], 4, 4000, 4) == pytest.approx(0.8 * inner.step_time([], 4, 4000, 4))
+    assert lat.step_time([(100, 0)], 4, 4000, 5) == pytest.approx(1.5 * inner.step_time([(100, 0)], 4, 4000, 5))
+    f = step_features([(100, 0)], 0, 0, 1)
+    assert lat.time_of(f) == pytest.approx(1.5 * inner.time_of(f))
+    assert lat.breakdown(f)["total"] == pytest.approx(lat.time_of(f))
+    assert lat.describe()["decode_step_time_scale"] == 0.8
+    assert ScaledLatency(inner, 1.2).decode_step_time(2, 100) == pytest.approx(1.2 * inner.decode_step_time(2, 100))
+    with pytest.raises(ConfigError, match="decode_step_time_scale"):
+        build_config(None, {"latency.decode_step_time_scale": 0})
+
+
+def test_decode_scale_reaches_the_simulation():
+    """A run with only the decode scale changed: TPOT moves by it, TTFT of an idle call barely."""
+    from replay.trace import load_trace
+    from replay.sim_backend import make_deployment
+    from simulator.cluster import Simulation
+    from simulator.config import build_config
+    progs = load_trace("sample_traces/cpu_single.jsonl")[:1]  # one call: its decode runs alone
+    prof, model = "hardware/profiles/cpu-tiny-llama.yaml", "hardware/models/tiny-llama/config.json"
+    out = {}
+    for d in (None, 2.0):
+        cfg = build_config(None, {"latency.decode_step_time_scale": d, "metrics.sample_interval_s": 0})
+        out[d] = Simulation(progs, make_deployment(prof, model, cfg), cfg).run().summary
+    assert out[2.0]["mean_tpot_ms"] == pytest.approx(2.0 * out[None]["mean_tpot_ms"], rel=0.05)
+    assert out[2.0]["mean_ttft_ms"] == pytest.approx(out[None]["mean_ttft_ms"], rel=0.05)

@@ -358,14 +358,16 @@ def summary_markdown(result: dict) -> list[str]:
     if ref:
         lines += ["", "At the machine's reference speed (validation/reference.py: designed batches run on the same "
                       "server just before and after each measurement, compared with the profile; the simulation "
-                      "rerun with every step time scaled by the median of those factors; none of the case's own "
-                      "measurement goes into it):", "",
-                  "| case | reference factors (min-max) | factor used | mean TTFT | mean TPOT | mean E2E | mean JCT |",
+                      "rerun with steps with prefill work scaled by the median prefill ratio and pure-decode steps "
+                      "by the median decode ratio; none of the case's own measurement goes into them):", "",
+                  "| case | reference factors (min-max) | prefill / decode scale used | mean TTFT | mean TPOT | "
+                  "mean E2E | mean JCT |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for case, a in ref:
             fs = [x["factor"] for x in a["references"] if x.get("factor")]
             e = a["errors"]
-            lines.append(f"| {case} | x{min(fs):.3f}-x{max(fs):.3f} | x{a['step_time_scale']:.3f} | " + " | ".join(
+            lines.append(f"| {case} | x{min(fs):.3f}-x{max(fs):.3f} | "
+                         f"x{a['step_time_scale']:.3f} / x{a['decode_step_time_scale']:.3f} | " + " | ".join(
                 signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
         lines += ["", "Worst |error| per mean at the reference speed:", ""]
         for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"):
@@ -620,13 +622,15 @@ class _ReferenceSteps:
 
     def result(self, programs, hardware, model, overrides, row: dict) -> dict | None:
         """The four means' errors with the simulation at the case's reference factor."""
-        from .reference import case_factor
-        factor = case_factor(self.runs)
-        out = {"references": [r.to_dict() for r in self.runs], "step_time_scale": factor,
+        from .reference import case_factor, case_scales
+        scales = case_scales(self.runs)
+        out = {"references": [r.to_dict() for r in self.runs], "factor": case_factor(self.runs),
                **({"note": self.note} if self.note else {})}
-        if factor is None:
+        if scales is None:
             return out
-        cfg = build_config(None, {**overrides, "latency.step_time_scale": factor, "metrics.sample_interval_s": 0,
+        out["step_time_scale"], out["decode_step_time_scale"] = scales
+        cfg = build_config(None, {**overrides, "latency.step_time_scale": scales[0],
+                                  "latency.decode_step_time_scale": scales[1], "metrics.sample_interval_s": 0,
                                   "metrics.step_log": False})
         from replay.sim_backend import make_deployment
         from simulator.cluster import Simulation

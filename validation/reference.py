@@ -11,9 +11,13 @@ those same batches. The ratio is the machine's speed relative to profiling time:
     factor = sqrt(Σ measured / Σ predicted over prefill steps
                   · Σ measured / Σ predicted over decode steps)
 
-(prefill and decode weigh equally; a case's mix of the two is not known in advance). The
+(prefill and decode weigh equally) sums it up in one number; the simulation uses the two
+ratios apart, since a shared machine does not slow both alike (other tenants' load hits the
+compute-bound prefill and the memory-bound decode differently): over a case's reference runs
+the median prefill ratio scales every step with prefill work and the median decode ratio
+every pure-decode step (`latency.step_time_scale`, `latency.decode_step_time_scale`). The
 reference batches are not the case's trace and share none of its prompts, so nothing of the
-measurement being checked goes into the factor; the simulation rerun at that factor is the
+measurement being checked goes into the scales; the simulation rerun at them is the
 simulator's prediction for the machine as it was at the time of the run.
 """
 
@@ -130,10 +134,25 @@ def _features(row):
                         row.decode_ctx_sum, row.num_sampled)
 
 
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
 def case_factor(runs: list[ReferenceRun]) -> float | None:
     """The median of a case's reference factors (before and after each measurement)."""
-    fs = sorted(f for f in (r.factor for r in runs) if f is not None)
-    if not fs:
+    return _median([f for f in (r.factor for r in runs) if f is not None])
+
+
+def case_scales(runs: list[ReferenceRun]) -> tuple[float, float] | None:
+    """(steps with prefill work, pure-decode steps): the medians of a case's prefill and decode
+    ratios, for `latency.step_time_scale` and `latency.decode_step_time_scale`. A kind no run
+    measured takes the other's."""
+    p = _median([r.ratios["prefill"] for r in runs if r.ratios.get("prefill")])
+    d = _median([r.ratios["decode"] for r in runs if r.ratios.get("decode")])
+    if p is None and d is None:
         return None
-    m = len(fs) // 2
-    return fs[m] if len(fs) % 2 else 0.5 * (fs[m - 1] + fs[m])
+    return (p if p is not None else d), (d if d is not None else p)

@@ -67,28 +67,37 @@ class LatencyModel:
 class ScaledLatency(LatencyModel):
     """Another model's step times times a constant: a what-if (a device `scale` times as fast
     or slow) and validation's sensitivity check (how much a metric moves per % of step time).
-    `ep_tokens` passes through (see LatencyModel.step_time)."""
+    With `decode_scale`, pure-decode steps take that factor instead and steps with prefill
+    work keep `scale` (validation's reference steps measure the machine's speed for the two
+    apart). `ep_tokens` passes through (see LatencyModel.step_time)."""
 
     kind = "scaled"
 
-    def __init__(self, inner: LatencyModel, scale: float):
+    def __init__(self, inner: LatencyModel, scale: float, decode_scale: float | None = None):
         self.inner = inner
         self.scale = float(scale)
+        self.decode_scale = self.scale if decode_scale is None else float(decode_scale)
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
                   decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
-        return self.scale * self.inner.step_time(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled,
-                                                 decode_ctx_max, ep_tokens)
+        s = self.scale if prefill_chunks else self.decode_scale
+        return s * self.inner.step_time(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled,
+                                        decode_ctx_max, ep_tokens)
 
     def decode_step_time(self, num_decodes: int, decode_ctx_sum: int, decode_ctx_max: int | None = None,
                          ep_tokens: int | None = None) -> float:
-        return self.scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max, ep_tokens)
+        return self.decode_scale * self.inner.decode_step_time(num_decodes, decode_ctx_sum, decode_ctx_max,
+                                                               ep_tokens)
 
     def time_of(self, f: StepFeatures) -> float:
-        return self.scale * self.inner.time_of(f)
+        return (self.scale if f.num_prefills else self.decode_scale) * self.inner.time_of(f)
 
     def breakdown(self, f: StepFeatures) -> dict[str, float]:
-        return {k: self.scale * v for k, v in self.inner.breakdown(f).items()}
+        s = self.scale if f.num_prefills else self.decode_scale
+        return {k: s * v for k, v in self.inner.breakdown(f).items()}
 
     def describe(self) -> dict:
-        return {**self.inner.describe(), "step_time_scale": self.scale}
+        d = {**self.inner.describe(), "step_time_scale": self.scale}
+        if self.decode_scale != self.scale:
+            d["decode_step_time_scale"] = self.decode_scale
+        return d
