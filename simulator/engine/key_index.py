@@ -110,7 +110,7 @@ class KeyIndex:
         not present reads as the empty row 0 unless `create`."""
         pages = keys >> PAGE_BITS
         p0 = int(pages[0])
-        if p0 == int(pages[-1]) and (len(pages) < 3 or (pages == p0).all()):
+        if p0 == int(pages[-1]) and (len(pages) < 3 or np.count_nonzero(pages != p0) == 0):
             r = self.page_row.get(p0)
             if r is None:
                 r = self._new_row(p0) if create else 0
@@ -137,7 +137,7 @@ class KeyIndex:
         r = self._row_index(keys, True)
         slots = keys & PAGE_MASK
         self.rows[r, slots] = blocks
-        return bool((self.rows[r, slots] == blocks).all())
+        return bool(np.count_nonzero(self.rows[r, slots] != blocks) == 0)
 
     # -- pages ------------------------------------------------------------------------------
     def _maybe_sweep(self) -> None:

@@ -14,13 +14,16 @@ same results, block for block and in the same order, as vLLM's per-block loops. 
 tables stay Python lists (the public `req_to_blocks`); next to each, the manager keeps the
 arrays it was built from, so freeing a table does not convert it back element by element
 (tables are append-only until freed: the fast-forward appends decode blocks to the list).
+A waiting request refused blocks is looked up again every step: the manager keeps its last
+lookup and answers from it, after two checks (its hit blocks still hold their keys, its
+first miss is still a miss) that make the answer the one a fresh lookup would give.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .block_pool import BlockPool
+from .block_pool import BlockPool, all_true
 from .request import Request
 
 _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhead
@@ -28,7 +31,7 @@ _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhe
 
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
-                 "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_last_hits", "_arrays")
+                 "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_last_hits", "_lookup", "_arrays")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40):
@@ -41,6 +44,9 @@ class KVCacheManager:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self._last_hits: tuple[list[int], np.ndarray | None] = ([], None)  # the last lookup, as an array
+        # The last lookup: (request, its block count, hits, as an array, their keys, the key of
+        # the first miss or None), to answer a refused waiting request's next lookup cheaply.
+        self._lookup: tuple | None = None
         # request id -> [arrays whose concatenation is the start of its block table, its length]
         self._arrays: dict[int, list] = {}
 
@@ -50,10 +56,23 @@ class KVCacheManager:
         max_blocks = (req.num_tokens - 1) // self.block_size
         if max_blocks <= 0:
             return [], 0
-        arr = self.pool.match_prefix(req.block_keys(0, max_blocks), req.key_runs(0, max_blocks))
+        pool = self.pool
+        memo = self._lookup
+        if memo is not None and memo[0] is req and memo[1] == max_blocks:
+            # The same request looked up again (it was refused blocks): the answer stands
+            # while its hit blocks still hold their keys and its first miss is still a miss.
+            _, _, hits, arr, hit_keys, miss_key = memo
+            if (not hits or all_true(pool._main_key[arr] == hit_keys)) and (
+                    miss_key is None or pool.get_cached_block(miss_key) is None):
+                self._last_hits = (hits, arr)
+                return hits, len(hits) * self.block_size
+        keys = req.block_keys(0, max_blocks)
+        arr = pool.match_prefix(keys, req.key_runs(0, max_blocks))
         hits = arr.tolist()
+        h = len(hits)
         self._last_hits = (hits, arr)
-        return hits, len(hits) * self.block_size
+        self._lookup = (req, max_blocks, hits, arr, keys[:h], keys.item(h) if h < max_blocks else None)
+        return hits, h * self.block_size
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Prefix-cache stats, counted when a looked-up request is admitted. (vLLM's counters
