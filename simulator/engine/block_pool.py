@@ -287,7 +287,8 @@ class BlockPool:
             arr = np.fromiter(ordered_blocks, np.intp)
         if not len(arr):
             return
-        r = self.ref_cnt[arr] - 1
+        r = self.ref_cnt[arr]  # a copy (fancy indexing)
+        r -= 1
         if any_true(r < 0):
             raise RuntimeError(f"block {arr[r.argmin()]} freed more often than allocated")
         self.ref_cnt[arr] = r
