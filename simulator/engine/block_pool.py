@@ -200,16 +200,15 @@ class BlockPool:
 
     def _pop_one(self) -> int:
         blocks, stamps = self._segs[0]
-        pos = self._pos
-        b = blocks.item(pos)
-        if self._stamp.item(b) != stamps.item(pos):
+        pos = self._pos + 1
+        b = blocks.item(pos - 1)
+        if self._stamp.item(b) != stamps.item(pos - 1):
             return self._pop(1).item(0)
         self._qlen -= 1
-        if pos + 1 == len(blocks):
+        if pos == len(blocks):
             self._segs.popleft()
-            self._pos = 0
-        else:
-            self._pos = pos + 1
+            pos = 0
+        self._pos = pos
         return b
 
     # -- allocation -------------------------------------------------------------------------
@@ -233,7 +232,12 @@ class BlockPool:
         key = self._key.item(b)
         if key != NO_KEY:
             self.num_evictions += 1
-            self._forget(b, key)
+            if self._main_key.item(b) == key and not self._dups and self.on_evict is None:
+                # _forget's common case, inline: the block alone carries the key
+                self._key[b] = NO_KEY
+                self._main_key[b] = NO_KEY
+            else:
+                self._forget(b, key)
         return b
 
     def take_new_blocks(self, num_blocks: int) -> np.ndarray:
@@ -310,6 +314,11 @@ class BlockPool:
         b = self._index.get_many(keys) if runs is None else self._index.get_runs(runs)
         ok = self._main_key[b] == keys
         return b if all_true(ok) else b[:ok.argmin()]
+
+    def match_runs(self, runs) -> tuple[np.ndarray, int | None]:
+        """match_prefix for keys given as arithmetic runs only; also returns the first key
+        that missed (None if none did)."""
+        return self._index.match_runs(runs)
 
     def cache_block(self, b: int, key: int) -> None:
         if not self.enable_caching or self._key.item(b) != NO_KEY:

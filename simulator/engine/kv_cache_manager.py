@@ -44,8 +44,8 @@ class KVCacheManager:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self._last_hits: tuple[list[int], np.ndarray | None] = ([], None)  # the last lookup, as an array
-        # The last lookup: (request, its block count, hits, as an array, their keys, the key of
-        # the first miss or None), to answer a refused waiting request's next lookup cheaply.
+        # The last lookup: (request, its block count, hits, as an array, the key of the first
+        # miss or None), to answer a refused waiting request's next lookup cheaply.
         self._lookup: tuple | None = None
         # request id -> [arrays whose concatenation is the start of its block table, its length]
         self._arrays: dict[int, list] = {}
@@ -61,18 +61,22 @@ class KVCacheManager:
         if memo is not None and memo[0] is req and memo[1] == max_blocks:
             # The same request looked up again (it was refused blocks): the answer stands
             # while its hit blocks still hold their keys and its first miss is still a miss.
-            _, _, hits, arr, hit_keys, miss_key = memo
-            if (not hits or all_true(pool._main_key[arr] == hit_keys)) and (
+            _, _, hits, arr, miss_key = memo
+            if (not hits or all_true(pool._main_key[arr] == req.block_keys(0, len(hits)))) and (
                     miss_key is None or pool.get_cached_block(miss_key) is None):
                 self._last_hits = (hits, arr)
                 return hits, len(hits) * self.block_size
-        keys = req.block_keys(0, max_blocks)
-        arr = pool.match_prefix(keys, req.key_runs(0, max_blocks))
+        runs = req.key_runs(0, max_blocks)
+        if runs is not None:
+            arr, miss_key = pool.match_runs(runs)
+        else:
+            keys = req.block_keys(0, max_blocks)
+            arr = pool.match_prefix(keys)
+            miss_key = keys.item(len(arr)) if len(arr) < max_blocks else None
         hits = arr.tolist()
-        h = len(hits)
         self._last_hits = (hits, arr)
-        self._lookup = (req, max_blocks, hits, arr, keys[:h], keys.item(h) if h < max_blocks else None)
-        return hits, h * self.block_size
+        self._lookup = (req, max_blocks, hits, arr, miss_key)
+        return hits, len(hits) * self.block_size
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Prefix-cache stats, counted when a looked-up request is admitted. (vLLM's counters
@@ -139,18 +143,22 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(rid)
         c = req.num_computed_tokens
         bs = self.block_size
-        if blocks is None or -(-(c + 1) // bs) - len(blocks) > 1:
+        if blocks is None:
             return self.allocate_slots(req, 1)
-        if len(blocks) * bs == c:  # the slot opens a new block
-            pool = self.pool
+        room = len(blocks) * bs - c  # free slots in the table
+        if room <= 0:
+            if room < 0:  # more than one block short
+                return self.allocate_slots(req, 1)
+            pool = self.pool  # the slot opens a new block
             if not pool.num_free:
                 return False
             blocks.append(pool.get_new_block())
         if self.enable_caching:
             num_full = (c + 1) // bs
-            start = self.num_cached_block[rid]
+            num_cached = self.num_cached_block
+            start = num_cached[rid]
             if num_full == start + 1:  # the token fills a block: cache it
-                self.num_cached_block[rid] = num_full
+                num_cached[rid] = num_full
                 self.pool.cache_block(blocks[start], req.block_key(start))
             elif num_full > start:
                 self._cache_full_blocks(req, blocks, num_full)
