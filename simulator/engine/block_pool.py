@@ -315,6 +315,10 @@ class BlockPool:
         ok = self._main_key[b] == keys
         return b if all_true(ok) else b[:ok.argmin()]
 
+    def hold_keys(self, blocks: np.ndarray, keys: np.ndarray) -> bool:
+        """Is each block still the one a lookup of its key returns?"""
+        return all_true(self._main_key[blocks] == keys)
+
     def match_runs(self, runs) -> tuple[np.ndarray, int | None]:
         """match_prefix for keys given as arithmetic runs only; also returns the first key
         that missed (None if none did)."""

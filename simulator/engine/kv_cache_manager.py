@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .block_pool import BlockPool, all_true
+from .block_pool import BlockPool
 from .request import Request
 
 _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhead
@@ -62,7 +62,7 @@ class KVCacheManager:
             # The same request looked up again (it was refused blocks): the answer stands
             # while its hit blocks still hold their keys and its first miss is still a miss.
             _, _, hits, arr, miss_key = memo
-            if (not hits or all_true(pool._main_key[arr] == req.block_keys(0, len(hits)))) and (
+            if (not hits or pool.hold_keys(arr, req.block_keys(0, len(hits)))) and (
                     miss_key is None or pool.get_cached_block(miss_key) is None):
                 self._last_hits = (hits, arr)
                 return hits, len(hits) * self.block_size
