@@ -8,6 +8,7 @@ import pytest
 from simkit import call, make_deployment, make_req, program, rows_by_call, run_sim
 from simulator.engine.block_pool import BlockPool
 from simulator.engine.kv_cache_manager import KVCacheManager
+from simulator.engine.request import Request
 
 BS = 4
 
@@ -287,3 +288,41 @@ def test_hash_ids_with_trace_blocks_larger_than_engine_blocks(ff):
     progs = [_hash_prog("a", 0.0, [1, 2], tb=32), _hash_prog("b", 1.0, [1, 3], tb=32)]
     rows = rows_by_call(run_sim(progs, fast_forward=ff)[0])
     assert rows[("b", 0)]["cached_tokens"] == 32
+
+
+
+def _same_as_fresh(kv: KVCacheManager, req):
+    """req's lookup (answered from the manager's last one when that was req's) equals a fresh
+    lookup; afterwards req's is the last lookup again."""
+    hits, n = kv.get_computed_blocks(req)
+    clone = Request(req.request_id + 1000, req.num_prompt_tokens, req.max_tokens, 0.0, req.key_base,
+                    hash_keys=req.hash_keys)
+    assert (hits, n) == kv.get_computed_blocks(clone)
+    kv.get_computed_blocks(req)
+    return hits
+
+
+@pytest.mark.parametrize("keys", [None, [11, 12, 13, 14, 15, 16]])
+def test_repeated_lookup_sees_evictions_and_new_blocks(keys):
+    """A waiting request looked up again (refused blocks in between) gets a fresh answer
+    after one of its hit blocks is evicted, and after its first miss gets cached."""
+    kv = KVCacheManager(8, BS)  # 7 usable blocks
+    r0 = Request(0, 17, 4, 0.0, key_base=1 << 32, hash_keys=keys)
+    _computed(kv, r0)  # 4 full blocks cached, a fifth one partial
+    kv.free(r0)
+    r1 = Request(1, 25, 4, 0.0, key_base=1 << 32, hash_keys=keys)
+    assert len(_same_as_fresh(kv, r1)) == 4
+    assert len(_same_as_fresh(kv, r1)) == 4  # nothing changed
+    # The free queue is 6, 7, then r0's blocks tail first: a 4-block allocation takes
+    # r0's partial block and evicts its fourth full block.
+    r2 = make_req(2, 16)
+    _computed(kv, r2)
+    assert len(_same_as_fresh(kv, r1)) == 3
+    kv.free(r2)
+    # Another call of the program computes blocks 3 and 4: r1's first miss gets cached.
+    r3 = Request(3, 21, 4, 0.0, key_base=1 << 32, hash_keys=keys)
+    hits, n = kv.get_computed_blocks(r3)
+    kv.get_computed_blocks(r1)
+    assert kv.allocate_slots(r3, r3.num_tokens - n, n, hits)
+    r3.num_computed_tokens = r3.num_tokens
+    assert len(_same_as_fresh(kv, r1)) == 5

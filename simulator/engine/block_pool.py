@@ -34,6 +34,18 @@ from .key_index import KeyIndex
 NO_KEY = int(np.iinfo(np.int64).min)  # "no identity" in the key arrays; never a real key
 _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhead
 _COMPACT_SLACK = 4096  # compact the queue when dead entries exceed live ones by this
+_count = np.count_nonzero
+
+
+def all_true(a: np.ndarray) -> bool:
+    """a.all() for a small bool array: count_nonzero skips the Python layer around the
+    ufunc reduction that ndarray.all() goes through (~0.3 us against ~0.9 us)."""
+    return _count(a) == len(a)
+
+
+def any_true(a: np.ndarray) -> bool:
+    """a.any(), as all_true."""
+    return _count(a) > 0
 
 
 class BlockKeys:
@@ -157,7 +169,7 @@ class BlockPool:
         end = pos + k
         if end < len(blocks):
             w = blocks[pos:end]
-            if (stamp[w] == stamps[pos:end]).all():  # the common case: k live entries in a row
+            if all_true(stamp[w] == stamps[pos:end]):  # the common case: k live entries in a row
                 self._qlen -= k
                 self._pos = end
                 return w
@@ -188,16 +200,15 @@ class BlockPool:
 
     def _pop_one(self) -> int:
         blocks, stamps = self._segs[0]
-        pos = self._pos
-        b = blocks.item(pos)
-        if self._stamp.item(b) != stamps.item(pos):
+        pos = self._pos + 1
+        b = blocks.item(pos - 1)
+        if self._stamp.item(b) != stamps.item(pos - 1):
             return self._pop(1).item(0)
         self._qlen -= 1
-        if pos + 1 == len(blocks):
+        if pos == len(blocks):
             self._segs.popleft()
-            self._pos = 0
-        else:
-            self._pos = pos + 1
+            pos = 0
+        self._pos = pos
         return b
 
     # -- allocation -------------------------------------------------------------------------
@@ -221,7 +232,12 @@ class BlockPool:
         key = self._key.item(b)
         if key != NO_KEY:
             self.num_evictions += 1
-            self._forget(b, key)
+            if self._main_key.item(b) == key and not self._dups and self.on_evict is None:
+                # _forget's common case, inline: the block alone carries the key
+                self._key[b] = NO_KEY
+                self._main_key[b] = NO_KEY
+            else:
+                self._forget(b, key)
         return b
 
     def take_new_blocks(self, num_blocks: int) -> np.ndarray:
@@ -275,8 +291,9 @@ class BlockPool:
             arr = np.fromiter(ordered_blocks, np.intp)
         if not len(arr):
             return
-        r = self.ref_cnt[arr] - 1
-        if r.min() < 0:
+        r = self.ref_cnt[arr]  # a copy (fancy indexing)
+        r -= 1
+        if any_true(r < 0):
             raise RuntimeError(f"block {arr[r.argmin()]} freed more often than allocated")
         self.ref_cnt[arr] = r
         zero = arr[r == 0]
@@ -296,7 +313,16 @@ class BlockPool:
         `runs`: the same keys as arithmetic runs (Request.key_runs), when they are."""
         b = self._index.get_many(keys) if runs is None else self._index.get_runs(runs)
         ok = self._main_key[b] == keys
-        return b if ok.all() else b[:ok.argmin()]
+        return b if all_true(ok) else b[:ok.argmin()]
+
+    def hold_keys(self, blocks: np.ndarray, keys: np.ndarray) -> bool:
+        """Is each block still the one a lookup of its key returns?"""
+        return all_true(self._main_key[blocks] == keys)
+
+    def match_runs(self, runs) -> tuple[np.ndarray, int | None]:
+        """match_prefix for keys given as arithmetic runs only; also returns the first key
+        that missed (None if none did)."""
+        return self._index.match_runs(runs)
 
     def cache_block(self, b: int, key: int) -> None:
         if not self.enable_caching or self._key.item(b) != NO_KEY:
@@ -317,12 +343,12 @@ class BlockPool:
             return
         if not fresh:
             todo = self._key[blocks] == NO_KEY
-            if not todo.all():
+            if not all_true(todo):
                 blocks, keys, runs = blocks[todo], keys[todo], None
         if len(blocks) >= _SMALL:
             index, mk = self._index, self._main_key
             cur = index.get_many(keys) if runs is None else index.get_runs(runs)
-            if not (mk[cur] == keys).any():
+            if not any_true(mk[cur] == keys):
                 if runs is not None:
                     index.set_runs(runs, blocks)  # keys of runs are distinct
                     ok = True
@@ -364,7 +390,7 @@ class BlockPool:
 
     def _forget_many(self, blocks: np.ndarray, keys: np.ndarray) -> None:
         """_forget each (block, key), in order."""
-        if self.on_evict is None and (not self._dups or not self._has_dup[blocks].any()):
+        if self.on_evict is None and (not self._dups or not any_true(self._has_dup[blocks])):
             # No key here has a second block: dropping the identities is all there is to do
             # (their key index entries go stale by themselves).
             self._key[blocks] = NO_KEY
@@ -389,7 +415,7 @@ class BlockPool:
         sel = (self.ref_cnt[arr] == 0) & (keys != NO_KEY)
         if keep_negative_keys:
             sel &= keys >= 0
-        if sel.any():
+        if any_true(sel):
             self._forget_many(arr[sel], keys[sel])
 
     def keys_of(self, blocks) -> list[int]:

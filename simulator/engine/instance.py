@@ -170,7 +170,8 @@ class Instance:
         max_len = self.engine.max_model_len
         for req, _n in out.scheduled:
             num_out = req.num_output_tokens
-            if req.num_computed_tokens < req.num_prompt_tokens + num_out:
+            num_prompt = req.num_prompt_tokens
+            if req.num_computed_tokens < num_prompt + num_out:
                 continue  # a prefill chunk that does not reach the end samples nothing
             num_out += 1
             req.num_output_tokens = num_out
@@ -183,7 +184,7 @@ class Instance:
                 itl_v.append(now - last)
                 itl_w.append(1)
             req.last_token_time = now
-            if num_out >= req.max_tokens or req.num_prompt_tokens + num_out >= max_len:
+            if num_out >= req.max_tokens or num_prompt + num_out >= max_len:
                 finished.append(req)
         if same:
             itl_v.append(now - start)
@@ -223,7 +224,10 @@ class Instance:
         # The head was refused blocks; decodes only consume blocks, so it stays refused unless
         # a running call of its own program caches blocks it would hit (DAG siblings).
         prog = head.program
-        return all(r.program is not prog for r in running)
+        for r in running:
+            if r.program is prog:
+                return False
+        return True
 
     def _plan_run(self, out: SchedulerOutput, now: float, d0: float) -> bool:
         if not self._batch_is_stable(out):

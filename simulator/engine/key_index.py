@@ -23,15 +23,19 @@ _MIN_SWEEP = 64
 # at 2-fold, the bench workload (pages die and come back as programs' blocks are evicted and
 # recomputed) swept 431 times and spent 6 % of its time there; 4-fold sweeps 28 times.
 _SWEEP_GROWTH = 4
+_IOTA = np.arange(PAGE, dtype=np.int64)
 
 
 class KeyIndex:
-    __slots__ = ("main_key", "rows", "row_page", "page_row", "free_rows", "sweep_at")
+    __slots__ = ("main_key", "rows", "row_keys", "row_page", "page_row", "free_rows", "sweep_at")
 
     def __init__(self, main_key: np.ndarray):
         # main_key[-1] must hold a value no key equals: empty entries (-1) read it.
         self.main_key = main_key
         self.rows = np.full((_MIN_SWEEP, PAGE), -1, np.intp)
+        # row_keys[r, slot]: the key whose entry is rows[r, slot] (for a row in use), so that a
+        # run of entries is checked against main_key without building its keys
+        self.row_keys = np.zeros((_MIN_SWEEP, PAGE), np.int64)
         self.row_page = np.zeros(_MIN_SWEEP, np.int64)
         self.page_row: dict[int, int] = {}
         self.free_rows = list(range(_MIN_SWEEP - 1, 0, -1))  # row 0 stays empty: "no page"
@@ -82,6 +86,35 @@ class KeyIndex:
                 n -= m
         return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
+    def match_runs(self, runs) -> tuple[np.ndarray, int | None]:
+        """The current blocks for the keys of `runs`, in order, up to the first key that has
+        none (entries checked against main_key), as a fresh array; and that first key, or
+        None if every key has its block."""
+        rows, row_keys, page_row, mk = self.rows, self.row_keys, self.page_row, self.main_key
+        parts = []
+        for k, step, n in runs:
+            while n > 0:
+                r = page_row.get(k >> PAGE_BITS, 0)  # row 0: no page, every entry -1
+                slot = k & PAGE_MASK
+                if step > 0:
+                    m = min(n, PAGE - slot)
+                    e = rows[r, slot:slot + m]
+                    ok = mk[e] == row_keys[r, slot:slot + m]
+                else:
+                    m = min(n, slot + 1)
+                    e = rows[r, slot - m + 1:slot + 1][::-1]
+                    ok = mk[e] == row_keys[r, slot - m + 1:slot + 1][::-1]
+                if np.count_nonzero(ok) < m:
+                    i = int(ok.argmin())
+                    parts.append(e[:i])
+                    return np.concatenate(parts), k + step * i
+                parts.append(e)
+                k += step * m
+                n -= m
+        if not parts:
+            return np.zeros(0, np.intp), None
+        return (parts[0].copy() if len(parts) == 1 else np.concatenate(parts)), None
+
     def set_runs(self, runs, blocks: np.ndarray) -> None:
         """Write entries for the keys of `runs` (distinct keys), in order."""
         self._maybe_sweep()
@@ -110,7 +143,7 @@ class KeyIndex:
         not present reads as the empty row 0 unless `create`."""
         pages = keys >> PAGE_BITS
         p0 = int(pages[0])
-        if p0 == int(pages[-1]) and (len(pages) < 3 or (pages == p0).all()):
+        if p0 == int(pages[-1]) and (len(pages) < 3 or np.count_nonzero(pages != p0) == 0):
             r = self.page_row.get(p0)
             if r is None:
                 r = self._new_row(p0) if create else 0
@@ -137,7 +170,7 @@ class KeyIndex:
         r = self._row_index(keys, True)
         slots = keys & PAGE_MASK
         self.rows[r, slots] = blocks
-        return bool((self.rows[r, slots] == blocks).all())
+        return bool(np.count_nonzero(self.rows[r, slots] != blocks) == 0)
 
     # -- pages ------------------------------------------------------------------------------
     def _maybe_sweep(self) -> None:
@@ -154,11 +187,13 @@ class KeyIndex:
         if not self.free_rows:
             n = len(self.rows)
             self.rows = np.concatenate((self.rows, np.full((n, PAGE), -1, np.intp)))
+            self.row_keys = np.concatenate((self.row_keys, np.zeros((n, PAGE), np.int64)))
             self.row_page = np.concatenate((self.row_page, np.zeros(n, np.int64)))
             self.free_rows = list(range(2 * n - 1, n - 1, -1))
         r = self.free_rows.pop()
         self.page_row[page] = r
         self.row_page[r] = page
+        self.row_keys[r] = _IOTA + (page << PAGE_BITS)
         return r
 
     def _sweep(self) -> None:

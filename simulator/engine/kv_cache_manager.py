@@ -14,6 +14,9 @@ same results, block for block and in the same order, as vLLM's per-block loops. 
 tables stay Python lists (the public `req_to_blocks`); next to each, the manager keeps the
 arrays it was built from, so freeing a table does not convert it back element by element
 (tables are append-only until freed: the fast-forward appends decode blocks to the list).
+A waiting request refused blocks is looked up again every step: the manager keeps its last
+lookup and answers from it, after two checks (its hit blocks still hold their keys, its
+first miss is still a miss) that make the answer the one a fresh lookup would give.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhe
 
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
-                 "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_last_hits", "_arrays")
+                 "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_last_hits", "_lookup", "_arrays")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40):
@@ -41,6 +44,9 @@ class KVCacheManager:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self._last_hits: tuple[list[int], np.ndarray | None] = ([], None)  # the last lookup, as an array
+        # The last lookup: (request, its block count, hits, as an array, the key of the first
+        # miss or None), to answer a refused waiting request's next lookup cheaply.
+        self._lookup: tuple | None = None
         # request id -> [arrays whose concatenation is the start of its block table, its length]
         self._arrays: dict[int, list] = {}
 
@@ -50,9 +56,26 @@ class KVCacheManager:
         max_blocks = (req.num_tokens - 1) // self.block_size
         if max_blocks <= 0:
             return [], 0
-        arr = self.pool.match_prefix(req.block_keys(0, max_blocks), req.key_runs(0, max_blocks))
+        pool = self.pool
+        memo = self._lookup
+        if memo is not None and memo[0] is req and memo[1] == max_blocks:
+            # The same request looked up again (it was refused blocks): the answer stands
+            # while its hit blocks still hold their keys and its first miss is still a miss.
+            _, _, hits, arr, miss_key = memo
+            if (not hits or pool.hold_keys(arr, req.block_keys(0, len(hits)))) and (
+                    miss_key is None or pool.get_cached_block(miss_key) is None):
+                self._last_hits = (hits, arr)
+                return hits, len(hits) * self.block_size
+        runs = req.key_runs(0, max_blocks)
+        if runs is not None:
+            arr, miss_key = pool.match_runs(runs)
+        else:
+            keys = req.block_keys(0, max_blocks)
+            arr = pool.match_prefix(keys)
+            miss_key = keys.item(len(arr)) if len(arr) < max_blocks else None
         hits = arr.tolist()
         self._last_hits = (hits, arr)
+        self._lookup = (req, max_blocks, hits, arr, miss_key)
         return hits, len(hits) * self.block_size
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
@@ -120,18 +143,22 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(rid)
         c = req.num_computed_tokens
         bs = self.block_size
-        if blocks is None or -(-(c + 1) // bs) - len(blocks) > 1:
+        if blocks is None:
             return self.allocate_slots(req, 1)
-        if len(blocks) * bs == c:  # the slot opens a new block
-            pool = self.pool
+        room = len(blocks) * bs - c  # free slots in the table
+        if room <= 0:
+            if room < 0:  # more than one block short
+                return self.allocate_slots(req, 1)
+            pool = self.pool  # the slot opens a new block
             if not pool.num_free:
                 return False
             blocks.append(pool.get_new_block())
         if self.enable_caching:
             num_full = (c + 1) // bs
-            start = self.num_cached_block[rid]
+            num_cached = self.num_cached_block
+            start = num_cached[rid]
             if num_full == start + 1:  # the token fills a block: cache it
-                self.num_cached_block[rid] = num_full
+                num_cached[rid] = num_full
                 self.pool.cache_block(blocks[start], req.block_key(start))
             elif num_full > start:
                 self._cache_full_blocks(req, blocks, num_full)
