@@ -11,7 +11,7 @@ import yaml
 from calibrate.experiments import DECODE, PREFILL, EngineLimits
 from calibrate.profile import execute_model
 from simulator.latency.base import step_features
-from validation.reference import (ReferenceError, ReferenceRun, case_factor, engine_limits,
+from validation.reference import (ReferenceStepsError, ReferenceRun, case_factor, engine_limits,
                                   reference_experiments)
 
 PROFILE = {
@@ -57,7 +57,7 @@ def test_reference_batches_are_fresh_and_inside_the_engine_limits():
             assert r.prompt_len + r.max_tokens <= limits.max_model_len
         if e.kind == DECODE:
             assert len(e.requests()) in (1, limits.max_num_seqs)
-    with pytest.raises(ReferenceError, match="num_gpu_blocks"):
+    with pytest.raises(ReferenceStepsError, match="num_gpu_blocks"):
         engine_limits({"engine": {"block_size": 16}}, 100)
     assert isinstance(limits, EngineLimits)
 
@@ -131,3 +131,21 @@ def test_decode_scale_reaches_the_simulation():
         out[d] = Simulation(progs, make_deployment(prof, model, cfg), cfg).run().summary
     assert out[2.0]["mean_tpot_ms"] == pytest.approx(2.0 * out[None]["mean_tpot_ms"], rel=0.05)
     assert out[2.0]["mean_ttft_ms"] == pytest.approx(out[None]["mean_ttft_ms"], rel=0.05)
+
+
+def test_a_failed_reference_run_is_recorded_and_the_case_goes_on(tmp_path):
+    """No server behind the URL: the reference run fails, is logged and recorded; the case's
+    result then has no scales and no re-simulated errors (nothing is made up)."""
+    from types import SimpleNamespace
+
+    from replay.vllm_server import find_free_port
+    from validation.matrix import Case, _ReferenceSteps
+    case = Case(name="c", kind="live", model="hardware/models/tiny-llama", hardware=None)
+    srv = SimpleNamespace(base_url=f"http://127.0.0.1:{find_free_port()}", log_path=tmp_path / "none.log")
+    logged = []
+    ref = _ReferenceSteps(case, "hardware/profiles/cpu-tiny-llama.yaml", srv, pool=None, log=logged.append)
+    ref.measure("1-before")
+    assert ref.runs == [] and ref.failed and ref.failed[0]["tag"] == "1-before"
+    assert any("reference steps 1-before failed" in m for m in logged)
+    out = ref.result(programs=[], hardware=None, model=None, overrides={}, row={})
+    assert out["factor"] is None and "errors" not in out and out["failed"] == ref.failed

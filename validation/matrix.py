@@ -596,7 +596,7 @@ class _ReferenceSteps:
     def __init__(self, case: Case, hardware: str, srv, pool: _ServerPool, log):
         from simulator.hardware import load_device
         self.srv, self.pool, self.log = srv, pool, log
-        self.runs, self.note = [], None
+        self.runs, self.note, self.failed = [], None, []
         _, self.profile = load_device(hardware)
         cfg = Path(case.model) / "config.json"
         self.vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
@@ -606,14 +606,15 @@ class _ReferenceSteps:
             self.note = "no calibrated linear profile or no config.json: reference steps skipped"
 
     def measure(self, tag: str) -> None:
-        from .reference import ReferenceError, run_reference
+        from .reference import run_reference
         if self.note:
             return
         try:
             r = run_reference(self.srv.base_url, self.srv.log_path, self.profile, self.vocab, tag,
                               prefix_caching=self.prefix_caching)
-        except (ReferenceError, ValueError, RuntimeError) as e:
-            self.log(f"    reference steps {tag} failed: {e}")
+        except Exception as e:  # a diagnostic: its failure is logged and recorded, the case goes on
+            self.log(f"    reference steps {tag} failed: {e.__class__.__name__}: {e}")
+            self.failed.append({"tag": tag, "error": f"{e.__class__.__name__}: {e}"})
             return
         self.runs.append(r)
         self.log(f"    reference steps {tag}: machine at x{r.factor:.3f} of the profile's step time "
@@ -625,7 +626,7 @@ class _ReferenceSteps:
         from .reference import case_factor, case_scales
         scales = case_scales(self.runs)
         out = {"references": [r.to_dict() for r in self.runs], "factor": case_factor(self.runs),
-               **({"note": self.note} if self.note else {})}
+               **({"note": self.note} if self.note else {}), **({"failed": self.failed} if self.failed else {})}
         if scales is None:
             return out
         out["step_time_scale"], out["decode_step_time_scale"] = scales

@@ -47,7 +47,7 @@ REFERENCE_GRID = GridSpec(
 KINDS = ("prefill", "decode")
 
 
-class ReferenceError(RuntimeError):
+class ReferenceStepsError(RuntimeError):
     """The reference batches could not be run or attributed."""
 
 
@@ -86,7 +86,7 @@ def engine_limits(profile: dict, vocab_size: int) -> tuple[EngineLimits, MirrorL
     missing = [k for k in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens",
                            "max_model_len") if not e.get(k)]
     if missing:
-        raise ReferenceError(f"the profile's engine section lacks {missing}")
+        raise ReferenceStepsError(f"the profile's engine section lacks {missing}")
     limits = EngineLimits(e["block_size"], e["max_model_len"], e["max_num_batched_tokens"], e["max_num_seqs"],
                           vocab_size)
     mirror = MirrorLimits(e["num_gpu_blocks"], e["block_size"], e["max_num_seqs"], e["max_num_batched_tokens"],
@@ -115,7 +115,7 @@ def run_reference(base_url: str, log_path, profile: dict, vocab_size: int, tag: 
     records = [r for r in parse_iteration_log(log_path) if r.t_s is not None and t0 <= r.t_s <= t1]
     attr = attribute(records, runs, {e.name: e.requests() for e in ran}, mirror)
     if not attr.steps:
-        raise ReferenceError(f"reference {tag}: no step could be attributed ({dict(attr.discarded)})")
+        raise ReferenceStepsError(f"reference {tag}: no step could be attributed ({dict(attr.discarded)})")
     model = execute_model(profile)
     out = ReferenceRun(tag, t0, t1, mismatches=len(attr.mismatches))
     for kind in KINDS:
