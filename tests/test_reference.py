@@ -149,3 +149,22 @@ def test_a_failed_reference_run_is_recorded_and_the_case_goes_on(tmp_path):
     assert any("reference steps 1-before failed" in m for m in logged)
     out = ref.result(programs=[], hardware=None, model=None, overrides={}, row={})
     assert out["factor"] is None and "errors" not in out and out["failed"] == ref.failed
+
+
+def test_frontend_is_client_ttft_less_the_matched_prefill_step():
+    from types import SimpleNamespace as NS
+
+    from calibrate.runner import ExperimentRun, RequestResult
+    from validation.reference import case_frontend, frontend_samples, host_step_s
+    assert host_step_s(PROFILE) == pytest.approx(6e-4 + 1.5e-4)
+    run = ExperimentRun("prefill/n128-c0~t", PREFILL, {}, 100.0, 101.0, requests=[
+        RequestResult("a", t_send=100.000, t_first=100.030),   # its step: logged at 100.025
+        RequestResult("b", t_send=100.100, t_first=100.120),   # two steps in its window: left out
+        RequestResult("c", t_send=100.200, t_first=None)])     # no first token: left out
+    rows = [NS(experiment=run.name, kind=PREFILL, num_prefills=1, t_s=t, elapsed_ms=ms)
+            for t, ms in ((100.025, 20.0), (100.105, 5.0), (100.112, 5.0))]
+    decode_run = ExperimentRun("decode/b1-l256~t", DECODE, {}, 0, 1, requests=[RequestResult("d", t_send=0, t_first=1)])
+    got = frontend_samples([run, decode_run], rows, host_s=1e-3)
+    assert got == pytest.approx([0.030 - 0.020 - 0.001])
+    runs = [ReferenceRun(str(i), 0, 1, frontend_s=f) for i, f in enumerate((0.004, 0.006, 0.005))]
+    assert case_frontend(runs + [ReferenceRun("x", 0, 1)]) == pytest.approx(0.005)

@@ -358,16 +358,19 @@ def summary_markdown(result: dict) -> list[str]:
     if ref:
         lines += ["", "At the machine's reference speed (validation/reference.py: designed batches run on the same "
                       "server just before and after each measurement, compared with the profile; the simulation "
-                      "rerun with steps with prefill work scaled by the median prefill ratio and pure-decode steps "
-                      "by the median decode ratio; none of the case's own measurement goes into them):", "",
-                  "| case | reference factors (min-max) | prefill / decode scale used | mean TTFT | mean TPOT | "
-                  "mean E2E | mean JCT |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                      "rerun with steps with prefill work scaled by the median prefill ratio, pure-decode steps "
+                      "by the median decode ratio, and the frontend delay the reference's single prefills showed; "
+                      "none of the case's own measurement goes into them):", "",
+                  "| case | reference factors (min-max) | prefill / decode scale used | frontend (ms) | mean TTFT | "
+                  "mean TPOT | mean E2E | mean JCT |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for case, a in ref:
             fs = [x["factor"] for x in a["references"] if x.get("factor")]
             e = a["errors"]
+            fe = a.get("frontend_s")
             lines.append(f"| {case} | x{min(fs):.3f}-x{max(fs):.3f} | "
-                         f"x{a['step_time_scale']:.3f} / x{a['decode_step_time_scale']:.3f} | " + " | ".join(
+                         f"x{a['step_time_scale']:.3f} / x{a['decode_step_time_scale']:.3f} | "
+                         f"{'-' if fe is None else f'{1000 * fe:.2f}'} | " + " | ".join(
                 signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
         lines += ["", "Worst |error| per mean at the reference speed:", ""]
         for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"):
@@ -623,16 +626,19 @@ class _ReferenceSteps:
 
     def result(self, programs, hardware, model, overrides, row: dict) -> dict | None:
         """The four means' errors with the simulation at the case's reference factor."""
-        from .reference import case_factor, case_scales
+        from .reference import case_factor, case_frontend, case_scales
         scales = case_scales(self.runs)
+        frontend = case_frontend(self.runs)
         out = {"references": [r.to_dict() for r in self.runs], "factor": case_factor(self.runs),
                **({"note": self.note} if self.note else {}), **({"failed": self.failed} if self.failed else {})}
         if scales is None:
             return out
         out["step_time_scale"], out["decode_step_time_scale"] = scales
+        out["frontend_s"] = frontend
+        extra = {} if frontend is None else {"latency.frontend_s": max(frontend, 0.0)}
         cfg = build_config(None, {**overrides, "latency.step_time_scale": scales[0],
-                                  "latency.decode_step_time_scale": scales[1], "metrics.sample_interval_s": 0,
-                                  "metrics.step_log": False})
+                                  "latency.decode_step_time_scale": scales[1], **extra,
+                                  "metrics.sample_interval_s": 0, "metrics.step_log": False})
         from replay.sim_backend import make_deployment
         from simulator.cluster import Simulation
         summ = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary

@@ -16,8 +16,12 @@ ratios apart, since a shared machine does not slow both alike (other tenants' lo
 compute-bound prefill and the memory-bound decode differently): over a case's reference runs
 the median prefill ratio scales every step with prefill work and the median decode ratio
 every pure-decode step (`latency.step_time_scale`, `latency.decode_step_time_scale`). The
+single prefill requests also give the frontend delay as the machine shows it then (client
+TTFT less the step's execute time and the profile's host time, as the profiling probe
+measures it), which replaces the profile's (`latency.frontend_s`, split in the profile's
+proportion): on a loaded machine the API server and the client slow down too. The
 reference batches are not the case's trace and share none of its prompts, so nothing of the
-measurement being checked goes into the scales; the simulation rerun at them is the
+measurement being checked goes into these; the simulation rerun at them is the
 simulator's prediction for the machine as it was at the time of the run.
 """
 
@@ -28,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from calibrate.attribution import MirrorLimits, attribute
-from calibrate.experiments import WARMUP, EngineLimits, GridSpec, design, with_suffix
+from calibrate.experiments import PREFILL, WARMUP, EngineLimits, GridSpec, design, with_suffix
 from calibrate.runner import Client, run_all
 
 # Small enough to run in about a second on the tiny CPU models; sizes inside the full grid's.
@@ -61,6 +65,8 @@ class ReferenceRun:
     ratios: dict[str, float] = field(default_factory=dict)  # kind -> Σ measured / Σ predicted
     steps: dict[str, int] = field(default_factory=dict)  # kind -> steps compared
     mismatches: int = 0
+    frontend_s: float | None = None  # median client TTFT - (execute + host) of single prefills
+    frontend_samples: int = 0
 
     @property
     def factor(self) -> float | None:
@@ -72,7 +78,9 @@ class ReferenceRun:
         return {"tag": self.tag, "t_start": round(self.t_start, 3), "t_end": round(self.t_end, 3),
                 "factor": None if f is None else round(f, 4),
                 "ratios": {k: round(v, 4) for k, v in self.ratios.items()}, "steps": self.steps,
-                "mismatches": self.mismatches}
+                "mismatches": self.mismatches,
+                "frontend_ms": None if self.frontend_s is None else round(1000.0 * self.frontend_s, 3),
+                "frontend_samples": self.frontend_samples}
 
 
 def reference_experiments(limits: EngineLimits, tag: str):
@@ -125,6 +133,38 @@ def run_reference(base_url: str, log_path, profile: dict, vocab_size: int, tag: 
             pred = sum(model.time_of(_features(r)) for r in rows)
             out.ratios[kind] = meas / pred
             out.steps[kind] = len(rows)
+    fe = frontend_samples(runs, attr.steps, host_step_s(profile))
+    if fe:
+        out.frontend_s, out.frontend_samples = _median(fe), len(fe)
+    return out
+
+
+LOG_SLACK_S = 0.005  # a step's log line may be written just after the client saw its token
+
+
+def host_step_s(profile: dict) -> float:
+    """The profile's host time of a one-request step (what the period adds to execute)."""
+    host = ((((profile.get("latency_model") or {}).get("fit") or {}).get("parts") or {}).get("host") or {})
+    c = host.get("coefficients_s") or {}
+    return float(c.get("num_steps", 0.0) + c.get("num_seqs", 0.0) + c.get("num_sampled", 0.0))
+
+
+def frontend_samples(runs, rows, host_s: float) -> list[float]:
+    """The frontend delay of each single prefill request of the reference batches: its client
+    TTFT less its one prefill step (logged execute time + the profile's host time), as the
+    profiling run's frontend probe measures it (calibrate/frontend.py). Requests whose step is
+    not the only prefill step logged between their send and first token are left out."""
+    out = []
+    for run in runs:
+        if run.kind != PREFILL:
+            continue
+        steps = [r for r in rows if r.experiment == run.name and r.kind == PREFILL and r.num_prefills == 1]
+        for req in run.requests:
+            if req.t_first is None or req.error:
+                continue
+            m = [r for r in steps if req.t_send < r.t_s <= req.t_first + LOG_SLACK_S]
+            if len(m) == 1:
+                out.append((req.t_first - req.t_send) - (m[0].elapsed_ms / 1000.0 + host_s))
     return out
 
 
@@ -156,3 +196,8 @@ def case_scales(runs: list[ReferenceRun]) -> tuple[float, float] | None:
     if p is None and d is None:
         return None
     return (p if p is not None else d), (d if d is not None else p)
+
+
+def case_frontend(runs: list[ReferenceRun]) -> float | None:
+    """The median of a case's reference frontend delays (for `latency.frontend_s`)."""
+    return _median([r.frontend_s for r in runs if r.frontend_s is not None])

@@ -59,10 +59,12 @@ def test_live_case_measured_simulated_and_compared(vllm_python, tmp_path):
     for r in ref["references"]:
         assert r["mismatches"] == 0 and r["steps"]["prefill"] >= 4 and r["steps"]["decode"] >= 40
         assert 0.3 < r["factor"] < 3.0
+        assert r["frontend_samples"] >= 4 and 0.5 < r["frontend_ms"] < 100.0
     factors = sorted(r["factor"] for r in ref["references"])
     assert ref["factor"] == pytest.approx((factors[1] + factors[2]) / 2, rel=1e-3)
     decode = sorted(r["ratios"]["decode"] for r in ref["references"])
     assert ref["decode_step_time_scale"] == pytest.approx((decode[1] + decode[2]) / 2, rel=1e-3)
+    assert 0.0005 < ref["frontend_s"] < 0.1
     assert all(math.isfinite(v) for v in ref["errors"].values())
     assert json.loads((case / "reference.json").read_text())["step_time_scale"] == ref["step_time_scale"]
     assert "At the machine's reference speed" in (out / "summary.md").read_text()
