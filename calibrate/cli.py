@@ -20,7 +20,7 @@ from pathlib import Path
 from .fit import FitError, fit_steps
 from .frontend import FRONTEND_DIR, estimate_frontend, estimate_frontend_live
 from .operators import fit_operators
-from .profile import build_profile, dump_profile, repo_relative
+from .profile import build_profile, dump_profile, host_step_s, repo_relative
 from .records import ENGINE_JSON, OPERATORS_CSV, STEPS_CSV, RecordsError, read_json, read_steps, read_table
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "hardware" / "profiles" / "data"
@@ -192,9 +192,7 @@ def _fit(data_dir: Path, out: Path, name: str | None, folds: int, max_other_cpu:
     lm = profile["latency_model"]
     fe = None
     if (data_dir / FRONTEND_DIR / "calls.csv").exists():
-        host = (lm["fit"]["parts"].get("host") or {}).get("coefficients_s")
-        host_s = host.get("num_steps", 0.0) + host.get("num_seqs", 0.0) if host else None
-        fe = _frontend_from_probe(data_dir, lm["intercept"], lm["coefficients"], host_s)
+        fe = _frontend_from_probe(data_dir, lm["intercept"], lm["coefficients"], host_step_s(profile))
     elif (data_dir / "experiments.json").exists():
         fe = estimate_frontend(read_json(data_dir / "experiments.json").get("experiments", []),
                                lm["intercept"], lm["coefficients"],

@@ -237,6 +237,16 @@ def host_name() -> str:
     return socket.gethostname()
 
 
+def host_step_s(profile: dict) -> float | None:
+    """The fitted host time of a one-request step that samples a token (what the step period
+    adds to the logged execute time), or None when the profile has no host part."""
+    lm = profile.get("latency_model") or {}
+    host = ((((lm.get("fit") or {}).get("parts") or {}).get("host") or {}).get("coefficients_s"))
+    if not host:
+        return None
+    return float(host.get("num_steps", 0.0) + host.get("num_seqs", 0.0) + host.get("num_sampled", 0.0))
+
+
 def execute_model(profile: dict):
     """The execute part alone (what a step's logged `elapsed_ms` times) of a calibrated
     profile: the step model less the fitted host overhead (`StepFit._combine` in reverse)."""

@@ -155,7 +155,8 @@ def test_frontend_is_client_ttft_less_the_matched_prefill_step():
     from types import SimpleNamespace as NS
 
     from calibrate.runner import ExperimentRun, RequestResult
-    from validation.reference import case_frontend, frontend_samples, host_step_s
+    from calibrate.profile import host_step_s
+    from validation.reference import case_frontend, frontend_samples
     assert host_step_s(PROFILE) == pytest.approx(6e-4 + 1.5e-4)
     run = ExperimentRun("prefill/n128-c0~t", PREFILL, {}, 100.0, 101.0, requests=[
         RequestResult("a", t_send=100.000, t_first=100.030),   # its step: logged at 100.025

@@ -465,6 +465,24 @@ def _simulate(programs, hardware: str, model: str, overrides: dict, out: Path) -
     return run_simulation(programs, hardware, model, cfg, out)
 
 
+def _rerun_summary(programs, hardware: str, model: str, overrides: dict, **settings) -> dict:
+    """summary.json of the case simulated again with `settings` (config keys) on top of its
+    overrides, in memory: no files, no time series, no step log."""
+    from replay.sim_backend import make_deployment
+    from simulator.cluster import Simulation
+    cfg = build_config(None, {**overrides, **settings, "metrics.sample_interval_s": 0, "metrics.step_log": False})
+    return Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+
+
+def _mean_errors(summary: dict, measured: dict) -> dict[str, float | None]:
+    """(simulated - measured) / measured of the four headline means."""
+    out = {}
+    for metric, key in _SUMMARY_KEYS.items():
+        m = measured.get(key)
+        out[f"mean_{metric}"] = (summary[key] - m) / m if m and summary.get(key) is not None else None
+    return out
+
+
 SENSITIVITY_STEP = 0.05  # step times scaled by 1 -/+ this for the sensitivity check
 
 
@@ -475,17 +493,10 @@ def step_time_sensitivity(programs, hardware: str, model: str, overrides: dict,
     queueing amplifies a small step-time error (an elasticity of 5 means a 1 % step-time error
     is a 5 % TTFT error), which says how closely a case can test the rest of the model.
     `base`: the summary of the unscaled simulation when it has already run."""
-    from replay.sim_backend import make_deployment
-    from simulator.cluster import Simulation
-
-    runs = {}
-    for sign in (-1, 1):
-        cfg = build_config(None, {**overrides, "latency.step_time_scale": 1 + sign * SENSITIVITY_STEP,
-                                  "metrics.sample_interval_s": 0, "metrics.step_log": False})
-        runs[sign] = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+    runs = {sign: _rerun_summary(programs, hardware, model, overrides,
+                                 **{"latency.step_time_scale": 1 + sign * SENSITIVITY_STEP}) for sign in (-1, 1)}
     if base is None:
-        cfg = build_config(None, {**overrides, "metrics.sample_interval_s": 0, "metrics.step_log": False})
-        base = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
+        base = _rerun_summary(programs, hardware, model, overrides)
     out = {}
     for metric, key in _SUMMARY_KEYS.items():
         m0, lo, hi = base.get(key), runs[-1].get(key), runs[1].get(key)
@@ -636,15 +647,9 @@ class _ReferenceSteps:
         out["step_time_scale"], out["decode_step_time_scale"] = scales
         out["frontend_s"] = frontend
         extra = {} if frontend is None else {"latency.frontend_s": max(frontend, 0.0)}
-        cfg = build_config(None, {**overrides, "latency.step_time_scale": scales[0],
-                                  "latency.decode_step_time_scale": scales[1], **extra,
-                                  "metrics.sample_interval_s": 0, "metrics.step_log": False})
-        from replay.sim_backend import make_deployment
-        from simulator.cluster import Simulation
-        summ = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
-        out["errors"] = {f"mean_{metric}": (summ[key] - row["measured"][key]) / row["measured"][key]
-                         if row["measured"].get(key) and summ.get(key) is not None else None
-                         for metric, key in _SUMMARY_KEYS.items()}
+        summ = _rerun_summary(programs, hardware, model, overrides, **{
+            "latency.step_time_scale": scales[0], "latency.decode_step_time_scale": scales[1], **extra})
+        out["errors"] = _mean_errors(summ, row["measured"])
         return out
 
 
@@ -653,8 +658,6 @@ def _at_measured_step_speed(programs, hardware, model, overrides, simulated: Pat
     this measurement (validation.steps.measured_step_scale): what is left once the machine's
     step times are taken as measured. A diagnostic, not the case's result."""
     from replay.results import load_steps
-    from replay.sim_backend import make_deployment
-    from simulator.cluster import Simulation
 
     from .steps import measured_step_scale
 
@@ -665,14 +668,8 @@ def _at_measured_step_speed(programs, hardware, model, overrides, simulated: Pat
     scale = measured_step_scale(None, ss, errors)
     if scale is None:
         return None
-    cfg = build_config(None, {**overrides, "latency.step_time_scale": scale, "metrics.sample_interval_s": 0,
-                              "metrics.step_log": False})
-    summ = Simulation(programs, make_deployment(hardware, model, cfg), cfg).run().summary
-    errors = {}
-    for metric, key in _SUMMARY_KEYS.items():
-        m = row["measured"].get(key)
-        errors[f"mean_{metric}"] = (summ[key] - m) / m if m and summ.get(key) is not None else None
-    return {"step_time_scale": scale, "errors": errors}
+    summ = _rerun_summary(programs, hardware, model, overrides, **{"latency.step_time_scale": scale})
+    return {"step_time_scale": scale, "errors": _mean_errors(summ, row["measured"])}
 
 
 def _ranking(rows: list[dict], cases: list[Case]) -> list[dict]:

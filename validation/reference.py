@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from calibrate.attribution import MirrorLimits, attribute
 from calibrate.experiments import PREFILL, WARMUP, EngineLimits, GridSpec, design, with_suffix
+from calibrate.frontend import LOG_SLACK_S
 from calibrate.runner import Client, run_all
 
 # Small enough to run in about a second on the tiny CPU models; sizes inside the full grid's.
@@ -109,7 +110,7 @@ def run_reference(base_url: str, log_path, profile: dict, vocab_size: int, tag: 
     `prefix_caching`: whether this server caches prefixes (the mirror must know)."""
     from replay.vllm_server import parse_iteration_log
 
-    from calibrate.profile import execute_model
+    from calibrate.profile import execute_model, host_step_s
 
     limits, mirror = engine_limits(profile, vocab_size)
     if not prefix_caching:
@@ -133,20 +134,10 @@ def run_reference(base_url: str, log_path, profile: dict, vocab_size: int, tag: 
             pred = sum(model.time_of(_features(r)) for r in rows)
             out.ratios[kind] = meas / pred
             out.steps[kind] = len(rows)
-    fe = frontend_samples(runs, attr.steps, host_step_s(profile))
+    fe = frontend_samples(runs, attr.steps, host_step_s(profile) or 0.0)
     if fe:
         out.frontend_s, out.frontend_samples = _median(fe), len(fe)
     return out
-
-
-LOG_SLACK_S = 0.005  # a step's log line may be written just after the client saw its token
-
-
-def host_step_s(profile: dict) -> float:
-    """The profile's host time of a one-request step (what the period adds to execute)."""
-    host = ((((profile.get("latency_model") or {}).get("fit") or {}).get("parts") or {}).get("host") or {})
-    c = host.get("coefficients_s") or {}
-    return float(c.get("num_steps", 0.0) + c.get("num_seqs", 0.0) + c.get("num_sampled", 0.0))
 
 
 def frontend_samples(runs, rows, host_s: float) -> list[float]:
