@@ -27,15 +27,12 @@ _IOTA = np.arange(PAGE, dtype=np.int64)
 
 
 class KeyIndex:
-    __slots__ = ("main_key", "rows", "row_keys", "row_page", "page_row", "free_rows", "sweep_at")
+    __slots__ = ("main_key", "rows", "row_page", "page_row", "free_rows", "sweep_at")
 
     def __init__(self, main_key: np.ndarray):
         # main_key[-1] must hold a value no key equals: empty entries (-1) read it.
         self.main_key = main_key
         self.rows = np.full((_MIN_SWEEP, PAGE), -1, np.intp)
-        # row_keys[r, slot]: the key whose entry is rows[r, slot] (for a row in use), so that a
-        # run of entries is checked against main_key without building its keys
-        self.row_keys = np.zeros((_MIN_SWEEP, PAGE), np.int64)
         self.row_page = np.zeros(_MIN_SWEEP, np.int64)
         self.page_row: dict[int, int] = {}
         self.free_rows = list(range(_MIN_SWEEP - 1, 0, -1))  # row 0 stays empty: "no page"
@@ -90,7 +87,7 @@ class KeyIndex:
         """The current blocks for the keys of `runs`, in order, up to the first key that has
         none (entries checked against main_key), as a fresh array; and that first key, or
         None if every key has its block."""
-        rows, row_keys, page_row, mk = self.rows, self.row_keys, self.page_row, self.main_key
+        rows, page_row, mk = self.rows, self.page_row, self.main_key
         parts = []
         for k, step, n in runs:
             while n > 0:
@@ -99,11 +96,11 @@ class KeyIndex:
                 if step > 0:
                     m = min(n, PAGE - slot)
                     e = rows[r, slot:slot + m]
-                    ok = mk[e] == row_keys[r, slot:slot + m]
+                    ok = mk[e] == k + _IOTA[:m]
                 else:
                     m = min(n, slot + 1)
                     e = rows[r, slot - m + 1:slot + 1][::-1]
-                    ok = mk[e] == row_keys[r, slot - m + 1:slot + 1][::-1]
+                    ok = mk[e] == k - _IOTA[:m]
                 if np.count_nonzero(ok) < m:
                     i = int(ok.argmin())
                     parts.append(e[:i])
@@ -187,13 +184,11 @@ class KeyIndex:
         if not self.free_rows:
             n = len(self.rows)
             self.rows = np.concatenate((self.rows, np.full((n, PAGE), -1, np.intp)))
-            self.row_keys = np.concatenate((self.row_keys, np.zeros((n, PAGE), np.int64)))
             self.row_page = np.concatenate((self.row_page, np.zeros(n, np.int64)))
             self.free_rows = list(range(2 * n - 1, n - 1, -1))
         r = self.free_rows.pop()
         self.page_row[page] = r
         self.row_page[r] = page
-        self.row_keys[r] = _IOTA + (page << PAGE_BITS)
         return r
 
     def _sweep(self) -> None:
