@@ -236,3 +236,24 @@ def test_offload_ff_workload_loads_from_the_tier():
     """The workload above really loads a block back from the tier (the case fast-forward misses)."""
     rows = {(r["program_id"], r["call_index"]): r for r in _offload_rows(False)}
     assert rows[("p5", 3)]["loaded_tokens"] == 16
+
+
+def _run_logged(progs, fast_forward):
+    dep = make_deployment(num_gpu_blocks=400, block_size=BS, max_num_seqs=8, latency=LATENCY)
+    cfg = sim_config(fast_forward)
+    cfg = type(cfg)(**{**cfg.__dict__, "metrics": type(cfg.metrics)(sample_interval_s=0.0, step_log=True)})
+    return Simulation(progs, dep, cfg).run()
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 60])
+def test_arrival_exactly_at_a_decode_step_end_matches_stepping(k):
+    """A decode run is planned a few steps at a time; a call arriving exactly when one of its
+    steps ends (a chunk boundary included) is served as stepping one at a time serves it."""
+    long = [program("a", 0.0, [call(40, 120)]), program("b", 0.0, [call(24, 100)])]
+    ends = [s["t_s"] for s in _run_logged(long, False).steps]
+    t = ends[k]
+    progs = long + [program("c", t, [call(30, 5, tool_s=0.0), call(8, 20)])]
+    on, off = _run_logged(progs, True), _run_logged(progs, False)
+    assert on.calls == off.calls
+    assert on.steps == off.steps
+    assert any(r["arrival_s"] == t for r in on.calls)

@@ -8,7 +8,8 @@ Fast-forward (exact). When a step is a pure decode of every running request and 
 join the batch (the waiting queue is empty, capped, or its head is already refused blocks —
 and free blocks only shrink while decodes run), the following steps are known in advance:
 the same requests, one token each, contexts growing by one. Such a run of M steps is
-planned at once: its step times, and the few block events it contains (a request allocates
+planned ahead (a few steps at first, more as the run reaches them: most runs are cut by an
+arrival long before their end): its step times, and the few block events it contains (a request allocates
 a block when its slot crosses a block boundary, and caches a block when it fills one), in
 the exact order the scheduler would do them. M stops before the first step that would
 finish a request's output (that step runs normally), before free blocks run out (that
@@ -29,12 +30,19 @@ from .request import FINISHED, WAITING_FOR_REMOTE_KVS, Request
 from .scheduler import Scheduler, SchedulerOutput
 
 _MAX_RUN = 1 << 15
+_FIRST_CHUNK = 16  # steps planned when a run starts; each extension doubles the run
 
 
 class _DecodeRun:
-    """A planned run of pure-decode steps 0..M-1 (step 0 already scheduled by the scheduler)."""
+    """A planned run of pure-decode steps 0..M-1 (step 0 already scheduled by the scheduler).
 
-    __slots__ = ("running", "base", "starts", "durs", "by_mod", "applied", "M", "out0", "ctx0", "handle")
+    Steps are planned in chunks, as the run reaches them: most runs are cut short by an
+    arrival, and the steps after the cut would be priced for nothing. `open` says more steps
+    may follow the M planned so far; planning a chunk is deterministic, so a run planned in
+    chunks is the run planned at once."""
+
+    __slots__ = ("running", "base", "starts", "durs", "by_mod", "applied", "M", "out0", "ctx0", "handle",
+                 "open", "R", "allocs_mod", "free", "need", "B", "max0")
 
     def __init__(self, running, base, starts, durs, out0, ctx0):
         self.running = running
@@ -50,6 +58,13 @@ class _DecodeRun:
         self.out0 = out0
         self.ctx0 = ctx0
         self.handle = -1
+        self.open = True          # steps after M may still be planned
+        self.R = 0                # no step from R on (the first request's last token)
+        self.allocs_mod = None    # blocks allocated by step j: allocs_mod[j % block_size]
+        self.free = 0             # free blocks before step 1
+        self.need = 0             # blocks allocated by steps 1..M-1
+        self.B = 0
+        self.max0 = None
 
 
 class Instance:
@@ -250,31 +265,49 @@ class Instance:
         allocs_mod = [0] * bs  # step j allocates a block for each request with c + j = 0 (mod bs)
         for c in base:
             allocs_mod[-c % bs] += 1
-        B = len(running)
-        free = self.kv.pool.num_free
-        ctx0 = out.decode_ctx_sum
-        max0 = out.decode_ctx_max or None
+        run = _DecodeRun(running, base, [now, now + d0], [d0], out, out.decode_ctx_sum)
+        run.R = R
+        run.allocs_mod = allocs_mod
+        run.free = self.kv.pool.num_free
+        run.B = len(running)
+        run.max0 = out.decode_ctx_max or None
+        self._plan_more(run, _FIRST_CHUNK)
+        if run.M < 2:
+            return False
+        run.handle = self.loop.schedule(run.starts[run.M], self._prio, self._end_run)
+        self._run = run
+        return True
+
+    def _plan_more(self, run: _DecodeRun, n: int) -> None:
+        """Plan up to n more steps of an open run. Planning stops for good before the first
+        step that would finish a request's output (run.R) or need more blocks than are free
+        (that step would preempt): both run normally."""
+        j = run.M
+        stop = min(run.R, j + n)
+        bs = self.kv.block_size
+        allocs_mod = run.allocs_mod
+        free = run.free
+        need = run.need
+        B, ctx0, max0 = run.B, run.ctx0, run.max0
         step_time = self.latency.decode_step_time
-        starts = [now]
-        durs = [d0]
-        t = now + d0
-        need = 0
-        for j in range(1, R):
+        starts, durs = run.starts, run.durs
+        t = starts[j]
+        while j < stop:
             need += allocs_mod[j % bs]
             if need > free:
-                break  # step j would preempt: it runs normally
-            starts.append(t)
+                run.open = False
+                break
             d = step_time(B, ctx0 + j * B, max0 + j if max0 else None)
             durs.append(d)
             t = t + d
-        M = len(durs)
-        if M < 2:
-            return False
-        starts.append(t)
-        run = _DecodeRun(running, base, starts, durs, out, ctx0)
-        run.handle = self.loop.schedule(starts[M], self._prio, self._end_run)
-        self._run = run
-        return True
+            starts.append(t)
+            j += 1
+        if j >= run.R:
+            run.open = False
+        run.need = need
+        if run.by_mod is not None and run.M <= bs:
+            run.by_mod = None  # built for fewer steps: events of later steps were left out
+        run.M = j
 
     def _apply_run_events(self, run: _DecodeRun, upto: int) -> None:
         """Apply the block events of steps applied+1..upto (allocations, then caching, per request)."""
@@ -322,8 +355,20 @@ class Instance:
 
     def _step_at(self, run: _DecodeRun, now: float) -> int:
         """Index of the step in progress at `now` (the last one begun at or before now)."""
+        while run.open and run.starts[run.M] <= now:
+            self._extend(run)
         s = bisect_right(run.starts, now, 0, run.M) - 1
         return s if s > 0 else 0
+
+    def _extend(self, run: _DecodeRun, pending: bool = True) -> None:
+        """Plan the next chunk of an open run and move its end event (`pending`: the old
+        end event is still to come, else it is the one running)."""
+        M = run.M
+        self._plan_more(run, M)
+        if run.M > M:
+            if pending:
+                self.loop.cancel(run.handle)
+            run.handle = self.loop.schedule(run.starts[run.M], self._prio, self._end_run)
 
     def sync(self, now: float) -> None:
         """Bring block state up to `now` inside a decode run (for readers)."""
@@ -337,6 +382,7 @@ class Instance:
         if run is None:
             return
         s = self._step_at(run, now)
+        run.open = False
         self._apply_run_events(run, s)
         if s + 1 < run.M:
             self.loop.cancel(run.handle)
@@ -345,6 +391,10 @@ class Instance:
 
     def _end_run(self) -> None:
         run = self._run
+        if run.open:
+            self._extend(run, pending=False)
+            if run.open or self.loop.now < run.starts[run.M]:
+                return  # planned further: the run goes on
         self._run = None
         M = run.M
         self._apply_run_events(run, M - 1)
