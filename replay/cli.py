@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0, or the config's)")
     p.add_argument("--endpoint", help="URL of a live OpenAI-compatible server (live replay instead of simulation)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary on stdout")
+    sweep = p.add_argument_group("design-space sweep (simulated replay)")
+    sweep.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="simulate every combination of these values (repeat for a grid; KEY is a config key, "
+                            "or hardware / model); each point's files go to OUT/KEY=V,.../ and a table to "
+                            "OUT/sweep.csv")
+    sweep.add_argument("--jobs", type=int, default=None,
+                       help="sweep points run at once, each in its own process (default: the number of cores)")
     live = p.add_argument_group("live replay (with --endpoint or --launch)")
     live.add_argument("--time-scale", type=float, default=1.0, help="multiply arrivals and tool gaps by this")
     live.add_argument("--max-inflight", type=int, default=0, help="most calls in flight at once (0 = no cap)")
@@ -86,13 +93,33 @@ def format_summary(s: dict, wall_s: float | None = None) -> list[str]:
     return lines
 
 
+def _main_sweep(args, mapping: dict, overrides: dict) -> int:
+    from .sweep import expand, format_table, parse_sweeps, run_sweep
+    axes = parse_sweeps(args.sweep)
+    points = expand(axes, mapping, overrides, args.hardware, args.model)
+    programs = load_trace(args.trace)
+    t0 = time.perf_counter()
+    rows = run_sweep(programs, points, args.out, trace_name=str(args.trace), jobs=args.jobs, quiet=args.quiet)
+    wall = time.perf_counter() - t0
+    failed = sum(1 for r in rows if r["error"])
+    if not args.quiet:
+        print("\n".join(format_table(rows, [k for k, _ in axes])))
+        print(f"{len(points)} points in {wall:.2f} s ({failed} failed); results in {args.out}/<point>/, "
+              f"table in {args.out}/sweep.csv")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.endpoint or args.launch:
             from .live import main_live
             return main_live(args)
-        if not args.hardware:
+        if args.sweep and (args.endpoint or args.launch):
+            raise ConfigError("--sweep runs the simulator; it does not combine with --endpoint or --launch")
+        if args.jobs is not None and args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        if not args.hardware and not any(s.split("=", 1)[0].strip() == "hardware" for s in args.sweep):
             raise ConfigError("--hardware is required for a simulated replay (or give --endpoint for a live one)")
         mapping = {}
         if args.config:
@@ -107,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _parse_set(args.set)
         if args.seed is not None:
             overrides["seed"] = args.seed
+        if args.sweep:
+            return _main_sweep(args, mapping, overrides)
         cfg = build_config(mapping, overrides)
         programs = load_trace(args.trace)
         from .sim_backend import run_simulation

@@ -195,3 +195,84 @@ def test_step_log_is_identical_with_and_without_fast_forward(trace, tmp_path):
     s = json.loads(on["summary.json"])
     assert len(rows) - 1 == sum(i["steps"] for i in s["instances"])
     assert "steps.csv" not in _run(trace, tmp_path / "none")  # off by default
+
+
+# -- design-space sweeps ------------------------------------------------------------------------
+
+
+def _sweep(trace, out, *extra, rc=0):
+    got = main([str(trace), "--out", str(out), *BASE, *extra])
+    assert got == rc
+    return out
+
+
+def test_sweep_points_equal_single_replays(trace, tmp_path):
+    """Each point of a 2 x 2 grid, run in a process pool, writes exactly the files a plain
+    asim-replay with those --set values writes; sweep.csv has one row per point with its values."""
+    out = _sweep(trace, tmp_path / "sw", "--sweep", "policy.kv=lru,drop", "--sweep", "engine.max_num_seqs=2,64",
+                 "--jobs", "2")
+    import csv
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["policy.kv"], r["engine.max_num_seqs"]) for r in rows] == [
+        ("lru", "2"), ("lru", "64"), ("drop", "2"), ("drop", "64")]
+    calls = sum(len(p["calls"]) for p in _workload())
+    for r in rows:
+        assert r["error"] == "" and int(r["completed"]) == calls
+        single = _run(trace, tmp_path / r["point"], "--set", f"policy.kv={r['policy.kv']}",
+                      "--set", f"engine.max_num_seqs={r['engine.max_num_seqs']}")
+        for f in RESULT_FILES:
+            assert (out / r["point"] / f).read_bytes() == single[f], (r["point"], f)
+    # the points differ (the sweep is not one run copied four times)
+    assert len({r["mean_ttft_ms"] for r in rows}) == 4
+
+
+def test_sweep_hardware_axis_and_in_process(trace, tmp_path):
+    """`hardware` is swept like a config key; --jobs 1 runs in this process, same files."""
+    a = _sweep(trace, tmp_path / "a", "--sweep", "hardware=h100-sxm,a100-80gb-sxm", "--jobs", "1")
+    b = _sweep(trace, tmp_path / "b", "--sweep", "hardware=h100-sxm,a100-80gb-sxm", "--jobs", "2")
+    for point in ("hardware=h100-sxm", "hardware=a100-80gb-sxm"):
+        for f in RESULT_FILES:
+            assert (a / point / f).read_bytes() == (b / point / f).read_bytes()
+    h100 = json.loads((a / "hardware=h100-sxm" / "summary.json").read_text())
+    a100 = json.loads((a / "hardware=a100-80gb-sxm" / "summary.json").read_text())
+    assert a100["mean_tpot_ms"] > h100["mean_tpot_ms"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sweep", "policy.kv=lru,bogus"], "sweep point policy.kv=bogus: unknown kv policy"),
+    (["--sweep", "hardware=h100-sxm,nope"], "sweep point hardware=nope: unknown hardware"),
+    (["--sweep", "engine.max_num_seqs=4,-1"], "sweep point engine.max_num_seqs=-1"),
+    (["--sweep", "policy.kv=lru", "--sweep", "policy.kv=drop"], "given twice"),
+    (["--sweep", "policy.kv=lru,,drop"], "an empty value"),
+    (["--sweep", "policy.kv=lru,lru"], "a value repeats"),
+    (["--sweep", "policy.kv"], "--sweep expects KEY=V1,V2"),
+    (["--sweep", "policy.kv=lru", "--jobs", "0"], "--jobs must be >= 1"),
+])
+def test_sweep_bad_values_stop_before_anything_runs(trace, tmp_path, capsys, args, msg):
+    out = tmp_path / "sw"
+    _sweep(trace, out, *args, rc=2)
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sweep_point_failing_while_running_is_reported_and_others_run(trace, tmp_path, monkeypatch, capsys):
+    """A point that raises mid-run gets its error in sweep.csv (exit 1); the others complete."""
+    import csv
+
+    from replay import sweep
+
+    real = sweep._run_point
+
+    def flaky(programs, point, out_dir, trace_name):
+        if point.name == "policy.kv=drop":
+            raise RuntimeError("disk full\nsecond line")
+        return real(programs, point, out_dir, trace_name)
+
+    monkeypatch.setattr(sweep, "_run_point", flaky)
+    out = _sweep(trace, tmp_path / "sw", "--sweep", "policy.kv=lru,drop,pin-ttl", "--jobs", "1", rc=1)
+    rows = {r["point"]: r for r in csv.DictReader(open(out / "sweep.csv"))}
+    assert rows["policy.kv=drop"]["error"] == "RuntimeError: disk full"
+    assert rows["policy.kv=drop"]["completed"] == ""
+    for ok in ("policy.kv=lru", "policy.kv=pin-ttl"):
+        assert rows[ok]["error"] == "" and (out / ok / "summary.json").exists()
