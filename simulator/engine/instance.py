@@ -123,7 +123,7 @@ class Instance:
             self.loop.cancel(pin[1])
             pin[1] = -1
         self.num_pinned_blocks -= len(blocks)
-        self.kv.pool.free_blocks(reversed(blocks))
+        self.kv.pool.free_blocks(blocks[::-1])
         pin[0] = []
 
     def _on_admitted(self, req: Request) -> None:

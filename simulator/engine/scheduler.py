@@ -200,11 +200,11 @@ class Scheduler:
                 self._finish_loading(req)
             num_ext = 0
             if req.num_computed_tokens == 0:
-                hit_blocks, num_hit = kv.get_computed_blocks(req)
+                hit_blocks, num_hit = kv.lookup(req)
                 if self.connector is not None:
                     num_ext, _ = self.connector.get_num_new_matched_tokens(req, num_hit, now)
             else:
-                hit_blocks, num_hit = [], 0
+                hit_blocks, num_hit = (), 0
             if num_ext:
                 # vLLM: allocate for local hits + external tokens, then wait for the load.
                 if not kv.allocate_slots(req, num_ext, num_hit, hit_blocks, delay_cache_blocks=True):
