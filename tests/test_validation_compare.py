@@ -326,13 +326,23 @@ def test_matrix_summary_shows_the_largest_mean_spread():
     noise["mean_tpot_ms"] = 0.07
     result = {"matrix": "t", "repeats": 3, "seconds": 1.0, "ranking": [],
               "cases": [{"case": "c1", "status": "ok", "calls": 10, "errors": errs, "noise": noise,
-                         "sensitivity": {"ttft_ms": 6.25}},
+                         "sensitivity": {"ttft_ms": 6.25}, "other_cpu": [0.04, 0.61, 0.1]},
                         {"case": "c2", "status": "ok", "calls": 10, "errors": errs, "noise": {}}]}
     lines = summary_markdown(result)
     row1 = next(line for line in lines if line.startswith("| c1 "))
     row2 = next(line for line in lines if line.startswith("| c2 "))
-    assert row1.endswith("| 7.0% | 6.2% | ok |") and row2.endswith("| - | - | ok |")
+    assert row1.endswith("| 7.0% | 0.61 | 6.2% | ok |") and row2.endswith("| - | - | - | ok |")
     assert any("measured 3 times" in line for line in lines)
+
+
+def test_contended_live_runs_are_warned():
+    """Other programs' CPU during a live measurement above the calibration's retry limit
+    (0.25 cores) gives one contended_measurement warning naming the worst run."""
+    from validation.matrix import contention_warnings
+    assert contention_warnings([]) == [] and contention_warnings([0.0, 0.25, 0.1]) == []
+    (w,) = contention_warnings([0.1, 0.9, 0.3])
+    assert w["code"] == "contended_measurement"
+    assert "0.90 cores" in w["message"] and "during 2 of 3 measured runs" in w["message"]
 
 
 def test_profile_engine_flag_mismatch_is_warned(tmp_path):

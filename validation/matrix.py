@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import yaml
 
+from calibrate import contention
 from replay.trace import load_trace, write_trace
 from simulator.config import build_config
 
@@ -283,6 +284,24 @@ def profile_mismatch(profile_path: str | None, engine_args: list[str]) -> list[d
                         + "; ".join(diffs) + "): step times will differ; re-calibrate with these flags"}]
 
 
+# A live run during which other programs used more than this many cores (on average) was
+# slowed by them: the limit calibration retries an experiment at (calibrate.runner).
+MAX_OTHER_CPU = 0.25
+
+
+def contention_warnings(others: list[float], limit: float = MAX_OTHER_CPU) -> list[dict]:
+    """A warning when other programs took CPU while the live runs were measured (`others`:
+    the cores they used, on average over each run, from /proc; calibrate.contention)."""
+    hit = [x for x in others if x > limit]
+    if not hit:
+        return []
+    return [{"code": "contended_measurement",
+             "message": f"other programs used {max(hit):.2f} cores on average during {len(hit)} of {len(others)} "
+                        f"measured runs (limit {limit}): the engine, its API server and the replay client "
+                        "shared the machine with them, so measured latencies carry that slowdown, which no "
+                        "model of the engine predicts"}]
+
+
 def compare_dirs(measured: Path, simulated: Path, report: Path, repeats: list[Path] = (),
                  warnings: list[dict] = (), sensitivity: dict | None = None) -> dict:
     """Compare, write the case's report, and return its row for the matrix summary."""
@@ -331,19 +350,22 @@ def summary_markdown(result: dict) -> list[str]:
              f"{len(result['cases'])} cases in {result['seconds']:.0f} s. Errors are (simulated - measured) / measured."
              + (f" Live cases were measured {reps} times: errors are against the median of the runs, and "
                 "'spread' is the largest run-to-run spread ((max - min) / median) of the four means." if reps > 1
-                else ""), "",
-             "| case | calls | " + " | ".join(cols) + " | spread | TTFT per 1% step time | status |",
-             "|---|---:|" + "---:|" * len(cols) + "---:|---:|---|"]
+                else "") + " 'other CPU': the most cores other programs used, on average over a live run, while "
+                "it was measured (above 0.25 the case warns: contended_measurement).", "",
+             "| case | calls | " + " | ".join(cols) + " | spread | other CPU | TTFT per 1% step time | status |",
+             "|---|---:|" + "---:|" * len(cols) + "---:|---:|---:|---|"]
     for r in result["cases"]:
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | | " + " | ".join([""] * len(cols))
-                         + f" | | | failed: {r.get('error', '')[:80]} |")
+                         + f" | | | | failed: {r.get('error', '')[:80]} |")
             continue
         errs = [signed_pct(r["errors"].get(f"{stat}_{metric}")) for metric, stat in HEADLINE]
         spread = mean_spread(r)
         sens = (r.get("sensitivity") or {}).get("ttft_ms")
+        other = r.get("other_cpu")
         lines.append(f"| {r['case']} | {r.get('calls', '')} | " + " | ".join(errs)
                      + f" | {'-' if spread is None else f'{100 * spread:.1f}%'}"
+                     + f" | {f'{max(other):.2f}' if other else '-'}"
                      + f" | {'-' if sens is None else f'{sens:.1f}%'} | ok |")
     ok = [r for r in result["cases"] if r.get("status") == "ok"]
     if ok:
@@ -559,6 +581,7 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         from replay.live import run_live, write_server_steps
         reference = _ReferenceSteps(case, hardware, srv, pool, log) if pool.settings.get("reference_steps", True) \
             else None
+        others: list[float] = []  # cores other programs used during each live replay
         for i in range(repeats):
             if i:
                 pool.reset_prefix_cache()
@@ -566,7 +589,10 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
                 reference.measure(f"{i + 1}-before")
             log(f"    live replay{f' {i + 1}/{repeats}' if repeats > 1 else ''} ...")
             run_dir = measured if i == 0 else _repeat_dir(case_dir, i)
+            cpu0, t0 = contention.snapshot(srv.pid), time.perf_counter()
             run_live(programs, srv.base_url, "model", str(run_dir), quiet=True)
+            others.append(round(contention.snapshot(srv.pid).others_since(cpu0)
+                                / max(time.perf_counter() - t0, 1e-3), 3))
             write_server_steps(run_dir, srv.log_path)
             if reference is not None:
                 reference.measure(f"{i + 1}-after")
@@ -588,11 +614,12 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
     extra, warns = [], []
     if case.kind == "live":
         extra = [_repeat_dir(case_dir, i) for i in range(1, repeats)]
-        warns = profile_mismatch(hardware, case.engine_args)
+        warns = profile_mismatch(hardware, case.engine_args) + contention_warnings(others)
         for w in warns:
             log(f"    warning: {w['message']}")
     row = compare_dirs(measured, simulated, report, extra, warns, sensitivity)
     if case.kind == "live":
+        row["other_cpu"] = others
         row["at_measured_step_speed"] = _at_measured_step_speed(programs, hardware, model, overrides, simulated,
                                                                 row)
         if reference is not None:

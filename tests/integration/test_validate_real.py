@@ -51,6 +51,8 @@ def test_live_case_measured_simulated_and_compared(vllm_python, tmp_path):
     assert errors["metrics"]["prefix_cache_hit_rate"]["value"]["error"] == pytest.approx(0.0, abs=1e-9)
     assert row["sensitivity"]["ttft_ms"] > 0
     assert "engine_mode_mismatch" not in row["warnings"]
+    # other programs' CPU was measured during each live run (cores, >= 0; this machine has 2)
+    assert len(row["other_cpu"]) == 2 and all(0.0 <= x <= 2.0 for x in row["other_cpu"])
     assert (case / "report" / "report.html").exists() and (out / "summary.md").exists()
     # reference batches ran before and after both measurements, every step attributed, and
     # the simulation was rerun at their median factor
