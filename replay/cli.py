@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--sweep runs the simulator; it does not combine with --endpoint or --launch")
         if args.jobs is not None and args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-        if not args.hardware and not any(s.split("=", 1)[0].strip() == "hardware" for s in args.sweep):
+        if not args.hardware and not args.sweep:  # a sweep may vary hardware (sweep.expand checks)
             raise ConfigError("--hardware is required for a simulated replay (or give --endpoint for a live one)")
         mapping = {}
         if args.config:

@@ -33,7 +33,7 @@ from simulator.cluster import Simulation
 from simulator.config import ConfigError, SimConfig, build_config
 from simulator.hardware import HardwareError
 
-from .sim_backend import make_deployment
+from .sim_backend import make_deployment, run_simulation
 
 # Summary keys copied into sweep.csv, after the swept values.
 SUMMARY_COLUMNS = ("completed", "failed", "duration", "request_throughput", "output_throughput",
@@ -133,7 +133,6 @@ def expand(axes: list[tuple[str, list[str]]], mapping: dict, overrides: dict, ha
 
 
 def _run_point(programs, point: SweepPoint, out_dir: str, trace_name: str) -> tuple[dict, float]:
-    from .sim_backend import run_simulation  # noqa: PLC0415 - in the worker process
     t0 = time.perf_counter()
     summary = run_simulation(programs, point.hardware, point.model, point.config, out_dir, trace_name=trace_name)
     return summary, time.perf_counter() - t0
@@ -157,24 +156,15 @@ def run_sweep(programs, points: list[SweepPoint], out: str | os.PathLike, trace_
 
     if jobs == 1:
         for i, p in enumerate(points):
-            try:
-                s, wall = _run_point(programs, p, str(out / p.name), trace_name)
-                results[i] = (s, wall, "")
-            except Exception as e:  # noqa: BLE001 - one point's failure is reported, the others run
-                results[i] = (None, 0.0, _one_line(e))
+            results[i] = _outcome(lambda p=p: _run_point(programs, p, str(out / p.name), trace_name))
             report(i)
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             futs = {pool.submit(_run_point, programs, p, str(out / p.name), trace_name): i
                     for i, p in enumerate(points)}
             for fut in as_completed(futs):
-                i = futs[fut]
-                try:
-                    s, wall = fut.result()
-                    results[i] = (s, wall, "")
-                except Exception as e:  # noqa: BLE001
-                    results[i] = (None, 0.0, _one_line(e))
-                report(i)
+                results[futs[fut]] = _outcome(fut.result)
+                report(futs[fut])
     rows = []
     for i, p in enumerate(points):
         summary, wall, err = results[i]
@@ -189,6 +179,16 @@ def run_sweep(programs, points: list[SweepPoint], out: str | os.PathLike, trace_
         w.writeheader()
         w.writerows(rows)
     return rows
+
+
+def _outcome(run) -> tuple[dict | None, float, str]:
+    """(summary, wall, "") of a point that ran, or (None, 0, error line) of one that failed:
+    one point's failure is reported and the others still run."""
+    try:
+        summary, wall = run()
+        return summary, wall, ""
+    except Exception as e:  # noqa: BLE001
+        return None, 0.0, _one_line(e)
 
 
 def _cell(v) -> str:

@@ -55,11 +55,13 @@ class BlockTable:
             if isinstance(i, slice):
                 return self.array()[i].tolist()
             i = int(i)
+        if i < 0:
+            i += len(self)
+            if i < 0:
+                raise IndexError("block table index out of range")
         n = self._n
         if i >= n:
             return self._tail[i - n]
-        if i < 0:
-            return self[i + len(self)] if i >= -len(self) else self._tail[i]  # the latter raises
         for p in reversed(self._parts):  # the block wanted is most often in the last array
             start = n - len(p)
             if i >= start:

@@ -44,27 +44,27 @@ class _DecodeRun:
     __slots__ = ("running", "base", "starts", "durs", "by_mod", "applied", "M", "out0", "ctx0", "handle",
                  "open", "R", "allocs_mod", "free", "need", "B", "max0")
 
-    def __init__(self, running, base, starts, durs, out0, ctx0):
+    def __init__(self, running, base, now: float, d0: float, out0, allocs_mod, free: int, R: int):
         self.running = running
         self.base = base          # num_computed_tokens of each request before step 0
-        self.starts = starts      # start time of steps 0..M (starts[M] = end of the run)
-        self.durs = durs
+        self.starts = [now, now + d0]  # start time of steps 0..M (starts[M] = end of the run)
+        self.durs = [d0]
         # Block events of step j are by_mod[j % block_size]: 2 * (running index) + kind
         # (0 allocate, 1 cache), in running order (a request's slot crosses a block boundary,
         # or fills a block, every block_size steps). Built when first needed.
         self.by_mod: list[list[int]] | None = None
         self.applied = 0          # block events applied through this step
-        self.M = len(durs)
+        self.M = 1
         self.out0 = out0
-        self.ctx0 = ctx0
+        self.ctx0 = out0.decode_ctx_sum
+        self.max0 = out0.decode_ctx_max or None
+        self.B = len(running)
         self.handle = -1
         self.open = True          # steps after M may still be planned
-        self.R = 0                # no step from R on (the first request's last token)
-        self.allocs_mod = None    # blocks allocated by step j: allocs_mod[j % block_size]
-        self.free = 0             # free blocks before step 1
+        self.R = R                # no step from R on (the first request's last token)
+        self.allocs_mod = allocs_mod  # blocks allocated by step j: allocs_mod[j % block_size]
+        self.free = free          # free blocks before step 1
         self.need = 0             # blocks allocated by steps 1..M-1
-        self.B = 0
-        self.max0 = None
 
 
 class Instance:
@@ -265,12 +265,7 @@ class Instance:
         allocs_mod = [0] * bs  # step j allocates a block for each request with c + j = 0 (mod bs)
         for c in base:
             allocs_mod[-c % bs] += 1
-        run = _DecodeRun(running, base, [now, now + d0], [d0], out, out.decode_ctx_sum)
-        run.R = R
-        run.allocs_mod = allocs_mod
-        run.free = self.kv.pool.num_free
-        run.B = len(running)
-        run.max0 = out.decode_ctx_max or None
+        run = _DecodeRun(running, base, now, d0, out, allocs_mod, self.kv.pool.num_free, R)
         self._plan_more(run, _FIRST_CHUNK)
         if run.M < 2:
             return False
