@@ -93,6 +93,11 @@ class StepRow:
     num_sampled: int
     num_seqs: int
     other_cpu: float = 0.0  # cores other programs used during the experiment
+    # not busy: how long the engine sat without a request before this step (its start, stamp -
+    # elapsed, less the previous logged step's stamp); None when busy or when that step is
+    # unknown (the first logged step). Profiling data written before this field had none
+    # (`fill_idle_gaps` adds it from the rows).
+    idle_s: float | None = None
 
 
 @dataclass
@@ -296,7 +301,24 @@ def attribute(lines, runs: list[ExperimentRun], specs: dict[str, list[RequestSpe
     for run, run_lines in zip(runs, per):
         run_lines.sort(key=lambda x: x.iteration)  # the engine's step order
         _attribute_run(mirror, run, run_lines, specs[run.name], res)
+    stamp = {line.iteration: line.t_s for line in steps}
+    for row in res.steps:
+        if not row.busy and row.iteration - 1 in stamp:
+            row.idle_s = _idle_gap(row, stamp[row.iteration - 1])
     return res
+
+
+def _idle_gap(row: StepRow, prev_t_s: float) -> float:
+    return max(row.t_s - row.elapsed_ms / 1000.0 - prev_t_s, 0.0)
+
+
+def fill_idle_gaps(rows: list[StepRow]) -> None:
+    """Give rows read from older profiling data (no idle_s column) their idle gap, from the
+    previous attributed step's stamp (every logged step is attributed in those runs)."""
+    stamp = {r.iteration: r.t_s for r in rows}
+    for r in rows:
+        if r.idle_s is None and not r.busy and r.iteration - 1 in stamp:
+            r.idle_s = _idle_gap(r, stamp[r.iteration - 1])
 
 
 def _attribute_run(mirror: MirrorEngine, run: ExperimentRun, lines: list[LoggedStep],

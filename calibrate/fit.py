@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
-from simulator.latency.linear import BASE_FEATURES, KNEE_FEATURES, KNEES
+from simulator.latency.linear import BASE_FEATURES, IDLE_FEATURE, IDLE_WAKE_AFTER_S, KNEE_FEATURES, KNEES
+
+from .attribution import fill_idle_gaps
 
 CORE = ("prefill_tokens", "prefill_attn", "num_decodes", "decode_ctx_sum", "num_seqs")
 MINIMAL = ("prefill_tokens", "num_decodes", "decode_ctx_sum")
@@ -54,14 +56,19 @@ class Family:
     relative: bool  # minimise relative (True) or absolute error
 
 
-def execute_families() -> list[Family]:
+def execute_families(idle: bool = True) -> list[Family]:
     """Candidate models. `knees` adds min(tokens, K) terms (simulator.latency.linear): a
-    per-token cost that may fall as the step's token count grows."""
+    per-token cost that may fall as the step's token count grows; `+idle` adds idle_start, the
+    extra cost of a step that wakes an engine with no request (cross-validation decides; not
+    with `idle=False`, for steps that do not say whether the engine was idle before them)."""
     fams = []
     knees = BASE_FEATURES + KNEE_FEATURES
-    for subset_name, feats in (("minimal", MINIMAL), ("core", CORE), ("all", BASE_FEATURES), ("knees", knees)):
+    subsets = (("core", CORE), ("all", BASE_FEATURES), ("knees", knees))
+    if idle:
+        subsets += (("all+idle", BASE_FEATURES + (IDLE_FEATURE,)), ("knees+idle", knees + (IDLE_FEATURE,)))
+    for subset_name, feats in (("minimal", MINIMAL),) + subsets:
         fams.append(Family(f"nnls-rel/{subset_name}", feats, "nnls", True))
-    for subset_name, feats in (("core", CORE), ("all", BASE_FEATURES), ("knees", knees)):
+    for subset_name, feats in subsets:
         fams.append(Family(f"nnls-abs/{subset_name}", feats, "nnls", False))
         fams.append(Family(f"huber-abs/{subset_name}", feats, "huber", False))
         fams.append(Family(f"ols-rel/{subset_name}", feats, "ols", True))
@@ -193,7 +200,11 @@ _KNEE_OF = dict(zip(KNEE_FEATURES, KNEES))
 
 
 def feature_value(row, name: str) -> float:
-    """A step feature of a record (attribute), or a token knee computed from it."""
+    """A step feature of a record (attribute), a token knee computed from it, or idle_start:
+    1 when the engine had had no request for IDLE_WAKE_AFTER_S before the step (a step
+    whose previous one is unknown counts as such)."""
+    if name == IDLE_FEATURE:
+        return 0.0 if row.busy or (row.idle_s is not None and row.idle_s < IDLE_WAKE_AFTER_S) else 1.0
     k = _KNEE_OF.get(name)
     if k is not None:
         return float(min(row.prefill_tokens + row.num_decodes, k))
@@ -306,6 +317,7 @@ class StepFit:
 def fit_steps(rows, folds: int = 5, seed: int = 0, window: int = 16, max_other_cpu: float | None = 0.25) -> StepFit:
     """Fit execute and host parts to attributed steps. Left out: warm-up steps, and steps of
     experiments during which other programs used more than `max_other_cpu` cores (None: keep)."""
+    fill_idle_gaps(rows)
     attempts = least_contended_attempts(rows)
     retried = [r for r in rows if r.experiment not in attempts]
     rows = [r for r in rows if r.experiment in attempts]

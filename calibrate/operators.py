@@ -321,7 +321,7 @@ def fit_operators(rows: list[dict], folds: int = 5, seed: int = 0, max_other_cpu
                 sub_folds = None
             if sub_folds is not None:
                 cands = []
-                for famly in execute_families():
+                for famly in execute_families(idle=False):
                     if famly.solver == "ols":
                         continue
                     X = feature_matrix([recs[i] for i in idx], famly.features)

@@ -39,6 +39,8 @@ def write_steps(path: str | os.PathLike, rows: list[StepRow]) -> None:
 
 
 def _fmt(v):
+    if v is None:
+        return ""
     if isinstance(v, bool):
         return int(v)
     if isinstance(v, float):
@@ -68,6 +70,8 @@ def read_steps(path: str | os.PathLike) -> list[StepRow]:
 
 def _parse(key: str, text: str):
     typ = _TYPES[key]
+    if "None" in str(typ) and text == "":
+        return None  # an optional value that was not known (written as an empty cell)
     if typ in ("str", str):
         return text
     if typ in ("bool", bool):

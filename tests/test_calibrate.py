@@ -544,7 +544,7 @@ def test_token_knees_fit_a_per_token_cost_that_falls_with_batch_size():
     straight line in tokens gets wrong."""
     rows = synthetic_rows(noise=0.01, exec_time=_concave_exec_time)
     fit = fit_steps(rows, folds=5)
-    assert fit.execute.family.name.endswith("/knees")
+    assert fit.execute.family.name.split("/")[1] in ("knees", "knees+idle")
     straight = min((c for c in fit.candidates if c.family.name.endswith("/all") and not c.negative),
                    key=lambda c: c.mape)
     assert fit.execute.mape < straight.mape
@@ -553,6 +553,39 @@ def test_token_knees_fit_a_per_token_cost_that_falls_with_batch_size():
              for r in rows if r.kind == "prefill" and r.prefill_tokens <= 64]
     worst = max(abs(lin.time_of(f) / _concave_exec_time(f) - 1) for f in small)
     assert worst < 0.03
+
+
+def test_fit_separates_the_wake_up_of_an_idle_engine_from_the_prefill_cost():
+    """Each prefill shape runs twice: after a second without requests (paying a wake-up of
+    1.5 ms) and 5 ms after the previous step (not paying it). The fit's idle_start (from the
+    log stamps: idle >= IDLE_WAKE_AFTER_S) recovers the wake-up, CV prefers it, and the
+    prefill law is not bent by it."""
+    from simulator.latency.linear import IDLE_WAKE_AFTER_S
+
+    wake = 1.5e-3
+    rng = np.random.default_rng(3)
+    rows = [r for r in synthetic_rows(noise=0.01) if r.kind != "prefill"]
+    for r in rows:  # each decode run's first step follows a second without requests
+        if not r.busy:
+            r.elapsed_ms += wake * 1000.0
+    it, t = rows[-1].iteration, rows[-1].t_s
+    for rep in range(2):
+        for n in (16, 64, 128, 256, 512, 700, 1024, 2048):
+            for c in (0, 512, 1536):
+                f = step_features([(n, c)], 0, 0, 1)
+                for gap in (1.0, 0.005):
+                    e = _exec_time(f) * (1 + 0.01 * rng.standard_normal()) + (wake if gap >= IDLE_WAKE_AFTER_S else 0)
+                    it += 1
+                    t += gap + e
+                    rows.append(_row(f"prefill/n{n}-c{c}-{rep}-{gap}", "prefill", it, t, e, f, False))
+    fit = fit_steps(rows, folds=5)
+    assert fit.execute.family.name.endswith("+idle")
+    coef = dict(zip(fit.execute.family.features, fit.execute_coef[1:]))
+    assert coef["idle_start"] == pytest.approx(wake, rel=0.25)
+    assert coef["prefill_tokens"] == pytest.approx(TRUE_EXEC["prefill_tokens"], rel=0.1)
+    no_idle = min((c for c in fit.candidates if c.family.name == fit.execute.family.name.removesuffix("+idle")),
+                  key=lambda c: c.mape)
+    assert fit.execute.mape < no_idle.mape
 
 
 def test_linear_decode_fast_path_matches_the_general_path_with_knees():

@@ -290,13 +290,14 @@ def test_priority_preemption_does_not_skip_the_next_running_request():
 # --- the real Instance on an event loop ----------------------------------------------------
 
 
-def _instance(num_blocks=64, block_size=4, max_num_seqs=8, mnbt=16, step_s=0.01):
+def _instance(num_blocks=64, block_size=4, max_num_seqs=8, mnbt=16, step_s=0.01, latency=None):
     loop = EventLoop()
     eng = ResolvedEngine(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=mnbt,
                          num_gpu_blocks=num_blocks, max_model_len=1 << 20, enable_prefix_caching=True,
                          enable_chunked_prefill=True, long_prefill_token_threshold=0, num_gpu_blocks_source="test")
     params = PolicyConfig()
-    inst = Instance(0, loop, eng, ConstLatency(step_s), SCHEDULERS.get("fcfs")(params), RETENTION.get("lru")(params))
+    inst = Instance(0, loop, eng, latency or ConstLatency(step_s), SCHEDULERS.get("fcfs")(params),
+                    RETENTION.get("lru")(params))
     return loop, inst
 
 
@@ -314,6 +315,37 @@ def test_instance_emits_one_token_per_decode_step():
     assert r.first_token_time == pytest.approx(0.03)   # 16 + 16 + 8
     assert r.finish_time == pytest.approx(0.03 + 4 * 0.01)
     assert r.num_computed_tokens == 40 + 5 - 1
+
+
+class _WakeLatency(ConstLatency):
+    idle_start_s = 0.005
+
+
+def test_only_a_step_that_wakes_an_engine_idle_long_enough_pays_the_wake_up():
+    """idle_start_s lengthens the first step after the engine had no request for at least
+    IDLE_WAKE_AFTER_S (and a fresh engine's first step), nothing else: not a step of a request
+    that joins a running engine, not one after a shorter idle."""
+    from simulator.events import PRIO_TIMER
+    from simulator.latency.linear import IDLE_WAKE_AFTER_S
+
+    loop, inst = _instance(mnbt=64, latency=_WakeLatency(0.01))
+    a, b, c, d = (_instance_req(i, 8, 2) for i in range(4))
+    inst.add_request(a)                                          # fresh engine: woken
+    loop.schedule(0.012, PRIO_TIMER, inst.add_request, b)        # joins while a runs
+    loop.run()
+    assert a.first_token_time == pytest.approx(0.015)            # 0.005 wake + 0.01 prefill
+    assert a.finish_time == pytest.approx(0.025)
+    # b: prefilled beside a's decode, then one decode step; no wake-up for either
+    assert b.first_token_time == pytest.approx(0.025) and b.finish_time == pytest.approx(0.035)
+    idle_from = loop.now
+    short = idle_from + 0.5 * IDLE_WAKE_AFTER_S
+    loop.schedule(short, PRIO_TIMER, inst.add_request, c)
+    loop.run()
+    assert c.first_token_time == pytest.approx(short + 0.01)     # idle too short: no wake-up
+    late = loop.now + 2 * IDLE_WAKE_AFTER_S
+    loop.schedule(late, PRIO_TIMER, inst.add_request, d)
+    loop.run()
+    assert d.first_token_time == pytest.approx(late + 0.015)
 
 
 def test_instance_frees_every_block_after_the_last_request():

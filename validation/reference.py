@@ -160,9 +160,11 @@ def frontend_samples(runs, rows, host_s: float) -> list[float]:
 
 
 def _features(row):
+    from calibrate.fit import feature_value
     from simulator.latency.base import StepFeatures
+    from simulator.latency.linear import IDLE_FEATURE
     return StepFeatures(row.prefill_tokens, row.prefill_attn, row.prefill_kv, row.num_prefills, row.num_decodes,
-                        row.decode_ctx_sum, row.num_sampled)
+                        row.decode_ctx_sum, row.num_sampled, int(feature_value(row, IDLE_FEATURE)))
 
 
 def _median(xs: list[float]) -> float | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 from ..events import PRIO_STEP_END, PRIO_TRANSFER, EventLoop
+from ..latency.linear import IDLE_WAKE_AFTER_S
 from .kv_cache_manager import KVCacheManager
 from .request import FINISHED, WAITING_FOR_REMOTE_KVS, Request
 from .scheduler import Scheduler, SchedulerOutput
@@ -92,6 +93,12 @@ class Instance:
         self.itl = itl_sink if itl_sink is not None else ([], [])
         self.fast_forward = fast_forward
         self.busy = False
+        # No request at all since `idle_since` (vLLM's engine core then blocks on its input
+        # queue): a step after IDLE_WAKE_AFTER_S of that pays the latency model's idle_start_s.
+        self.drained = True
+        self.idle_since = float("-inf")
+        self.waking = False  # the step just scheduled wakes the engine (lockstep groups ignore it)
+        self._wake_s = latency.idle_start_s
         self.num_pinned_blocks = 0
         self.num_steps = 0
         self.busy_time = 0.0
@@ -142,8 +149,13 @@ class Instance:
             out = self.scheduler.schedule(now)
         if not out.scheduled:
             self.busy = False
+            if not self.drained and not self.scheduler.has_unfinished():
+                self.drained = True
+                self.idle_since = now
             return None
         self.busy = True
+        self.waking = self.drained and now - self.idle_since >= IDLE_WAKE_AFTER_S
+        self.drained = False
         return out
 
     def price_step(self, out: SchedulerOutput, ep_tokens: int | None = None) -> float:
@@ -166,6 +178,8 @@ class Instance:
         if out is None:
             return
         dur = self.price_step(out)
+        if self.waking:
+            dur += self._wake_s
         if (not out.prefill_chunks and self.fast_forward and not out.preempted
                 and self._plan_run(out, now, dur)):
             return

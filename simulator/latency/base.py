@@ -16,6 +16,7 @@ class StepFeatures:
     num_decodes: int
     decode_ctx_sum: int      # KV positions decodes read: Σ (ctx + 1)
     num_sampled: int         # requests that produce a token this step
+    idle_start: int = 0      # 1: the step wakes an engine that had no request for IDLE_WAKE_AFTER_S
 
     @property
     def num_tokens(self) -> int:
@@ -37,9 +38,16 @@ def step_features(prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sam
 
 
 class LatencyModel:
-    """Base class. Subclasses implement `time_of(features)` and `breakdown(features)`."""
+    """Base class. Subclasses implement `time_of(features)` and `breakdown(features)`.
+
+    `idle_start_s`: what a step costs on top when it wakes an engine that had no request at
+    all for at least `linear.IDLE_WAKE_AFTER_S` (vLLM's engine core blocks on its input queue
+    then, and the first step after it runs slower: calibrate's `idle_start` feature). The
+    instance adds it to such a step; `step_time` and `decode_step_time` price a step of an
+    engine already running."""
 
     kind = "base"
+    idle_start_s = 0.0
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
                   decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
@@ -77,6 +85,7 @@ class ScaledLatency(LatencyModel):
         self.inner = inner
         self.scale = float(scale)
         self.decode_scale = self.scale if decode_scale is None else float(decode_scale)
+        self.idle_start_s = self.scale * inner.idle_start_s  # such a step has prefill work
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
                   decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:

