@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from simulator.latency import LinearStepModel
+from simulator.latency.linear import IDLE_WAKE_AFTER_S
 from simulator.workload import CallSpec, ProgramSpec
 
 FRONTEND_DIR = "frontend"          # the probe's results (replay layout) inside a profiling dir
@@ -109,14 +110,16 @@ def estimate_frontend_live(calls, t0_epoch_s: float, records, intercept: float, 
             unmatched += 1
             continue
         step = match[0]
+        begun = step.t_s - step.elapsed_ms / 1000.0
+        before = [r.t_s for r in records if r.t_s is not None and r.t_s < begun]
         period = model.step_time([(n, cached)], 0, 0, 1)
+        if not before or begun - max(before) >= IDLE_WAKE_AFTER_S:
+            period += model.idle_start_s  # the probe's calls wake an idle engine
         engine = period if host_s is None else step.elapsed_ms / 1000.0 + host_s
         total = float(c.ttft_s) - engine
         out = max(first - step.t_s, 0.0)
         totals.append(total)
         outs.append(out)
-        begun = step.t_s - step.elapsed_ms / 1000.0
-        before = [r.t_s for r in records if r.t_s is not None and r.t_s < begun]
         samples.append({"program_id": c.program_id, "uncached_tokens": n, "ttft_s": float(c.ttft_s),
                         "predicted_period_s": period, "elapsed_s": step.elapsed_ms / 1000.0, "out_s": out,
                         "idle_before_s": begun - max(before) if before else None})
