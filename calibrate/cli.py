@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .fit import FitError, fit_steps
-from .frontend import FRONTEND_DIR, estimate_frontend, estimate_frontend_live
+from .frontend import FRONTEND_DIR, estimate_frontend, estimate_frontend_live, runner_frontend_samples
 from .operators import fit_operators
 from .profile import build_profile, dump_profile, host_step_s, repo_relative
 from .records import ENGINE_JSON, OPERATORS_CSV, STEPS_CSV, RecordsError, read_json, read_steps, read_table
@@ -197,6 +197,17 @@ def _fit(data_dir: Path, out: Path, name: str | None, folds: int, max_other_cpu:
         fe = estimate_frontend(read_json(data_dir / "experiments.json").get("experiments", []),
                                lm["intercept"], lm["coefficients"],
                                int(meta["engine"].get("max_num_batched_tokens") or 2048), max_other_cpu)
+    if fe is not None and (data_dir / "experiments.json").exists():
+        import numpy as np
+
+        from .runner import ExperimentRun
+        runs = [ExperimentRun.from_dict(d) for d in read_json(data_dir / "experiments.json").get("experiments", [])]
+        runs = [r for r in runs if max_other_cpu is None or r.other_cpu <= max_other_cpu]
+        grid = runner_frontend_samples(runs, rows, host_step_s(profile) or 0.0)
+        if grid:
+            # the same measure with the profiling client, for validation's reference batches
+            fe["runner_client_s"] = round(float(np.median(grid)), 6)
+            fe["runner_client_samples"] = len(grid)
     if fe is not None:
         lm["frontend_s"] = round(fe["frontend_s"], 6)
         if "frontend_in_s" in fe:

@@ -24,6 +24,8 @@ from simulator.latency import LinearStepModel
 from simulator.latency.linear import IDLE_WAKE_AFTER_S
 from simulator.workload import CallSpec, ProgramSpec
 
+from .experiments import PREFILL
+
 FRONTEND_DIR = "frontend"          # the probe's results (replay layout) inside a profiling dir
 PROBE_PROMPTS = (64, 256, 1024)    # uncached prompt tokens, each prefilled in one step
 PROBE_GAPS_S = (0.05, 0.3, 1.0)    # idle time planned before each call
@@ -136,6 +138,29 @@ def estimate_frontend_live(calls, t0_epoch_s: float, records, intercept: float, 
                     + ("predicted period" if host_s is None else "logged execute time + host time per step")
                     + "); the way out is the client's first token minus the API server's log time of the step",
             "samples": samples}
+
+
+def runner_frontend_samples(runs, rows, host_s: float) -> list[float]:
+    """The frontend delay of each single prefill request of profiling-grid experiments (the
+    profiling client, `calibrate.runner`): its client TTFT less its one prefill step (logged
+    execute time + the profile's host time), as the probe measures it with the live client.
+    `runs`: ExperimentRuns; `rows`: their attributed StepRows. Requests whose step is not the
+    only prefill step logged between their send and first token are left out. Validation's
+    reference batches take the same measure next to each live run; compared with this at
+    profiling time (the profile's `frontend.runner_client_s`), it says how the machine's
+    frontend moved, for the same client."""
+    out = []
+    for run in runs:
+        if run.kind != PREFILL:
+            continue
+        steps = [r for r in rows if r.experiment == run.name and r.kind == PREFILL and r.num_prefills == 1]
+        for req in run.requests:
+            if req.t_first is None or req.error:
+                continue
+            m = [r for r in steps if req.t_send < r.t_s <= req.t_first + LOG_SLACK_S]
+            if len(m) == 1:
+                out.append((req.t_first - req.t_send) - (m[0].elapsed_ms / 1000.0 + host_s))
+    return out
 
 
 def estimate_frontend(experiments: list[dict], intercept: float, coefficients: dict, max_tokens: int,

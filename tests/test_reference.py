@@ -156,7 +156,8 @@ def test_frontend_is_client_ttft_less_the_matched_prefill_step():
 
     from calibrate.runner import ExperimentRun, RequestResult
     from calibrate.profile import host_step_s
-    from validation.reference import case_frontend, frontend_samples
+    from calibrate.frontend import runner_frontend_samples
+    from validation.reference import case_frontend
     assert host_step_s(PROFILE) == pytest.approx(6e-4 + 1.5e-4)
     run = ExperimentRun("prefill/n128-c0~t", PREFILL, {}, 100.0, 101.0, requests=[
         RequestResult("a", t_send=100.000, t_first=100.030),   # its step: logged at 100.025
@@ -165,7 +166,13 @@ def test_frontend_is_client_ttft_less_the_matched_prefill_step():
     rows = [NS(experiment=run.name, kind=PREFILL, num_prefills=1, t_s=t, elapsed_ms=ms)
             for t, ms in ((100.025, 20.0), (100.105, 5.0), (100.112, 5.0))]
     decode_run = ExperimentRun("decode/b1-l256~t", DECODE, {}, 0, 1, requests=[RequestResult("d", t_send=0, t_first=1)])
-    got = frontend_samples([run, decode_run], rows, host_s=1e-3)
+    got = runner_frontend_samples([run, decode_run], rows, host_s=1e-3)
     assert got == pytest.approx([0.030 - 0.020 - 0.001])
     runs = [ReferenceRun(str(i), 0, 1, frontend_s=f) for i, f in enumerate((0.004, 0.006, 0.005))]
     assert case_frontend(runs + [ReferenceRun("x", 0, 1)]) == pytest.approx(0.005)
+    # like with like: the profile's (live-client) frontend moved by what the reference's
+    # (profiling-client) frontend moved since profiling
+    prof = {"latency_model": {"fit": {"parts": {"frontend": {"frontend_s": 0.0040, "runner_client_s": 0.0037}}}}}
+    assert case_frontend(runs, prof) == pytest.approx(0.0040 + 0.005 - 0.0037)
+    assert case_frontend(runs, {"latency_model": {}}) == pytest.approx(0.005)  # older profiles
+    assert case_frontend([ReferenceRun("x", 0, 1)], prof) is None

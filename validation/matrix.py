@@ -666,7 +666,7 @@ class _ReferenceSteps:
         """The four means' errors with the simulation at the case's reference factor."""
         from .reference import case_factor, case_frontend, case_scales
         scales = case_scales(self.runs)
-        frontend = case_frontend(self.runs)
+        frontend = case_frontend(self.runs, self.profile)
         out = {"references": [r.to_dict() for r in self.runs], "factor": case_factor(self.runs),
                **({"note": self.note} if self.note else {}), **({"failed": self.failed} if self.failed else {})}
         if scales is None:

@@ -18,8 +18,11 @@ the median prefill ratio scales every step with prefill work and the median deco
 every pure-decode step (`latency.step_time_scale`, `latency.decode_step_time_scale`). The
 single prefill requests also give the frontend delay as the machine shows it then (client
 TTFT less the step's execute time and the profile's host time, as the profiling probe
-measures it), which replaces the profile's (`latency.frontend_s`, split in the profile's
-proportion): on a loaded machine the API server and the client slow down too. The
+measures it): on a loaded machine the API server and the client slow down too. They are sent
+by the profiling client, not the live one, so the profile's frontend (`latency.frontend_s`,
+split in the profile's proportion) is moved by their difference from what the profiling
+client measured the same way at profiling time (`frontend.runner_client_s`: 3.72 / 3.78 ms
+on the CPU profiles, against 3.96 / 3.95 ms for the live client's probe). The
 reference batches are not the case's trace and share none of its prompts, so nothing of the
 measurement being checked goes into these; the simulation rerun at them is the
 simulator's prediction for the machine as it was at the time of the run.
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 
 from calibrate.attribution import MirrorLimits, attribute
 from calibrate.experiments import PREFILL, WARMUP, EngineLimits, GridSpec, design, with_suffix
-from calibrate.frontend import LOG_SLACK_S
+from calibrate.frontend import runner_frontend_samples
 from calibrate.runner import Client, run_all
 
 # Small enough to run in about a second on the tiny CPU models; sizes inside the full grid's.
@@ -134,28 +137,9 @@ def run_reference(base_url: str, log_path, profile: dict, vocab_size: int, tag: 
             pred = sum(model.time_of(_features(r)) for r in rows)
             out.ratios[kind] = meas / pred
             out.steps[kind] = len(rows)
-    fe = frontend_samples(runs, attr.steps, host_step_s(profile) or 0.0)
+    fe = runner_frontend_samples(runs, attr.steps, host_step_s(profile) or 0.0)
     if fe:
         out.frontend_s, out.frontend_samples = _median(fe), len(fe)
-    return out
-
-
-def frontend_samples(runs, rows, host_s: float) -> list[float]:
-    """The frontend delay of each single prefill request of the reference batches: its client
-    TTFT less its one prefill step (logged execute time + the profile's host time), as the
-    profiling run's frontend probe measures it (calibrate/frontend.py). Requests whose step is
-    not the only prefill step logged between their send and first token are left out."""
-    out = []
-    for run in runs:
-        if run.kind != PREFILL:
-            continue
-        steps = [r for r in rows if r.experiment == run.name and r.kind == PREFILL and r.num_prefills == 1]
-        for req in run.requests:
-            if req.t_first is None or req.error:
-                continue
-            m = [r for r in steps if req.t_send < r.t_s <= req.t_first + LOG_SLACK_S]
-            if len(m) == 1:
-                out.append((req.t_first - req.t_send) - (m[0].elapsed_ms / 1000.0 + host_s))
     return out
 
 
@@ -191,6 +175,14 @@ def case_scales(runs: list[ReferenceRun]) -> tuple[float, float] | None:
     return (p if p is not None else d), (d if d is not None else p)
 
 
-def case_frontend(runs: list[ReferenceRun]) -> float | None:
-    """The median of a case's reference frontend delays (for `latency.frontend_s`)."""
-    return _median([r.frontend_s for r in runs if r.frontend_s is not None])
+def case_frontend(runs: list[ReferenceRun], profile: dict | None = None) -> float | None:
+    """The frontend delay for `latency.frontend_s`: the median of a case's reference frontend
+    delays. These are measured with the profiling client; the profile's frontend with the
+    live client (its probe), which is what a live replay's TTFT holds. Where the profile also
+    has the profiling client's measure (`runner_client_s`), the result is the profile's
+    frontend moved by what the reference saw against that: like with like."""
+    ref = _median([r.frontend_s for r in runs if r.frontend_s is not None])
+    fe = ((((profile or {}).get("latency_model") or {}).get("fit") or {}).get("parts") or {}).get("frontend") or {}
+    if ref is None or fe.get("runner_client_s") is None or fe.get("frontend_s") is None:
+        return ref
+    return float(fe["frontend_s"]) + ref - float(fe["runner_client_s"])
