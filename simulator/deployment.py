@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ConfigError, SimConfig
-from .hardware import DeviceSpec, ModelArch, load_memory_tier
+from .hardware import DeviceSpec, HardwareError, ModelArch, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
 from .latency.roofline import AttentionTiles
 
@@ -44,6 +44,9 @@ class ResolvedEngine:
     enable_chunked_prefill: bool
     long_prefill_token_threshold: int
     num_gpu_blocks_source: str
+    # hybrid (linear + full attention) models: blocks of the same pool each running sequence
+    # holds for its linear-attention state (ModelArch.hybrid_kv_layout)
+    state_blocks_per_seq: int = 0
 
 
 @dataclass
@@ -69,7 +72,8 @@ class Deployment:
         fin, fout = self.frontend_split
         return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
                 "frontend_in_s": fin, "frontend_out_s": fout, "dp_lockstep": self.dp_lockstep,
-                "engine": self.engine.__dict__, "latency": self.latency.describe(),
+                "engine": {k: v for k, v in self.engine.__dict__.items() if v or k != "state_blocks_per_seq"},
+                "latency": self.latency.describe(),
                 "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
 
 
@@ -150,6 +154,13 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     facts = profile.get("engine", {}) if profile else {}
     d = vllm_defaults(device)
     block_size = e.block_size or facts.get("block_size") or d["block_size"]
+    state_blocks = 0
+    if model.linear_layers:
+        try:
+            min_block, state_blocks = model.hybrid_kv_layout(tp)
+        except HardwareError as err:
+            raise ConfigError(str(err)) from None
+        block_size = max(int(block_size), min_block)  # vLLM raises even a user's block size
     max_num_seqs = e.max_num_seqs or facts.get("max_num_seqs") or d["max_num_seqs"]
     mnbt = e.max_num_batched_tokens or facts.get("max_num_batched_tokens") or d["max_num_batched_tokens"]
     max_model_len = e.max_model_len or facts.get("max_model_len") or model.max_position_embeddings or 1 << 20
@@ -170,7 +181,7 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             max_model_len=int(max_model_len), enable_prefix_caching=e.enable_prefix_caching,
                             enable_chunked_prefill=e.enable_chunked_prefill,
                             long_prefill_token_threshold=e.long_prefill_token_threshold,
-                            num_gpu_blocks_source=src)
+                            num_gpu_blocks_source=src, state_blocks_per_seq=state_blocks)
     latency = build_latency(model, device, tp, cfg, profile)
     scale, dscale = cfg.latency.step_time_scale, cfg.latency.decode_step_time_scale
     if scale != 1.0 or (dscale is not None and dscale != 1.0):

@@ -155,14 +155,78 @@ class ModelArch:
     moe_intermediate_size: int = 0
     max_position_embeddings: int = 0
     architecture: str = ""
+    # Hybrid models (Qwen3-Next / Qwen3.5 / Qwen3.6: Gated DeltaNet linear attention in most
+    # layers, full attention every few): how many layers have full attention (0: all) and the
+    # linear-attention shape (`linear_*` keys of the HF config).
+    num_attention_layers: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    state_dtype_bytes: int = 0  # the delta-rule state's dtype (config mamba_ssm_dtype; default the model's)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def attention_layers(self) -> int:
+        """Layers with (full) attention and a KV cache."""
+        return self.num_attention_layers or self.num_layers
+
+    @property
+    def linear_layers(self) -> int:
+        """Linear-attention layers (a fixed-size recurrent state per sequence, no KV cache)."""
+        return self.num_layers - self.attention_layers
+
     def kv_bytes_per_token(self) -> int:
-        """K and V for every layer, all KV heads."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K and V for every attention layer, all KV heads."""
+        return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def linear_params_per_layer(self) -> int:
+        """A Gated DeltaNet layer (vLLM's qwen3_next.py): in_proj_qkvz (q, k, v, z), in_proj_ba
+        (a, b per value head), the causal conv over q, k, v, and out_proj."""
+        kd = self.linear_num_key_heads * self.linear_key_head_dim
+        vd = self.linear_num_value_heads * self.linear_value_head_dim
+        qkvz = self.hidden_size * (2 * kd + 2 * vd)
+        ba = self.hidden_size * 2 * self.linear_num_value_heads
+        conv = (2 * kd + vd) * self.linear_conv_kernel_dim
+        return qkvz + ba + conv + vd * self.hidden_size
+
+    def hybrid_kv_layout(self, tp: int = 1, kernel_block: int = 16, ssm_dtype_bytes: int | None = None) -> tuple[int, int]:
+        """(minimum attention block size in tokens, state blocks per sequence) of vLLM's
+        hybrid KV allocator for this model, or (0, 0) for a model without linear attention.
+        vLLM (platforms' `_align_hybrid_block_size`, `kv_cache_utils` uniform page size) keeps
+        one block pool for both kinds of layer: the attention block grows until one layer's
+        attention page (block_size x 2 x KV heads x head dim x dtype) holds one layer's
+        linear-attention state (conv window + delta-rule state), rounded up to the kernel's
+        block multiple (16 for FlashAttention); layers are grouped by the smaller count, so with
+        La attention and Ll linear layers (La <= Ll) a sequence holds ceil(Ll / La) state blocks
+        besides its attention blocks."""
+        if not self.linear_layers:
+            return 0, 0
+        if self.attention_layers > self.linear_layers:
+            raise HardwareError(f"{self.name}: more attention ({self.attention_layers}) than linear-attention "
+                                f"({self.linear_layers}) layers is not modelled")
+        attn_1tok = 2 * max(self.num_kv_heads // tp, 1) * self.head_dim * self.dtype_bytes
+        kd = self.linear_num_key_heads * self.linear_key_head_dim
+        vd = self.linear_num_value_heads * self.linear_value_head_dim
+        ssm_b = self.state_dtype_bytes if ssm_dtype_bytes is None else ssm_dtype_bytes
+        page = ((2 * kd + vd) // tp * max(self.linear_conv_kernel_dim - 1, 0) * self.dtype_bytes
+                + self.linear_num_value_heads // tp * self.linear_key_head_dim * self.linear_value_head_dim * ssm_b)
+        block = kernel_block * -(-page // (kernel_block * attn_1tok))
+        return block, -(-self.linear_layers // self.attention_layers)
+
+    def linear_state_bytes_per_seq(self) -> int:
+        """Recurrent state one sequence holds in all linear-attention layers: the conv window
+        (kernel - 1 steps of q, k, v) in the model dtype and the delta-rule state
+        (value heads x key dim x value dim) in `state_dtype_bytes`."""
+        kd = self.linear_num_key_heads * self.linear_key_head_dim
+        vd = self.linear_num_value_heads * self.linear_value_head_dim
+        conv = (2 * kd + vd) * max(self.linear_conv_kernel_dim - 1, 0) * self.dtype_bytes
+        ssm = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * self.state_dtype_bytes
+        return self.linear_layers * (conv + ssm)
 
     def attn_params_per_layer(self) -> int:
         q = self.hidden_size * self.num_heads * self.head_dim
@@ -176,12 +240,14 @@ class ModelArch:
         return 3 * self.hidden_size * inter
 
     def weight_bytes(self) -> int:
-        per_layer = self.attn_params_per_layer()
-        per_layer += self.mlp_params_per_layer() * (self.num_experts if self.is_moe else 1)
+        per_layer = self.mlp_params_per_layer() * (self.num_experts if self.is_moe else 1)
         if self.is_moe:
             per_layer += self.hidden_size * self.num_experts  # router
+        mixers = self.attn_params_per_layer() * self.attention_layers
+        if self.linear_layers:
+            mixers += self.linear_params_per_layer() * self.linear_layers
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return (per_layer * self.num_layers + emb) * self.dtype_bytes
+        return (per_layer * self.num_layers + mixers + emb) * self.dtype_bytes
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config") -> ModelArch:
@@ -207,9 +273,18 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     inter = int(get("intermediate_size", "ffn_dim", default=0) or 0)
     moe_inter = int(get("moe_intermediate_size", default=inter if num_experts else 0) or 0)
     archs = cfg.get("architectures") or [""]
+    num_layers = int(get("num_hidden_layers", "n_layer", "num_layers"))
+    attention_layers = 0
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and "linear_attention" in types:
+        if len(types) != num_layers:
+            raise HardwareError(f"{where}: layer_types lists {len(types)} layers, num_hidden_layers is {num_layers}")
+        attention_layers = sum(1 for t in types if t == "full_attention")
+    elif cfg.get("full_attention_interval") and cfg.get("linear_num_value_heads"):
+        attention_layers = num_layers // int(cfg["full_attention_interval"])
     return ModelArch(
         name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model"),
-        num_layers=int(get("num_hidden_layers", "n_layer", "num_layers")),
+        num_layers=num_layers,
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -223,6 +298,12 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         moe_intermediate_size=moe_inter,
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
         architecture=str(archs[0]),
+        num_attention_layers=attention_layers,
+        **({k: int(cfg.get(k) or 0) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                               "linear_value_head_dim", "linear_conv_kernel_dim")}
+           if attention_layers else {}),
+        state_dtype_bytes=_DTYPE_BYTES.get(str(cfg.get("mamba_ssm_dtype") or dtype).replace("torch.", ""),
+                                           _DTYPE_BYTES[dtype]) if attention_layers else 0,
     )
 
 

@@ -199,7 +199,8 @@ def test_vidur_collective_curves_are_exact_and_monotone_in_gpus():
 
 SHIPPED = [("rtx4090-llama-3.1-8b", "llama-3.1-8b", 1), ("rtx-pro-6000-qwen3-32b", "qwen3-32b", 2),
            ("rtx-pro-6000-qwen3-30b-a3b-dp2ep2", "qwen3-30b-a3b-instruct-2507", 1),
-           ("h100-sxm-llama-2-7b", "llama-2-7b", 4), ("h200-roofline-learned", "llama-3.1-8b", 1)]
+           ("h100-sxm-llama-2-7b", "llama-2-7b", 4), ("h200-roofline-learned", "llama-3.1-8b", 1),
+           ("h100-sxm-qwen3.6-35b-a3b", "qwen3.6-35b-a3b", 1)]
 
 
 @pytest.mark.parametrize("name,model,tp", SHIPPED)
@@ -214,6 +215,31 @@ def test_shipped_profiles_build_a_deployment(name, model, tp):
     assert lat.step_time([(2048, 0)], 0, 0, 1) > lat.step_time([(256, 0)], 0, 0, 1)
     parts = lat.breakdown(lat_features(4, 1000))
     assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+
+
+def test_hybrid_profile_prices_attention_in_attention_layers_and_delta_net_in_the_others():
+    """Qwen3.6-35B-A3B on H100 (LLMServingSim's one-layer tables): a step's attention is the
+    attention table times the model's 10 full-attention layers, the Gated DeltaNet op times
+    its 30 linear-attention layers, the projections of the attention block times 10, norms
+    and the MoE block times all 40; the deployment takes vLLM's hybrid KV layout."""
+    name = "h100-sxm-qwen3.6-35b-a3b"
+    if not (HARDWARE_DIR / "profiles" / f"{name}.yaml").exists():
+        pytest.skip(f"{name} not built (python -m calibrate.importers.build_reference_profiles)")
+    device, profile = load_device(name)
+    ops = profile["latency_model"]["operators"]
+    assert ops["per_linear_layer"] == {"linear_attention": 1}
+    assert set(ops["per_attention_layer"]) == {"qkv_proj", "qk_norm", "rotary_emb", "o_proj"}
+    model = load_model("qwen3.6-35b-a3b")
+    dep = build_deployment(model, device, build_config({}), profile)
+    assert (dep.engine.block_size, dep.engine.state_blocks_per_seq) == (1056, 3)
+    lat = dep.latency
+    parts = lat.breakdown_step([(512, 0)], 0, 0)
+    us = 1e-6
+    assert parts["linear_attention"] == pytest.approx(lat.dense_lin["linear_attention"](512) * 30 * us)
+    assert parts["qkv_proj"] == pytest.approx(lat.dense_attn["qkv_proj"](512) * 10 * us)
+    assert parts["layernorm"] == pytest.approx(lat.dense_layer["layernorm"](512) * 2 * 40 * us)
+    pa, _ = lat.attn.step([(512, 0)], 0, 0.0)
+    assert parts["attn_prefill"] == pytest.approx(pa * 10 * us)
 
 
 def lat_features(B, kv):

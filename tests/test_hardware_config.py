@@ -70,7 +70,7 @@ def test_every_memory_tier_loads(name):
 # Published parameter counts (model cards), in billions.
 PARAMS_B = {"llama-2-7b": 6.74, "llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6, "mistral-7b": 7.24,
             "qwen2.5-7b": 7.61, "qwen2.5-32b": 32.8, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5,
-            "qwen3-30b-a3b-instruct-2507": 30.5}
+            "qwen3-30b-a3b-instruct-2507": 30.5, "qwen3.6-35b-a3b": 35.0}
 
 
 @pytest.mark.parametrize("name", _stems("models"))
@@ -93,6 +93,22 @@ def test_model_parameter_counts_are_plausible(name):
 def test_every_published_model_file_has_a_reference_count():
     """Every non-test model under hardware/models is covered by PARAMS_B."""
     assert set(_stems("models")) - {"tiny-llama", "tiny-qwen2-gqa"} == set(PARAMS_B)
+
+
+def test_hybrid_model_kv_is_in_its_attention_layers_and_state_takes_blocks():
+    """qwen3.6-35b-a3b: 10 of 40 layers have full attention (KV 2 x 10 x 2 x 256 x 2 B per
+    token); the 30 Gated DeltaNet layers hold a state per sequence (conv window of
+    (2 x 16 x 128 + 32 x 128) channels x 3 steps in bf16 + 32 x 128 x 128 float32 per layer),
+    so vLLM raises the attention block to 16 x ceil(page / (16 x 2048 B)) = 1056 tokens and a
+    sequence holds 30 / 10 = 3 state blocks; llama has no such layers."""
+    m = load_model("qwen3.6-35b-a3b")
+    assert (m.attention_layers, m.linear_layers) == (10, 30)
+    assert m.kv_bytes_per_token() == 2 * 10 * 2 * 256 * 2
+    per_layer = (2 * 16 * 128 + 32 * 128) * 3 * 2 + 32 * 128 * 128 * 4
+    assert m.linear_state_bytes_per_seq() == 30 * per_layer
+    assert m.hybrid_kv_layout() == (16 * -(-per_layer // (16 * 2 * 2 * 256 * 2)), 3) == (1056, 3)
+    llama = load_model("llama-3.1-8b")
+    assert llama.attention_layers == llama.num_layers and llama.hybrid_kv_layout() == (0, 0)
 
 
 def test_llama_3_1_8b_weights_and_kv_size():

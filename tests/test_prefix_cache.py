@@ -326,3 +326,47 @@ def test_repeated_lookup_sees_evictions_and_new_blocks(keys):
     assert kv.allocate_slots(r3, r3.num_tokens - n, n, hits)
     r3.num_computed_tokens = r3.num_tokens
     assert len(_same_as_fresh(kv, r1)) == 5
+
+
+# --- hybrid models: linear-attention state blocks ----------------------------------------------
+
+
+def test_state_blocks_are_taken_with_a_sequence_first_blocks_and_freed_with_them():
+    """A hybrid model's sequence holds `state_blocks` blocks besides its attention blocks
+    (vLLM's Mamba groups): admission needs room for both, the state is never cached (another
+    request with the same prompt hits only attention blocks), and finishing or preempting
+    (free) or handing the blocks to a retention policy (take_blocks) returns the state."""
+    kv = KVCacheManager(10, 4, state_blocks=3)
+    keys = [101, 102, 103]
+    a = make_req(0, 12, keys=keys)                       # 3 attention blocks + 3 state blocks
+    assert kv.allocate_slots(a, 12)
+    assert kv.pool.num_free == 10 - 6 - 1                # the pool's null block is never free
+    b = make_req(1, 9)                                   # needs 3 + 3 > 3 free
+    assert not kv.allocate_slots(b, 9)
+    assert kv.pool.num_free == 3 and 1 not in kv.req_to_state
+    c = make_req(2, 13, keys=keys)
+    hits, n = kv.lookup(c)
+    assert n == 12 and len(hits) == 3                    # attention blocks hit; no state block is cached
+    kv.free(a)
+    assert kv.pool.num_free == 9
+    assert kv.allocate_slots(c, 1, 12, hits)             # 3 hits (out of the free queue) + 1 new + 3 state
+    assert kv.pool.num_free == 9 - 3 - 1 - 3 and len(kv.req_to_state[2]) == 3
+    kv.take_blocks(c)                                    # a policy keeps the KV; the state goes back
+    assert 2 not in kv.req_to_state and kv.pool.num_free == 2 + 3
+
+
+def test_hybrid_state_blocks_cap_how_many_sequences_run():
+    """With 3 state blocks per sequence a pool of 13 blocks runs 3 one-block sequences at once
+    (4 blocks each), not 12; every call still completes and every block comes back."""
+    import dataclasses
+
+    progs = [program(f"p{i}", 0.0, [call(3, 2)]) for i in range(6)]
+    dep = make_deployment(num_gpu_blocks=13, block_size=4, max_num_seqs=8)
+    dep = dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, state_blocks_per_seq=3))
+    res, sim = run_sim(progs, dep)
+    rows = rows_by_call(res)
+    assert all(r["status"] == "ok" for r in rows.values())
+    firsts = sorted(r["first_token_s"] for r in rows.values())
+    assert firsts[2] < firsts[3]                          # only three ran in the first step
+    inst = sim.instances[0]
+    assert inst.kv.pool.num_free == 12 and not inst.kv.req_to_state

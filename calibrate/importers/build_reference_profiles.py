@@ -30,6 +30,8 @@ LLMSERVINGSIM = [
     # The recorded vLLM run of this model used data parallel 2 x expert parallel 2.
     ("rtx-pro-6000-qwen3-30b-a3b-dp2ep2", "RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16",
      "qwen3-30b-a3b-instruct-2507", 2),
+    # Hybrid linear/full attention MoE (LLMServingSim PR #34); only tp1 has every table.
+    ("h100-sxm-qwen3.6-35b-a3b", "H100/Qwen/Qwen3.6-35B-A3B/bf16", "qwen3.6-35b-a3b", 1),
 ]
 
 

@@ -72,11 +72,41 @@ def read_meta(d: Path) -> dict:
     return yaml.safe_load(f.read_text()) or {}
 
 
+# Hybrid models (qwen3_next: Qwen3-Next / Qwen3.5 / Qwen3.6): the sequence lists the ops of
+# both kinds of layer. vLLM's Qwen3NextDecoderLayer runs either GatedDeltaNetAttention (one
+# `linear_attention` op here, with its own projections) or Qwen3NextAttention (qkv_proj,
+# q/k norm, rotary, attention, o_proj); norms and the MoE block run in every layer.
+LINEAR_ATTENTION_OPS = ("linear_attention",)
+ATTENTION_BLOCK_OPS = ("qkv_proj", "qk_norm", "rotary_emb", "o_proj")
+
+
+def _models_dir_file(d: Path, arch: str) -> Path | None:
+    """profiler/models/<arch>.yaml of the checkout the profile folder
+    (profiler/perf/<HW>/<org>/<model>/<variant>) is in."""
+    for up in d.resolve().parents:
+        if up.name == "profiler":
+            f = up / "models" / f"{arch}.yaml"
+            return f if f.exists() else None
+    return None
+
+
+def split_hybrid(per_layer: dict[str, int]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(ops of every layer, ops of the attention layers, ops of the linear-attention layers)
+    of a hybrid model's per-layer op counts; a model without linear attention keeps all in the
+    first."""
+    if not any(op in per_layer for op in LINEAR_ATTENTION_OPS):
+        return per_layer, {}, {}
+    every = {op: n for op, n in per_layer.items() if op not in LINEAR_ATTENTION_OPS + ATTENTION_BLOCK_OPS}
+    attn = {op: n for op, n in per_layer.items() if op in ATTENTION_BLOCK_OPS}
+    lin = {op: n for op, n in per_layer.items() if op in LINEAR_ATTENTION_OPS}
+    return every, attn, lin
+
+
 def op_counts(d: Path, arch: str) -> tuple[dict[str, int], dict[str, int]]:
     """(per-layer op counts, per-step op counts) of the non-attention, non-per-sequence ops."""
     seq = None
-    f = d.parents[3] / "models" / f"{arch}.yaml" if len(d.parents) > 3 else None
-    if f is not None and f.exists():
+    f = _models_dir_file(d, arch)
+    if f is not None:
         seq = (yaml.safe_load(f.read_text()) or {}).get("sequence")
     if seq is None:
         seq = DEFAULT_SEQUENCES.get(arch)
@@ -138,6 +168,12 @@ def import_llmservingsim(profile_dir, *, model=None, name: str | None = None, de
     model_name, arch = resolve_model(model, hf_id)
     archname = str(meta.get("architecture", ""))
     per_layer, per_step = op_counts(d, archname)
+    per_layer, per_attn, per_lin = split_hybrid(per_layer)
+    if (per_lin != {}) != (arch.linear_layers > 0):
+        raise ImportError_(f"{d}: the profile's {archname} layers and {model_name} disagree on linear attention "
+                           f"(profile ops {sorted(per_lin) or 'none'}, model {arch.linear_layers} linear-attention "
+                           "layers)")
+    layer_ops = {**per_layer, **per_attn, **per_lin}
     avail = sorted(int(p.name[2:]) for p in d.glob("tp*") if p.is_dir() and p.name[2:].isdigit())
     degrees = [t for t in (tp_degrees or avail) if t in avail]
     if not degrees:
@@ -157,20 +193,20 @@ def import_llmservingsim(profile_dir, *, model=None, name: str | None = None, de
         dense = t["dense"].groupby(["layer", "tokens"], as_index=False)["time_us"].median()
         dense_pts = {op: list(zip(g.tokens.astype(float), g.time_us.astype(float)))
                      for op, g in dense.groupby("layer")}
-        missing = [op for op in list(per_layer) + list(per_step) if op not in dense_pts]
+        missing = [op for op in list(layer_ops) + list(per_step) if op not in dense_pts]
         if missing:
             raise ImportError_(f"{d}/tp{tp}/dense.csv lacks {missing}")
         ps = t["per_sequence"].groupby(["layer", "sequences"], as_index=False)["time_us"].median()
         ps_pts = {op: list(zip(g.sequences.astype(float), g.time_us.astype(float))) for op, g in ps.groupby("layer")}
-        interp, rep = fit_curves({**{op: dense_pts[op] for op in list(per_layer) + list(per_step)}, **ps_pts})
+        interp, rep = fit_curves({**{op: dense_pts[op] for op in list(layer_ops) + list(per_step)}, **ps_pts})
         interp_all[tp] = interp
         f_tp: dict[str, Any] = {"operators": rep}
-        f_tp["dense_layer_sum"] = summarize_errors(sum_loo(dense_pts, per_layer, interp))
+        f_tp["dense_layer_sum"] = summarize_errors(sum_loo(dense_pts, layer_ops, interp))
         f_tp["per_sequence_sum"] = summarize_errors(sum_loo(ps_pts, {op: 1 for op in ps_pts}, interp))
         att = t["attention"].groupby(["prefill_chunk", "kv_prefill", "n_decode", "kv_decode"], as_index=False)["time_us"].median()
         att_rows = [(int(a), int(b), int(c), int(e), float(v)) for a, b, c, e, v in att.itertuples(index=False)]
         f_tp.update(attention_cv(att_rows))
-        for op in list(per_layer) + list(per_step):
+        for op in list(layer_ops) + list(per_step):
             for x, y in dense_pts[op]:
                 rows["dense"].append({"tp": tp, "op": op, "tokens": int(x), "time_us": y})
         for op, pts in ps_pts.items():
@@ -203,7 +239,12 @@ def import_llmservingsim(profile_dir, *, model=None, name: str | None = None, de
         "model_shape": model_shape(arch),
         "profiled_num_hidden_layers": int(overrides.get("num_hidden_layers", arch.num_layers)),
         "operators": {"per_layer": per_layer, "per_step": per_step, "per_sequence": list(PER_SEQUENCE_OPS),
-                      "interp_by_tp": {t: interp_all[t] for t in kept}},
+                      "interp_by_tp": {t: interp_all[t] for t in kept},
+                      **({"per_attention_layer": per_attn, "per_linear_layer": per_lin,
+                          "hybrid": (f"{arch.attention_layers} of {arch.num_layers} layers of {model_name} have full "
+                                     "attention (attention table and per_attention_layer ops), the others Gated "
+                                     "DeltaNet linear attention (per_linear_layer); the profile's layer_mix: "
+                                     f"{meta.get('layer_mix')}")} if per_lin else {})},
         "allreduces_per_layer": 2,
         "collectives": {"all_reduce": {"source": (
             f"none measured for {dev['name']}: tensor-parallel and expert-parallel collectives use its "

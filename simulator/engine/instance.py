@@ -78,7 +78,7 @@ class Instance:
         self.retention = retention
         self.residency = residency
         self.kv = KVCacheManager(engine.num_gpu_blocks, engine.block_size, engine.enable_prefix_caching,
-                                 engine.max_model_len)
+                                 engine.max_model_len, getattr(engine, "state_blocks_per_seq", 0))
         connector = None
         if residency is not None:
             from ..kv.residency import TierConnector

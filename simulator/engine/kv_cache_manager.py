@@ -33,10 +33,16 @@ _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
-                 "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup")
+                 "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
+                 "req_to_state")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
-                 max_model_len: int = 1 << 40):
+                 max_model_len: int = 1 << 40, state_blocks: int = 0):
+        """`state_blocks`: blocks a hybrid model's sequence holds for its linear-attention state
+        (vLLM's Mamba groups, one block each), taken with its first blocks and freed with them;
+        never cached."""
+        self.state_blocks = state_blocks
+        self.req_to_state: dict[int, np.ndarray] = {}
         self.block_size = block_size
         self.pool = BlockPool(num_gpu_blocks, enable_caching)
         self.enable_caching = enable_caching
@@ -118,11 +124,15 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(rid)
         have = len(blocks) if blocks is not None else 0
         num_to_allocate = -(-need // bs) - have
-        if num_to_allocate > pool.num_free:
-            return False
         if blocks is None:
+            if num_to_allocate + self.state_blocks > pool.num_free:
+                return False
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
+            if self.state_blocks:
+                self.req_to_state[rid] = pool.take_new_blocks(self.state_blocks)
+        elif num_to_allocate > pool.num_free:
+            return False
         new = None
         if num_to_allocate == 1:  # a decode entering a new block
             blocks.append(pool.get_new_block())
@@ -180,12 +190,15 @@ class KVCacheManager:
         ref = pool.ref_cnt[arr]
         # hit blocks sitting in the free queue are not free for this allocation
         evictable = num_hits - int(np.count_nonzero(ref))
-        if num_to_allocate > pool.num_free - evictable:
+        state = self.state_blocks if blocks is None else 0
+        if num_to_allocate + state > pool.num_free - evictable:
             return False
         if blocks is None:
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
         pool.touch(arr, ref)
+        if state:
+            self.req_to_state[rid] = pool.take_new_blocks(state)
         blocks.extend_array(arr)
         new = None
         if num_to_allocate > 0:
@@ -229,16 +242,25 @@ class KVCacheManager:
         rid = req.request_id
         blocks = self.req_to_blocks.pop(rid, None)
         self.num_cached_block.pop(rid, None)
+        if self.state_blocks:
+            self._free_state(rid)
         if blocks is None or not len(blocks):
             return _NONE
         table = blocks.array()
         self.pool.free_blocks(table[::-1])
         return table
 
+    def _free_state(self, rid: int) -> None:
+        state = self.req_to_state.pop(rid, None)
+        if state is not None:
+            self.pool.free_blocks(state)
+
     def take_blocks(self, req: Request) -> np.ndarray:
         """Detach the request's blocks without freeing them (a policy now owns the refs), as
         an array."""
         self.num_cached_block.pop(req.request_id, None)
+        if self.state_blocks:
+            self._free_state(req.request_id)  # the state ends with the call
         blocks = self.req_to_blocks.pop(req.request_id, None)
         return _NONE if blocks is None else blocks.array()
 

@@ -20,6 +20,12 @@ GPU for one decoder layer at the per-rank shapes of a tensor-parallel degree:
   curve fitted on measured collectives, or from the interconnect's spec when none is measured;
 - a per-step host overhead, an explicit term whose source the profile states.
 
+Hybrid models (Qwen3-Next / Qwen3.5 / Qwen3.6: Gated DeltaNet linear attention in most
+layers, full attention every few; `ModelArch.attention_layers`): attention and the ops of the
+attention block (`operators.per_attention_layer`: qkv/o projections, q/k norm, rotary) count
+in the attention layers only, the linear-attention op (`operators.per_linear_layer`, timed by
+tokens as the profile measures it) in the others, norms and the MLP/MoE in every layer.
+
 Tables are plain CSV files next to the profile YAML; 1-D tables interpolate piecewise
 linearly in (tokens, time) or in log-log as cross-validation chose per operator, and
 extrapolate linearly beyond the grid. Grids over attention axes blend linearly per axis.
@@ -443,8 +449,17 @@ class OperatorModel(LatencyModel):
                  vocab_size: int = 0, moe: MoETable | None = None, num_experts: int = 0,
                  top_k: int = 0, ep: int = 1, ep_gather: Collective | None = None, ep_scatter: Collective | None = None,
                  host_overhead_s: float = 0.0, host_overhead_per_seq_s: float = 0.0, skew_alpha: float = 0.0,
-                 max_tokens: int = 8192, max_seqs: int = 1024, source: dict | None = None):
+                 max_tokens: int = 8192, max_seqs: int = 1024, source: dict | None = None,
+                 attention_layers: int | None = None, dense_attention_layer: dict[str, Curve] | None = None,
+                 dense_attention_count: dict[str, float] | None = None,
+                 dense_linear_layer: dict[str, Curve] | None = None,
+                 dense_linear_count: dict[str, float] | None = None):
         self.L = int(num_layers)
+        # Hybrid models: attention (and the ops of the attention block) in La layers, the
+        # linear-attention ops in the other L - La; other models: La = L and no such ops.
+        self.La = int(attention_layers) if attention_layers is not None else self.L
+        self.dense_attn, self.dense_attn_count = dense_attention_layer or {}, dense_attention_count or {}
+        self.dense_lin, self.dense_lin_count = dense_linear_layer or {}, dense_linear_count or {}
         self.hidden = int(hidden_size)
         self.dtype_bytes = int(dtype_bytes)
         self.dense_layer, self.dense_count, self.dense_step = dense_layer, dense_layer_count, dense_step
@@ -469,7 +484,12 @@ class OperatorModel(LatencyModel):
     def _dense_s(self, T: float) -> tuple[float, float]:
         layer = sum(c(T) * self.dense_count.get(op, 1) for op, c in self.dense_layer.items())
         once = sum(c(T) for c in self.dense_step.values())
-        return layer * self.L * US, once * US
+        layers = layer * self.L * US
+        if self.dense_attn or self.dense_lin:
+            layers += sum(c(T) * self.dense_attn_count.get(op, 1) for op, c in self.dense_attn.items()) * self.La * US
+            layers += (sum(c(T) * self.dense_lin_count.get(op, 1) for op, c in self.dense_lin.items())
+                       * (self.L - self.La) * US)
+        return layers, once * US
 
     def _moe_s(self, T: float, N: float | None = None) -> tuple[float, float]:
         """(experts compute, expert-parallel communication) for T local tokens when the `ep`
@@ -538,7 +558,7 @@ class OperatorModel(LatencyModel):
         for B in range(1, max_seqs + 1):
             lo, hi, t = _bracket(nds, B)
             r0, r1 = D.values[lo], D.values[hi]
-            row = [(a + t * (b - a)) * self.L * US for a, b in zip(r0, r1)]
+            row = [(a + t * (b - a)) * self.La * US for a, b in zip(r0, r1)]
             self._drows.append(row)
         ks = self._kd_axis
         self._dslope = [0.0] + [(r[-1] - r[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 0.0 for r in self._drows[1:]]
@@ -555,7 +575,7 @@ class OperatorModel(LatencyModel):
     def _decode_attn_s(self, B: int, kd: float) -> float:
         """Decode-only attention of B requests with `kd` history each, whole model (s)."""
         if B >= len(self._drows):
-            return self.attn.D(B, kd) * self.L * US
+            return self.attn.D(B, kd) * self.La * US
         row = self._drows[B]
         ks = self._kd_axis
         i = bisect_right(ks, kd)
@@ -593,7 +613,7 @@ class OperatorModel(LatencyModel):
         kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
         pa, da = self.attn.step(prefill_chunks, num_decodes, kd, kmax, self.skew_alpha)
         tok = self._tok_s(T) if ep_tokens is None else self._tok_ep_s(T, ep_tokens)
-        return (tok + self._seq_s(S) + (pa + da) * self.L * US
+        return (tok + self._seq_s(S) + (pa + da) * self.La * US
                 + self.host_s + self.host_seq_s * S)
 
     def breakdown_step(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int,
@@ -606,6 +626,10 @@ class OperatorModel(LatencyModel):
         if T:
             for op, c in self.dense_layer.items():
                 parts[op] = c(T) * self.dense_count.get(op, 1) * self.L * US
+            for op, c in self.dense_attn.items():
+                parts[op] = c(T) * self.dense_attn_count.get(op, 1) * self.La * US
+            for op, c in self.dense_lin.items():
+                parts[op] = c(T) * self.dense_lin_count.get(op, 1) * (self.L - self.La) * US
             for op, c in self.dense_step.items():
                 parts[op] = c(T) * US
             tp = self._token_parts(T)
@@ -616,8 +640,8 @@ class OperatorModel(LatencyModel):
                     parts[k] = tp[k]
             kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
             pa, da = self.attn.step(list(prefill_chunks), num_decodes, kd, kmax, self.skew_alpha)
-            parts["attn_prefill"] = pa * self.L * US
-            parts["attn_decode"] = da * self.L * US
+            parts["attn_prefill"] = pa * self.La * US
+            parts["attn_decode"] = da * self.La * US
             for op, c in self.per_sequence.items():
                 parts[op] = c(S) * US
             if self.logits_gather is not None:
@@ -637,7 +661,10 @@ class OperatorModel(LatencyModel):
     def describe(self) -> dict:
         d = {"kind": self.kind, "tp": self.tp, "num_layers": self.L, "host_overhead_s": self.host_s,
              "host_overhead_per_seq_s": self.host_seq_s, "skew_alpha": self.skew_alpha,
-             "dense_ops": {op: c.interp for op, c in {**self.dense_layer, **self.dense_step}.items()}}
+             "dense_ops": {op: c.interp for op, c in {**self.dense_layer, **self.dense_attn, **self.dense_lin,
+                                                      **self.dense_step}.items()}}
+        if self.La != self.L:
+            d["attention_layers"] = self.La
         if self.allreduce is not None:
             d["allreduce"] = {**self.allreduce.describe(), "per_layer": self.ar_per_layer, "per_step": self.ar_per_step}
         if self.logits_gather is not None:
@@ -673,15 +700,30 @@ class OperatorModel(LatencyModel):
         by_tp = ops.get("interp_by_tp") or {}
         interp = by_tp.get(tp) or by_tp.get(str(tp)) or ops.get("interp", {})
         counts = {k: int(v) for k, v in ops.get("per_layer", {}).items()}
+        # hybrid models: ops of the attention block in the model's attention layers only, the
+        # linear-attention ops in the others
+        attn_counts = {k: float(v) for k, v in (ops.get("per_attention_layer") or {}).items()}
+        lin_counts = {k: float(v) for k, v in (ops.get("per_linear_layer") or {}).items()}
+        if (attn_counts or lin_counts) and not model.linear_layers:
+            raise ValueError(f"the profile is of a hybrid (linear + full attention) model; {model.name} has no "
+                             "linear-attention layers")
+        if model.linear_layers and not lin_counts:
+            raise ValueError(f"{model.name} has {model.linear_layers} linear-attention layers; the profile has no "
+                             "linear-attention operator")
         per_step = set(ops.get("per_step", {}))
-        dense_layer, dense_step = {}, {}
+        dense_layer, dense_step, dense_attn, dense_lin = {}, {}, {}, {}
         for op, pts in tables["dense"].items():
             c = Curve([p[0] for p in pts], [p[1] for p in pts], interp.get(op, "linear"))
             if op in per_step:
                 dense_step[op] = c
             elif op in counts:
                 dense_layer[op] = c
-        missing = [op for op in list(counts) + list(per_step) if op not in dense_layer and op not in dense_step]
+            elif op in attn_counts:
+                dense_attn[op] = c
+            elif op in lin_counts:
+                dense_lin[op] = c
+        missing = [op for op in list(counts) + list(per_step) + list(attn_counts) + list(lin_counts)
+                   if op not in dense_layer and op not in dense_step and op not in dense_attn and op not in dense_lin]
         if missing:
             raise ValueError(f"operator tables lack {missing} for tp={tp}")
         per_seq = {op: Curve([p[0] for p in pts], [p[1] for p in pts], interp.get(op, "linear"))
@@ -717,7 +759,9 @@ class OperatorModel(LatencyModel):
                    top_k=k, ep=ep, ep_gather=gather, ep_scatter=scatter, host_overhead_s=float(host or 0.0),
                    host_overhead_per_seq_s=float(host_seq or 0.0), skew_alpha=alpha, max_tokens=max_tokens,
                    max_seqs=max_seqs,
-                   source={k2: spec[k2] for k2 in ("provenance_note",) if k2 in spec})
+                   source={k2: spec[k2] for k2 in ("provenance_note",) if k2 in spec},
+                   attention_layers=model.attention_layers, dense_attention_layer=dense_attn,
+                   dense_attention_count=attn_counts, dense_linear_layer=dense_lin, dense_linear_count=lin_counts)
 
 
 def _padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:
