@@ -256,3 +256,23 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
 
+
+
+def test_roofline_prices_a_hybrid_model_attention_in_its_attention_layers():
+    """The spec-only roofline of a hybrid model: attention over its 10 attention layers (a
+    quarter of the same model with attention everywhere), plus the Gated DeltaNet update of
+    its 30 linear layers (~4 FLOPs per value head x key dim x value dim per token)."""
+    import dataclasses
+
+    from simulator.hardware import load_device
+    from simulator.latency.base import step_features
+    from simulator.latency.roofline import RooflineModel
+
+    m = load_model("qwen3.6-35b-a3b")
+    everywhere = dataclasses.replace(m, num_attention_layers=0)
+    dev = load_device("h100-sxm")[0]
+    f = step_features([(2048, 0)], 0, 0, 1)
+    hyb, full = RooflineModel(m, dev), RooflineModel(everywhere, dev)
+    delta = 2048 * 4.0 * 32 * 128 * 128 * 30 / (dev.peak_flops * hyb.attn_eff)
+    assert hyb.breakdown(f)["attn_prefill"] == pytest.approx(full.breakdown(f)["attn_prefill"] * 10 / 40 + delta)
+    assert hyb.decode_step_time(8, 8 * 1001) == pytest.approx(hyb.time_of(step_features([], 8, 8 * 1001, 8)))

@@ -111,8 +111,21 @@ class RooflineModel(LatencyModel):
         bw = device.memory_bandwidth_Bps * self.mem_eff
         # Dense linear layers: 2 FLOPs per parameter per token; weights read once per step.
         dense_params = m.attn_params_per_layer() + (0 if m.is_moe else m.mlp_params_per_layer())
-        self._lin_flop_per_tok = 2.0 * dense_params * L / tp / (peak * self.gemm_eff)
-        self._lin_bytes_time = dense_params * L * dt / tp / bw
+        La = m.attention_layers  # = L but for hybrid models (linear attention in the other layers)
+        if La == L:
+            dense_all = dense_params * L
+        else:
+            dense_all = (m.attn_params_per_layer() * La + m.linear_params_per_layer() * (L - La)
+                         + (0 if m.is_moe else m.mlp_params_per_layer()) * L)
+        self._lin_flop_per_tok = 2.0 * dense_all / tp / (peak * self.gemm_eff)
+        self._lin_bytes_time = dense_all * dt / tp / bw
+        # Gated DeltaNet layers (hybrid models): the delta-rule update and read-out, ~4 FLOPs
+        # per (value head, key dim, value dim) per token; a decode reads and writes its state.
+        self._delta_flop_per_tok = self._state_time_per_seq = 0.0
+        if La != L:
+            nv, dk, dv = m.linear_num_value_heads, m.linear_key_head_dim, m.linear_value_head_dim
+            self._delta_flop_per_tok = 4.0 * nv * dk * dv * (L - La) / tp / (peak * self.attn_eff)
+            self._state_time_per_seq = 2.0 * m.linear_state_bytes_per_seq() / tp / bw
         # MoE experts: top-k experts per token; the distinct experts touched are read.
         self._moe = m.is_moe
         if m.is_moe:
@@ -120,7 +133,7 @@ class RooflineModel(LatencyModel):
             self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp / (peak * self.gemm_eff)
             self._moe_expert_bytes_time = e_params * L * dt / tp / bw
         # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer.
-        self._attn_flop_per_pair = 4.0 * m.num_heads * m.head_dim * L / tp / (peak * self.attn_eff)
+        self._attn_flop_per_pair = 4.0 * m.num_heads * m.head_dim * La / tp / (peak * self.attn_eff)
         self._kv_bytes_time_per_pos = m.kv_bytes_per_token() / tp / bw
         # Tile model of attention: needs the SM count from the device spec.
         sms = device.extra.get("sm_count")
@@ -129,7 +142,7 @@ class RooflineModel(LatencyModel):
             self._sms = float(sms)
             self._heads = max(m.num_heads // tp, 1)
             self._kv_heads = max(m.num_kv_heads // tp, 1)
-            self._kv_bytes_per_pos = m.kv_bytes_per_token() / L / tp
+            self._kv_bytes_per_pos = m.kv_bytes_per_token() / La / tp
         # LM head for each sampled token; its weights read once.
         self._lm_flop_per_tok = 2.0 * m.hidden_size * m.vocab_size / tp / (peak * self.gemm_eff)
         self._lm_bytes_time = m.hidden_size * m.vocab_size * dt / tp / bw
@@ -164,6 +177,9 @@ class RooflineModel(LatencyModel):
             attn_d = 0.0
             if f.num_decodes:
                 attn_d = max(f.decode_ctx_sum * self._attn_flop_per_pair, f.decode_ctx_sum * self._kv_bytes_time_per_pos)
+        if self._delta_flop_per_tok:
+            attn_p += f.prefill_tokens * self._delta_flop_per_tok
+            attn_d += max(f.num_decodes * self._delta_flop_per_tok, f.num_decodes * self._state_time_per_seq)
         lm = max(f.num_sampled * self._lm_flop_per_tok, self._lm_bytes_time) if f.num_sampled else 0.0
         ar = (T * self._ar_time_per_tok + self._ar_fixed) if self.tp > 1 else 0.0
         host = self.host_s + self.host_seq_s * f.num_seqs
@@ -176,7 +192,7 @@ class RooflineModel(LatencyModel):
         """(prefill, decode) attention over all layers by the tile model. The step carries
         sums only, so its prefills are priced as `num_prefills` chunks of the mean shape. One
         kernel floor per layer: vLLM v1 runs a mixed batch's attention as one launch."""
-        p, L = self.tiles, self.model.num_layers
+        p, L = self.tiles, self.model.attention_layers
         attn_p = attn_d = 0.0
         if num_prefills:
             n = prefill_tokens / num_prefills
@@ -208,6 +224,8 @@ class RooflineModel(LatencyModel):
             t += self._attention_tiles(0, 0, 0, num_decodes, decode_ctx_sum)[1] if num_decodes else 0.0
         else:
             t += decode_ctx_sum * max(self._attn_flop_per_pair, self._kv_bytes_time_per_pos)
+        if self._delta_flop_per_tok:
+            t += max(T * self._delta_flop_per_tok, T * self._state_time_per_seq)
         t += max(T * self._lm_flop_per_tok, self._lm_bytes_time)
         if self.tp > 1:
             t += T * self._ar_time_per_tok + self._ar_fixed
