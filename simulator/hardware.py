@@ -165,6 +165,17 @@ class ModelArch:
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 0
     state_dtype_bytes: int = 0  # the delta-rule state's dtype (config mamba_ssm_dtype; default the model's)
+    # Multi-head latent attention (DeepSeek-V2/V3): the KV cache holds one compressed latent of
+    # kv_lora_rank + qk_rope_head_dim values per token and layer (0: ordinary attention).
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    q_lora_rank: int = 0
+    v_head_dim: int = 0
+    # MoE models whose first layers keep a dense MLP (DeepSeek's first_k_dense_replace) and
+    # shared experts beside the routed ones (n_shared_experts x moe_intermediate_size, or
+    # shared_expert_intermediate_size)
+    num_dense_layers: int = 0
+    shared_expert_intermediate_size: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -181,7 +192,9 @@ class ModelArch:
         return self.num_layers - self.attention_layers
 
     def kv_bytes_per_token(self) -> int:
-        """K and V for every attention layer, all KV heads."""
+        """K and V for every attention layer, all KV heads (MLA: the one latent per layer)."""
+        if self.kv_lora_rank:
+            return self.attention_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
         return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     def linear_params_per_layer(self) -> int:
@@ -229,6 +242,13 @@ class ModelArch:
         return self.linear_layers * (conv + ssm)
 
     def attn_params_per_layer(self) -> int:
+        if self.kv_lora_rank:  # MLA: q (through q_lora_rank), kv_a, kv_b, o
+            h, n = self.hidden_size, self.num_heads
+            qk = self.head_dim  # nope + rope
+            q = h * self.q_lora_rank + self.q_lora_rank * n * qk if self.q_lora_rank else h * n * qk
+            kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            kv_b = self.kv_lora_rank * n * (qk - self.qk_rope_head_dim + self.v_head_dim)
+            return q + kv_a + kv_b + n * self.v_head_dim * h
         q = self.hidden_size * self.num_heads * self.head_dim
         kv = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
         o = self.num_heads * self.head_dim * self.hidden_size
@@ -243,11 +263,15 @@ class ModelArch:
         per_layer = self.mlp_params_per_layer() * (self.num_experts if self.is_moe else 1)
         if self.is_moe:
             per_layer += self.hidden_size * self.num_experts  # router
+            per_layer += 3 * self.hidden_size * self.shared_expert_intermediate_size
         mixers = self.attn_params_per_layer() * self.attention_layers
         if self.linear_layers:
             mixers += self.linear_params_per_layer() * self.linear_layers
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return (per_layer * self.num_layers + mixers + emb) * self.dtype_bytes
+        mlps = per_layer * (self.num_layers - self.num_dense_layers)
+        if self.num_dense_layers:
+            mlps += 3 * self.hidden_size * self.intermediate_size * self.num_dense_layers
+        return (mlps + mixers + emb) * self.dtype_bytes
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config") -> ModelArch:
@@ -266,6 +290,12 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     heads = int(get("num_attention_heads", "n_head"))
     kv_heads = int(get("num_key_value_heads", default=heads))
     head_dim = int(get("head_dim", default=hidden // heads))
+    mla = {}
+    if cfg.get("kv_lora_rank"):
+        rope = int(get("qk_rope_head_dim"))
+        head_dim = int(get("qk_nope_head_dim")) + rope  # the query/key head (its FLOPs)
+        mla = {"kv_lora_rank": int(cfg["kv_lora_rank"]), "qk_rope_head_dim": rope,
+               "q_lora_rank": int(cfg.get("q_lora_rank") or 0), "v_head_dim": int(get("v_head_dim"))}
     dtype = str(get("torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
     if dtype not in _DTYPE_BYTES:
         raise HardwareError(f"{where}: unsupported dtype {dtype!r}")
@@ -304,6 +334,10 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
            if attention_layers else {}),
         state_dtype_bytes=_DTYPE_BYTES.get(str(cfg.get("mamba_ssm_dtype") or dtype).replace("torch.", ""),
                                            _DTYPE_BYTES[dtype]) if attention_layers else 0,
+        **mla,
+        num_dense_layers=int(cfg.get("first_k_dense_replace") or 0) if num_experts else 0,
+        shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)
+                                         or int(cfg.get("n_shared_experts") or 0) * moe_inter) if num_experts else 0,
     )
 
 

@@ -276,3 +276,22 @@ def test_roofline_prices_a_hybrid_model_attention_in_its_attention_layers():
     delta = 2048 * 4.0 * 32 * 128 * 128 * 30 / (dev.peak_flops * hyb.attn_eff)
     assert hyb.breakdown(f)["attn_prefill"] == pytest.approx(full.breakdown(f)["attn_prefill"] * 10 / 40 + delta)
     assert hyb.decode_step_time(8, 8 * 1001) == pytest.approx(hyb.time_of(step_features([], 8, 8 * 1001, 8)))
+
+
+def test_mla_model_caches_one_latent_per_token_and_layer():
+    """DeepSeek-V2-Lite (its Hugging Face config): multi-head latent attention caches
+    kv_lora_rank + qk_rope_head_dim = 576 values per token and layer, not K and V per head;
+    its first layer keeps a dense MLP and 2 shared experts sit beside the 64 routed ones, for
+    the published 15.7B parameters."""
+    from simulator.hardware import model_from_hf_config
+
+    cfg = {"architectures": ["DeepseekV2ForCausalLM"], "hidden_size": 2048, "num_attention_heads": 16,
+           "num_key_value_heads": 16, "num_hidden_layers": 27, "intermediate_size": 10944,
+           "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+           "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128,
+           "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 102400, "torch_dtype": "bfloat16",
+           "max_position_embeddings": 163840}
+    m = model_from_hf_config(cfg, "deepseek-v2-lite")
+    assert m.kv_bytes_per_token() == 27 * (512 + 64) * 2
+    assert m.weight_bytes() / 2 / 1e9 == pytest.approx(15.7, rel=0.03)
+    assert (m.num_dense_layers, m.shared_expert_intermediate_size) == (1, 2 * 1408)
