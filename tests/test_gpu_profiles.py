@@ -296,3 +296,17 @@ def test_spec_only_profile_records_leave_one_out():
     assert lm["kind"] == "roofline" and 0 < lm["efficiencies"]["gemm"] <= 1
     assert len(lm["fit"]["leave_one_device_out"]) >= 3
     assert np.isfinite(lm["fit"]["in_sample"]["gemm"]["mape_pct"])
+
+
+def test_builtin_architecture_sequences_equal_llmservingsim_files():
+    """The importer's fallback sequences (a profile folder outside a profiler/ checkout) are
+    those of LLMServingSim's architecture files, and a folder inside one finds its file."""
+    import yaml
+
+    from calibrate.importers.llmservingsim import DEFAULT_SEQUENCES, _models_dir_file
+    models = REFERENCE / "LLMServingSim" / "profiler" / "models"
+    if not models.is_dir():
+        pytest.skip("../shared/reference/LLMServingSim not present")
+    for arch, seq in DEFAULT_SEQUENCES.items():
+        assert yaml.safe_load((models / f"{arch}.yaml").read_text())["sequence"] == seq, arch
+    assert _models_dir_file(LLMSS_4090, "llama") == models / "llama.yaml"

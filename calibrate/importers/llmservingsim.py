@@ -40,8 +40,8 @@ COMMITS = {"default": "5daddb21a545658d5150b535712d0494584b5278",
 DEVICES = {"RTX4090": "rtx4090", "RTXPRO6000": "rtx-pro-6000", "H100": "h100-sxm", "A6000": None,
            "RTX3090": None}
 
-# sequence: from profiler/models/{llama,qwen3,qwen3_moe}.yaml at 5daddb2, used when the
-# architecture file is not beside the profile.
+# sequence: from profiler/models/{llama,qwen3,qwen3_moe,mixtral,phimoe}.yaml at 5daddb2 and
+# qwen3_next.yaml at e1b753b, used when the architecture file is not beside the profile.
 DEFAULT_SEQUENCES = {
     "llama": {"prologue": ["embedding"], "pre_attn": ["layernorm", "qkv_proj", "rotary_emb", "attention"],
               "post_attn": ["o_proj", "layernorm"], "mlp_dense": ["gate_up_proj", "act_fn", "down_proj"],
@@ -53,7 +53,15 @@ DEFAULT_SEQUENCES = {
                   "pre_attn": ["layernorm", "qkv_proj", "qk_norm", "rotary_emb", "attention"],
                   "post_attn": ["o_proj", "layernorm"], "mlp_dense": [], "mlp_moe": ["moe"],
                   "head": ["final_layernorm", "lm_head", "sampler"]},
+    "qwen3_next": {"prologue": ["embedding"],
+                   "pre_attn": ["layernorm", "linear_attention", "qkv_proj", "qk_norm", "rotary_emb", "attention"],
+                   "post_attn": ["o_proj", "layernorm"], "mlp_dense": [], "mlp_moe": ["moe"],
+                   "head": ["final_layernorm", "lm_head", "sampler"]},
 }
+for _arch in ("mixtral", "phimoe"):
+    DEFAULT_SEQUENCES[_arch] = {"prologue": ["embedding"], "pre_attn": ["layernorm", "qkv_proj", "rotary_emb", "attention"],
+                                "post_attn": ["o_proj", "layernorm"], "mlp_dense": [], "mlp_moe": ["moe"],
+                                "head": ["final_layernorm", "lm_head", "sampler"]}
 PER_SEQUENCE_OPS = ("lm_head", "sampler")
 NOT_DENSE = {"attention", "moe", *PER_SEQUENCE_OPS}
 
