@@ -309,4 +309,4 @@ def test_builtin_architecture_sequences_equal_llmservingsim_files():
         pytest.skip("../shared/reference/LLMServingSim not present")
     for arch, seq in DEFAULT_SEQUENCES.items():
         assert yaml.safe_load((models / f"{arch}.yaml").read_text())["sequence"] == seq, arch
-    assert _models_dir_file(LLMSS_4090, "llama") == models / "llama.yaml"
+    assert _models_dir_file(LLMSS_4090, "llama") == (models / "llama.yaml").resolve()
