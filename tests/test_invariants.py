@@ -28,6 +28,9 @@ def check_blocks(inst) -> None:
     assert 0 not in queue and pool.ref_cnt[0] == 1, "null block allocated"
     assert all(pool.ref_cnt[b] == 0 for b in queue), "a free block has references"
     held = Counter(b for blocks in kv.req_to_blocks.values() for b in blocks)
+    held.update(int(b) for state in kv.req_to_state.values() for b in state)  # hybrid models' state blocks
+    assert set(kv.req_to_state) <= set(kv.req_to_blocks), "state blocks of a request without a block table"
+    assert all(len(st) == kv.state_blocks for st in kv.req_to_state.values())
     assert 0 not in held
     in_use = sum(1 for b in range(1, n) if pool.ref_cnt[b] > 0)
     assert in_use + pool.num_free == n - 1, "a block is neither free nor referenced"
@@ -51,7 +54,7 @@ def check_all_free(inst) -> None:
     assert pool.num_free == pool.num_gpu_blocks - 1
     assert pool.ref_cnt[0] == 1 and not any(pool.ref_cnt[1:])
     assert sorted(pool.free_queue()) == list(range(1, pool.num_gpu_blocks))
-    assert not inst.kv.req_to_blocks and inst.num_pinned_blocks == 0
+    assert not inst.kv.req_to_blocks and not inst.kv.req_to_state and inst.num_pinned_blocks == 0
 
 
 def instrument(sim: Simulation) -> list[int]:
@@ -104,9 +107,12 @@ def workloads(draw):
 LATENCY = LinearStepModel(2e-3, {"prefill_tokens": 2e-5, "decode_ctx_sum": 1e-6, "num_seqs": 1e-4})
 
 
-def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented=True):
-    dep = make_deployment(num_gpu_blocks=blocks, block_size=BS, max_num_batched_tokens=mnbt, max_num_seqs=8,
-                          latency=LATENCY)
+def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented=True, state_blocks=0):
+    dep = make_deployment(num_gpu_blocks=blocks + state_blocks, block_size=BS, max_num_batched_tokens=mnbt,
+                          max_num_seqs=8, latency=LATENCY)
+    if state_blocks:
+        import dataclasses
+        dep = dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, state_blocks_per_seq=state_blocks))
     sim = Simulation(progs, dep, sim_config(fast_forward, instances=instances, **policy))
     steps = instrument(sim) if instrumented else None
     return _run_or_reject(sim), sim, steps
@@ -135,6 +141,22 @@ def test_random_workloads_complete_every_call_once_without_losing_blocks(w, fast
         p = spec[r["program_id"]]
         assert r["input_tokens"] == p.input_tokens(r["call_index"])
         assert r["output_tokens"] == p.calls[r["call_index"]].output_tokens
+    for inst in sim.instances:
+        check_all_free(inst)
+    assert steps[0] > 0
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), st.sampled_from([1, 3]), st.booleans())
+def test_random_workloads_with_hybrid_state_blocks_conserve_every_block(w, state_blocks, fast_forward):
+    """The same, for a hybrid model whose sequences each hold `state_blocks` more blocks of
+    the pool (linear-attention state): taken at admission, returned at finish, preemption or
+    a retention policy's take; every call completes once and the pool ends whole."""
+    progs, blocks, policy, instances, mnbt = w
+    res, sim, steps = _simulate(progs, blocks, policy, instances, mnbt, fast_forward, state_blocks=state_blocks)
+    keys = Counter((r["program_id"], r["call_index"]) for r in res.calls)
+    assert keys == Counter((p.program_id, k) for p in progs for k in range(len(p.calls)))
+    assert all(r["status"] == "ok" for r in res.calls)
     for inst in sim.instances:
         check_all_free(inst)
     assert steps[0] > 0
