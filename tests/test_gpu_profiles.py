@@ -200,7 +200,7 @@ def test_vidur_collective_curves_are_exact_and_monotone_in_gpus():
 SHIPPED = [("rtx4090-llama-3.1-8b", "llama-3.1-8b", 1), ("rtx-pro-6000-qwen3-32b", "qwen3-32b", 2),
            ("rtx-pro-6000-qwen3-30b-a3b-dp2ep2", "qwen3-30b-a3b-instruct-2507", 1),
            ("h100-sxm-llama-2-7b", "llama-2-7b", 4), ("h200-roofline-learned", "llama-3.1-8b", 1),
-           ("h100-sxm-qwen3.6-35b-a3b", "qwen3.6-35b-a3b", 1)]
+           ("h100-sxm-qwen3.6-35b-a3b", "qwen3.6-35b-a3b", 1), ("h100-sxm-llama-3.1-70b", "llama-3.1-70b", 4)]
 
 
 @pytest.mark.parametrize("name,model,tp", SHIPPED)

@@ -347,6 +347,11 @@ VIDUR_PROFILES = [
     ("a100-80gb-sxm-llama-3.1-8b", "a100", "meta-llama/Meta-Llama-3-8B", "llama-3.1-8b"),
     ("a100-80gb-sxm-llama-3.1-70b", "a100", "meta-llama/Meta-Llama-3-70B", "llama-3.1-70b"),
     ("a40-llama-2-7b", "a40", "meta-llama/Llama-2-7b-hf", "llama-2-7b"),
+    # Vidur has no Llama-3 70B on H100; Llama-2-70B's decoder layers have the same shapes
+    # (hidden 8192, 64 heads, 8 KV heads, head 128, intermediate 28672), which check_model
+    # verifies. The vocabularies differ (32,000 vs 128,256): the embedding is a gather whose
+    # time hardly depends on it, and lm_head/sampler are synthesized for the served model.
+    ("h100-sxm-llama-3.1-70b", "h100", "meta-llama/Llama-2-70b-hf", "llama-3.1-70b"),
 ]
 
 
