@@ -333,6 +333,10 @@ def test_matrix_summary_shows_the_largest_mean_spread():
     row2 = next(line for line in lines if line.startswith("| c2 "))
     assert row1.endswith("| 7.0% | 0.61 | 6.2% | ok |") and row2.endswith("| - | - | - | ok |")
     assert any("measured 3 times" in line for line in lines)
+    # c1's mean errors (1 %) against its spreads (0, 7, 0, 0 %): one of four within; c2 has none
+    floor = next(line for line in lines if line.startswith("The measurement's own noise"))
+    assert "TPOT 7.0%" in floor and "TTFT 0.0%" in floor
+    assert "1 of 4 mean errors are within" in floor and "0 of 1 cases" in floor
 
 
 def test_contended_live_runs_are_warned():

@@ -341,6 +341,35 @@ def mean_spread(row: dict) -> float | None:
     return max(vals) if vals else None
 
 
+MEANS = ("mean_ttft_ms", "mean_tpot_ms", "mean_e2e_ms", "mean_jct_s")
+
+
+def noise_floor_lines(cases: list[dict]) -> list[str]:
+    """How noisy the measurement itself is: the median run-to-run spread of each mean over the
+    cases measured more than once, and how many of the mean errors (and whole cases) are no
+    larger than their case's own spread (an error inside it cannot be told from noise)."""
+    rep = [r for r in cases if any((r.get("noise") or {}).get(k) is not None for k in MEANS)]
+    if not rep:
+        return []
+    med = []
+    for k in MEANS:
+        vals = sorted(r["noise"][k] for r in rep if r["noise"].get(k) is not None)
+        if vals:
+            m = len(vals) // 2
+            med.append(f"{k.split('_')[1].upper()} {100 * (vals[m] if len(vals) % 2 else (vals[m - 1] + vals[m]) / 2):.1f}%")
+    within = n = whole = 0
+    for r in rep:
+        pairs = [(r["errors"].get(k), r["noise"].get(k)) for k in MEANS]
+        pairs = [(abs(e), sp) for e, sp in pairs if e is not None and sp is not None]
+        n += len(pairs)
+        inside = sum(e <= sp for e, sp in pairs)
+        within += inside
+        whole += bool(pairs) and inside == len(pairs)
+    return ["", f"The measurement's own noise: median run-to-run spread of the means {', '.join(med)}; "
+            f"{within} of {n} mean errors are within their case's spread, and {whole} of {len(rep)} cases have "
+            "all four within it."]
+
+
 def summary_markdown(result: dict) -> list[str]:
     from .report import signed_pct
 
@@ -376,6 +405,7 @@ def summary_markdown(result: dict) -> list[str]:
             if vals:
                 v, c = max(vals)
                 lines.append(f"- {stat} {metric}: {100 * v:.1f}% ({c})")
+    lines += noise_floor_lines(ok)
     ref = [(r["case"], r["at_reference_speed"]) for r in ok if (r.get("at_reference_speed") or {}).get("errors")]
     if ref:
         lines += ["", "At the machine's reference speed (validation/reference.py: designed batches run on the same "
