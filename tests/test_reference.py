@@ -89,6 +89,28 @@ def test_matrix_reference_steps_setting(tmp_path):
         load_matrix(p)
 
 
+def test_matrix_model_with_profile_calibrate_is_profiled_once_for_all_its_cases(tmp_path):
+    """`profile: calibrate`: every case of the model has no profile and the same calibration
+    arguments (the matrix's and the model's, not the variant's), so one calibration serves
+    all; the pool hands its profile to the later cases without calibrating again."""
+    from validation.matrix import _calibrate, _ServerPool, load_matrix
+    m = {"name": "m", "engine_args": ["--max-num-seqs", "8"],
+         "models": {"tiny": {"dir": "hardware/models/tiny-llama", "profile": "calibrate",
+                             "engine_args": ["--block-size", "128"]}},
+         "traces": {"t": "sample_traces/tiny_cpu.jsonl"}, "loads": {"a": 1.0, "b": 0.5},
+         "variants": {"on": {"engine_args": ["--enable-prefix-caching"]},
+                      "off": {"engine_args": ["--no-enable-prefix-caching"]}}}
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(m))
+    _, cases, _ = load_matrix(p)
+    assert len(cases) == 4 and all(c.hardware is None for c in cases)
+    assert {tuple(c.calibrate_args) for c in cases} == {("--max-num-seqs", "8", "--block-size", "128")}
+    assert {c.engine_args[-1] for c in cases} == {"--enable-prefix-caching", "--no-enable-prefix-caching"}
+    pool = _ServerPool({"kv_cache_space_gib": 1}, log=lambda s: None)
+    pool.profiles[(cases[0].model, tuple(cases[0].calibrate_args))] = "made-earlier.yaml"
+    assert all(_calibrate(c, tmp_path / c.name, pool, lambda s: None) == "made-earlier.yaml" for c in cases)
+
+
 def test_case_scales_are_the_medians_of_each_kind():
     from validation.reference import case_scales
     runs = [ReferenceRun("a", 0, 1, ratios={"prefill": 1.3, "decode": 0.9}),

@@ -7,6 +7,7 @@ A matrix YAML has a grid part and/or explicit cases:
     engine_args: [--block-size, "128", --max-num-seqs, "8"]   # for every live case
     models:                                                      # live models
       tiny-llama: {dir: hardware/models/tiny-llama, profile: hardware/profiles/cpu-tiny-llama.yaml}
+      tiny-qwen2-gqa: {dir: hardware/models/tiny-qwen2-gqa, profile: calibrate}  # profile it first
     traces: {coding: sample_traces/tiny_cpu.jsonl}
     loads: {light: 1.0, heavy: 0.3}          # arrival_s multiplied by this (smaller = more load)
     variants: {prefix-on: {engine_args: [--enable-prefix-caching]},
@@ -30,7 +31,11 @@ of the N runs and the report gives their spread (a live run on a shared machine 
 With `reference_steps` (on by default, live cases with a calibrated profile) designed batches
 run on the same server before and after each measurement (validation/reference.py); their
 factors go to `<case>/reference.json` and the summary adds the errors with the simulation at
-the median factor: the machine's speed at the time, measured apart from the case. Paths in
+the median factor: the machine's speed at the time, measured apart from the case. A grid
+model with `profile: calibrate` is profiled on this machine before its first case (the full
+`asim-calibrate run` grid with the matrix's and the model's engine arguments, not a
+variant's; `<out>/profiles/`), and that profile serves all its cases: the matrix then needs
+nothing measured elsewhere. Paths in
 the matrix are relative to the repository root (or absolute). A failed case is reported and
 the others still run.
 """
@@ -120,6 +125,10 @@ class Case:
     recorded: dict[str, Any] = field(default_factory=dict)
     rank_group: str = ""           # cases of one group differ only by their variant
     variant: str = ""
+    # `profile: calibrate` on a grid model: one full calibration of this model with these
+    # engine arguments (the matrix's and the model's, not a variant's) for all its cases
+    calibrate_args: list[str] | None = None
+    calibrate_name: str = ""
 
 
 def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
@@ -153,12 +162,14 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
             vspec = vspec or {}
             for tname, tpath in traces.items():
                 for lname, lval in loads.items():
+                    model_args = base_args + [str(a) for a in mspec.get("engine_args") or []]
+                    calib = mspec.get("profile") == "calibrate"
                     cases.append(Case(
                         name=f"{mname}-{tname}-{lname}-{vname}", kind="live", model=str(_path(mspec["dir"])),
-                        hardware=mspec.get("profile"), trace=_path(tpath), load=float(lval),
-                        engine_args=base_args + [str(a) for a in mspec.get("engine_args") or []]
-                        + [str(a) for a in vspec.get("engine_args") or []],
-                        overrides=dict(vspec.get("set") or {}), rank_group=f"{mname}-{tname}-{lname}", variant=vname))
+                        hardware=None if calib else mspec.get("profile"), trace=_path(tpath), load=float(lval),
+                        engine_args=model_args + [str(a) for a in vspec.get("engine_args") or []],
+                        overrides=dict(vspec.get("set") or {}), rank_group=f"{mname}-{tname}-{lname}", variant=vname,
+                        calibrate_args=model_args if calib else None, calibrate_name=f"cpu-{mname}" if calib else ""))
     for c in m.get("cases") or []:
         if not isinstance(c, dict) or "name" not in c:
             raise MatrixError(f"{p}: every case needs a name")
@@ -466,6 +477,7 @@ class _ServerPool:
         self.log = log
         self.server = None
         self.key = None
+        self.profiles: dict[tuple, str] = {}  # (model, calibration engine args) -> profile made this run
 
     def get(self, model: str, engine_args: list[str]):
         from replay.vllm_server import VLLMServer
@@ -498,8 +510,31 @@ class _ServerPool:
 
 
 def _calibrate(case: Case, case_dir: Path, pool: _ServerPool, log) -> str:
-    """No profile given: make a quick one for this model and these engine arguments."""
+    """No profile given: a grid model with `profile: calibrate` is calibrated once, with the
+    full grid, for all its cases (OUT/profiles/<name>.yaml, its data in OUT/profiles/data/);
+    an explicit case without a profile gets a quick one of its own."""
     import subprocess
+    if case.calibrate_args is not None:
+        key = (case.model, tuple(case.calibrate_args))
+        if key in pool.profiles:
+            return pool.profiles[key]
+        pool.stop()
+        root = case_dir.parent / "profiles"
+        prof = root / f"{case.calibrate_name}.yaml"
+        cmd = [sys.executable, "-m", "calibrate.cli", "run", "--model", case.model, "--no-operators",
+               "--kv-cache-space-gib", str(pool.settings.get("kv_cache_space_gib", 1)), "--out", str(prof),
+               "--data-dir", str(root / "data" / case.calibrate_name)]
+        if pool.settings.get("python"):
+            cmd += ["--python", str(pool.settings["python"])]
+        cmd += ["--", *case.calibrate_args]
+        log(f"    calibrating {Path(case.model).name} (full grid, once for its cases): {' '.join(cmd)}")
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"calibration failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        log(f"    calibrated in {time.perf_counter() - t0:.0f} s: {prof}")
+        pool.profiles[key] = str(prof)
+        return str(prof)
     pool.stop()
     prof = case_dir / "profile.yaml"
     cmd = [sys.executable, "-m", "calibrate.cli", "run", "--model", case.model, "--quick", "--out", str(prof),
