@@ -197,11 +197,15 @@ class ModelArch:
             return self.attention_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
         return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
+    def _linear_dims(self) -> tuple[int, int]:
+        """(key width, value width) of a Gated DeltaNet layer: heads x head dim of each."""
+        return (self.linear_num_key_heads * self.linear_key_head_dim,
+                self.linear_num_value_heads * self.linear_value_head_dim)
+
     def linear_params_per_layer(self) -> int:
         """A Gated DeltaNet layer (vLLM's qwen3_next.py): in_proj_qkvz (q, k, v, z), in_proj_ba
         (a, b per value head), the causal conv over q, k, v, and out_proj."""
-        kd = self.linear_num_key_heads * self.linear_key_head_dim
-        vd = self.linear_num_value_heads * self.linear_value_head_dim
+        kd, vd = self._linear_dims()
         qkvz = self.hidden_size * (2 * kd + 2 * vd)
         ba = self.hidden_size * 2 * self.linear_num_value_heads
         conv = (2 * kd + vd) * self.linear_conv_kernel_dim
@@ -223,8 +227,7 @@ class ModelArch:
             raise HardwareError(f"{self.name}: more attention ({self.attention_layers}) than linear-attention "
                                 f"({self.linear_layers}) layers is not modelled")
         attn_1tok = 2 * max(self.num_kv_heads // tp, 1) * self.head_dim * self.dtype_bytes
-        kd = self.linear_num_key_heads * self.linear_key_head_dim
-        vd = self.linear_num_value_heads * self.linear_value_head_dim
+        kd, vd = self._linear_dims()
         ssm_b = self.state_dtype_bytes if ssm_dtype_bytes is None else ssm_dtype_bytes
         page = ((2 * kd + vd) // tp * max(self.linear_conv_kernel_dim - 1, 0) * self.dtype_bytes
                 + self.linear_num_value_heads // tp * self.linear_key_head_dim * self.linear_value_head_dim * ssm_b)
@@ -235,8 +238,7 @@ class ModelArch:
         """Recurrent state one sequence holds in all linear-attention layers: the conv window
         (kernel - 1 steps of q, k, v) in the model dtype and the delta-rule state
         (value heads x key dim x value dim) in `state_dtype_bytes`."""
-        kd = self.linear_num_key_heads * self.linear_key_head_dim
-        vd = self.linear_num_value_heads * self.linear_value_head_dim
+        kd, vd = self._linear_dims()
         conv = (2 * kd + vd) * max(self.linear_conv_kernel_dim - 1, 0) * self.dtype_bytes
         ssm = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * self.state_dtype_bytes
         return self.linear_layers * (conv + ssm)
