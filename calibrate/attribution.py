@@ -301,24 +301,20 @@ def attribute(lines, runs: list[ExperimentRun], specs: dict[str, list[RequestSpe
     for run, run_lines in zip(runs, per):
         run_lines.sort(key=lambda x: x.iteration)  # the engine's step order
         _attribute_run(mirror, run, run_lines, specs[run.name], res)
-    stamp = {line.iteration: line.t_s for line in steps}
-    for row in res.steps:
-        if not row.busy and row.iteration - 1 in stamp:
-            row.idle_s = _idle_gap(row, stamp[row.iteration - 1])
+    fill_idle_gaps(res.steps, {line.iteration: line.t_s for line in steps})
     return res
 
 
-def _idle_gap(row: StepRow, prev_t_s: float) -> float:
-    return max(row.t_s - row.elapsed_ms / 1000.0 - prev_t_s, 0.0)
-
-
-def fill_idle_gaps(rows: list[StepRow]) -> None:
-    """Give rows read from older profiling data (no idle_s column) their idle gap, from the
-    previous attributed step's stamp (every logged step is attributed in those runs)."""
-    stamp = {r.iteration: r.t_s for r in rows}
+def fill_idle_gaps(rows: list[StepRow], stamps: dict[int, float] | None = None) -> None:
+    """Give the rows that are not busy and have no idle_s yet their idle gap: the step's start
+    (stamp - elapsed) less the previous logged step's stamp. `stamps`: iteration -> stamp of
+    every logged step; by default the rows' own (profiling data written before idle_s was
+    recorded, where every logged step is attributed)."""
+    if stamps is None:
+        stamps = {r.iteration: r.t_s for r in rows}
     for r in rows:
-        if r.idle_s is None and not r.busy and r.iteration - 1 in stamp:
-            r.idle_s = _idle_gap(r, stamp[r.iteration - 1])
+        if r.idle_s is None and not r.busy and r.iteration - 1 in stamps:
+            r.idle_s = max(r.t_s - r.elapsed_ms / 1000.0 - stamps[r.iteration - 1], 0.0)
 
 
 def _attribute_run(mirror: MirrorEngine, run: ExperimentRun, lines: list[LoggedStep],

@@ -191,17 +191,18 @@ def _fit(data_dir: Path, out: Path, name: str | None, folds: int, max_other_cpu:
     profile = build_profile(name or out.stem, meta, fit, raw_data=repo_relative(data_dir), operators=operators)
     lm = profile["latency_model"]
     fe = None
+    exps = (read_json(data_dir / "experiments.json").get("experiments", [])
+            if (data_dir / "experiments.json").exists() else None)
     if (data_dir / FRONTEND_DIR / "calls.csv").exists():
         fe = _frontend_from_probe(data_dir, lm["intercept"], lm["coefficients"], host_step_s(profile))
-    elif (data_dir / "experiments.json").exists():
-        fe = estimate_frontend(read_json(data_dir / "experiments.json").get("experiments", []),
-                               lm["intercept"], lm["coefficients"],
+    elif exps is not None:
+        fe = estimate_frontend(exps, lm["intercept"], lm["coefficients"],
                                int(meta["engine"].get("max_num_batched_tokens") or 2048), max_other_cpu)
-    if fe is not None and (data_dir / "experiments.json").exists():
+    if fe is not None and exps is not None:
         import numpy as np
 
         from .runner import ExperimentRun
-        runs = [ExperimentRun.from_dict(d) for d in read_json(data_dir / "experiments.json").get("experiments", [])]
+        runs = [ExperimentRun.from_dict(d) for d in exps]
         runs = [r for r in runs if max_other_cpu is None or r.other_cpu <= max_other_cpu]
         grid = runner_frontend_samples(runs, rows, host_step_s(profile) or 0.0)
         if grid:

@@ -43,6 +43,7 @@ the others still run.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -352,7 +353,7 @@ def mean_spread(row: dict) -> float | None:
     return max(vals) if vals else None
 
 
-MEANS = ("mean_ttft_ms", "mean_tpot_ms", "mean_e2e_ms", "mean_jct_s")
+MEANS = tuple(f"mean_{metric}" for metric in _SUMMARY_KEYS)  # the four means' keys in a case's errors
 
 
 def noise_floor_lines(cases: list[dict]) -> list[str]:
@@ -364,10 +365,9 @@ def noise_floor_lines(cases: list[dict]) -> list[str]:
         return []
     med = []
     for k in MEANS:
-        vals = sorted(r["noise"][k] for r in rep if r["noise"].get(k) is not None)
+        vals = [r["noise"][k] for r in rep if r["noise"].get(k) is not None]
         if vals:
-            m = len(vals) // 2
-            med.append(f"{k.split('_')[1].upper()} {100 * (vals[m] if len(vals) % 2 else (vals[m - 1] + vals[m]) / 2):.1f}%")
+            med.append(f"{k.split('_')[1].upper()} {100 * statistics.median(vals):.1f}%")
     within = n = whole = 0
     for r in rep:
         pairs = [(r["errors"].get(k), r["noise"].get(k)) for k in MEANS]

@@ -78,7 +78,7 @@ class Instance:
         self.retention = retention
         self.residency = residency
         self.kv = KVCacheManager(engine.num_gpu_blocks, engine.block_size, engine.enable_prefix_caching,
-                                 engine.max_model_len, getattr(engine, "state_blocks_per_seq", 0))
+                                 engine.max_model_len, engine.state_blocks_per_seq)
         connector = None
         if residency is not None:
             from ..kv.residency import TierConnector
@@ -93,10 +93,10 @@ class Instance:
         self.itl = itl_sink if itl_sink is not None else ([], [])
         self.fast_forward = fast_forward
         self.busy = False
-        # No request at all since `idle_since` (vLLM's engine core then blocks on its input
-        # queue): a step after IDLE_WAKE_AFTER_S of that pays the latency model's idle_start_s.
-        self.drained = True
-        self.idle_since = float("-inf")
+        # When the engine last ran out of requests (vLLM's engine core then blocks on its input
+        # queue); None while it has some. A step after IDLE_WAKE_AFTER_S of that pays the latency
+        # model's idle_start_s.
+        self.idle_since: float | None = float("-inf")
         self.waking = False  # the step just scheduled wakes the engine (lockstep groups ignore it)
         self._wake_s = latency.idle_start_s
         self.num_pinned_blocks = 0
@@ -149,13 +149,13 @@ class Instance:
             out = self.scheduler.schedule(now)
         if not out.scheduled:
             self.busy = False
-            if not self.drained and not self.scheduler.has_unfinished():
-                self.drained = True
+            if self.idle_since is None and not self.scheduler.has_unfinished():
                 self.idle_since = now
             return None
         self.busy = True
-        self.waking = self.drained and now - self.idle_since >= IDLE_WAKE_AFTER_S
-        self.drained = False
+        since = self.idle_since
+        self.waking = since is not None and now - since >= IDLE_WAKE_AFTER_S
+        self.idle_since = None
         return out
 
     def price_step(self, out: SchedulerOutput, ep_tokens: int | None = None) -> float:

@@ -458,11 +458,15 @@ class OperatorModel(LatencyModel):
         # Hybrid models: attention (and the ops of the attention block) in La layers, the
         # linear-attention ops in the other L - La; other models: La = L and no such ops.
         self.La = int(attention_layers) if attention_layers is not None else self.L
-        self.dense_attn, self.dense_attn_count = dense_attention_layer or {}, dense_attention_count or {}
-        self.dense_lin, self.dense_lin_count = dense_linear_layer or {}, dense_linear_count or {}
+        self.dense_attn, self.dense_lin = dense_attention_layer or {}, dense_linear_layer or {}
         self.hidden = int(hidden_size)
         self.dtype_bytes = int(dtype_bytes)
         self.dense_layer, self.dense_count, self.dense_step = dense_layer, dense_layer_count, dense_step
+        # (curves, count per layer, layers they run in) of the per-layer dense ops
+        self._dense_groups = [(dense_layer, dense_layer_count, self.L)]
+        if self.dense_attn or self.dense_lin:
+            self._dense_groups += [(self.dense_attn, dense_attention_count or {}, self.La),
+                                   (self.dense_lin, dense_linear_count or {}, self.L - self.La)]
         self.per_sequence = per_sequence
         self.attn = attention
         self.tp = tp
@@ -482,13 +486,9 @@ class OperatorModel(LatencyModel):
 
     # -- per-family times for T tokens / S sequences (seconds, whole model) ------------------
     def _dense_s(self, T: float) -> tuple[float, float]:
-        layer = sum(c(T) * self.dense_count.get(op, 1) for op, c in self.dense_layer.items())
+        layers = sum(sum(c(T) * counts.get(op, 1) for op, c in curves.items()) * n * US
+                     for curves, counts, n in self._dense_groups)
         once = sum(c(T) for c in self.dense_step.values())
-        layers = layer * self.L * US
-        if self.dense_attn or self.dense_lin:
-            layers += sum(c(T) * self.dense_attn_count.get(op, 1) for op, c in self.dense_attn.items()) * self.La * US
-            layers += (sum(c(T) * self.dense_lin_count.get(op, 1) for op, c in self.dense_lin.items())
-                       * (self.L - self.La) * US)
         return layers, once * US
 
     def _moe_s(self, T: float, N: float | None = None) -> tuple[float, float]:
@@ -624,12 +624,9 @@ class OperatorModel(LatencyModel):
         kd = decode_ctx_sum / num_decodes - 1.0 if num_decodes else 0.0
         parts: dict[str, float] = {}
         if T:
-            for op, c in self.dense_layer.items():
-                parts[op] = c(T) * self.dense_count.get(op, 1) * self.L * US
-            for op, c in self.dense_attn.items():
-                parts[op] = c(T) * self.dense_attn_count.get(op, 1) * self.La * US
-            for op, c in self.dense_lin.items():
-                parts[op] = c(T) * self.dense_lin_count.get(op, 1) * (self.L - self.La) * US
+            for curves, counts, n in self._dense_groups:
+                for op, c in curves.items():
+                    parts[op] = c(T) * counts.get(op, 1) * n * US
             for op, c in self.dense_step.items():
                 parts[op] = c(T) * US
             tp = self._token_parts(T)
@@ -722,8 +719,8 @@ class OperatorModel(LatencyModel):
                 dense_attn[op] = c
             elif op in lin_counts:
                 dense_lin[op] = c
-        missing = [op for op in list(counts) + list(per_step) + list(attn_counts) + list(lin_counts)
-                   if op not in dense_layer and op not in dense_step and op not in dense_attn and op not in dense_lin]
+        found = {**dense_layer, **dense_step, **dense_attn, **dense_lin}
+        missing = [op for op in [*counts, *per_step, *attn_counts, *lin_counts] if op not in found]
         if missing:
             raise ValueError(f"operator tables lack {missing} for tp={tp}")
         per_seq = {op: Curve([p[0] for p in pts], [p[1] for p in pts], interp.get(op, "linear"))

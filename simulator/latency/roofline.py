@@ -110,13 +110,9 @@ class RooflineModel(LatencyModel):
         peak = device.peak_flops
         bw = device.memory_bandwidth_Bps * self.mem_eff
         # Dense linear layers: 2 FLOPs per parameter per token; weights read once per step.
-        dense_params = m.attn_params_per_layer() + (0 if m.is_moe else m.mlp_params_per_layer())
         La = m.attention_layers  # = L but for hybrid models (linear attention in the other layers)
-        if La == L:
-            dense_all = dense_params * L
-        else:
-            dense_all = (m.attn_params_per_layer() * La + m.linear_params_per_layer() * (L - La)
-                         + (0 if m.is_moe else m.mlp_params_per_layer()) * L)
+        dense_all = (m.attn_params_per_layer() * La + (m.linear_params_per_layer() * (L - La) if La != L else 0)
+                     + (0 if m.is_moe else m.mlp_params_per_layer()) * L)  # integers: exact
         self._lin_flop_per_tok = 2.0 * dense_all / tp / (peak * self.gemm_eff)
         self._lin_bytes_time = dense_all * dt / tp / bw
         # Gated DeltaNet layers (hybrid models): the delta-rule update and read-out, ~4 FLOPs
