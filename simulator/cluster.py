@@ -86,7 +86,7 @@ class Simulation:
         for i in range(config.cluster.instances):
             residency = None
             if self.retention.needs_tiers and deployment.tiers:
-                per_block = deployment.engine.block_size * deployment.model.kv_bytes_per_token() / deployment.tp
+                per_block = deployment.engine.block_size * deployment.model.kv_pool_bytes_per_token() / deployment.tp
                 residency = KVResidency([TierStore(s, c) for s, c in deployment.tiers], per_block)
             inst = Instance(i, self.loop, deployment.engine, deployment.latency, self.sched_policy,
                             self.retention, residency, on_finished=self._on_call_finished, itl_sink=itl,
@@ -155,8 +155,12 @@ class Simulation:
                             f"max_model_len {self.dep.engine.max_model_len}")
             return
         eng = self.dep.engine
-        if -(-(req.num_prompt_tokens + req.max_tokens) // bs) > eng.num_gpu_blocks - 1:
-            self._fail(req, f"prompt + output ({req.num_prompt_tokens + req.max_tokens} tokens) can never fit "
+        total = req.num_prompt_tokens + req.max_tokens
+        # (its table, and the state and window blocks a hybrid or sliding-window model's sequence holds besides)
+        need = -(-total // bs) + eng.state_blocks_per_seq + self.instances[0].kv.peak_window_blocks(
+            total, eng.max_num_batched_tokens)
+        if need > eng.num_gpu_blocks - 1:
+            self._fail(req, f"prompt + output ({total} tokens) can never fit "
                             f"the KV cache ({eng.num_gpu_blocks - 1} usable blocks of {bs} tokens)")
             return
         self._issue[req.request_id] = now

@@ -47,6 +47,15 @@ class ResolvedEngine:
     # hybrid (linear + full attention) models: blocks of the same pool each running sequence
     # holds for its linear-attention state (ModelArch.hybrid_kv_layout)
     state_blocks_per_seq: int = 0
+    # models with full and sliding-window attention layers (ModelArch.sliding_kv_groups): the
+    # window, and the pool blocks a sequence's window takes per block of its table
+    # (sliding-window groups : full-attention groups)
+    sliding_window: int = 0
+    window_groups: int = 0
+    full_groups: int = 0
+
+
+_ZERO_HIDDEN = ("state_blocks_per_seq", "sliding_window", "window_groups", "full_groups")  # left out when 0
 
 
 @dataclass
@@ -72,7 +81,7 @@ class Deployment:
         fin, fout = self.frontend_split
         return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
                 "frontend_in_s": fin, "frontend_out_s": fout, "dp_lockstep": self.dp_lockstep,
-                "engine": {k: v for k, v in self.engine.__dict__.items() if v or k != "state_blocks_per_seq"},
+                "engine": {k: v for k, v in self.engine.__dict__.items() if v or k not in _ZERO_HIDDEN},
                 "latency": self.latency.describe(),
                 "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
 
@@ -84,7 +93,7 @@ def estimate_num_gpu_blocks(model: ModelArch, device: DeviceSpec, tp: int, block
     act = max_num_batched_tokens * (4 * model.hidden_size + 2 * model.intermediate_size // tp) * model.dtype_bytes
     act += max_num_seqs * model.vocab_size * 4  # fp32 logits of the sampler warm-up
     free = util * device.usable_memory_bytes - weights - act - NON_TORCH_BYTES
-    per_block = block_size * model.kv_bytes_per_token() / tp
+    per_block = block_size * model.kv_pool_bytes_per_token() / tp
     n = int(free // per_block)
     if n < 2:
         raise ConfigError(f"{model.name} does not fit on {device.name} with tp={tp} "
@@ -164,10 +173,14 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     max_num_seqs = e.max_num_seqs or facts.get("max_num_seqs") or d["max_num_seqs"]
     mnbt = e.max_num_batched_tokens or facts.get("max_num_batched_tokens") or d["max_num_batched_tokens"]
     max_model_len = e.max_model_len or facts.get("max_model_len") or model.max_position_embeddings or 1 << 20
+    # Full + sliding-window models: vLLM's block count is of one group's blocks, a block of a
+    # sequence's table here holds one of each full-attention group (the estimate counts those)
+    _, full_groups, window_groups = model.sliding_kv_groups()
+    per_table_block = full_groups or 1
     if e.num_gpu_blocks_override:
-        nblocks, src = e.num_gpu_blocks_override, "engine.num_gpu_blocks_override"
+        nblocks, src = e.num_gpu_blocks_override // per_table_block, "engine.num_gpu_blocks_override"
     elif facts.get("num_gpu_blocks") and facts.get("block_size", block_size) == block_size:
-        nblocks, src = int(facts["num_gpu_blocks"]), "profile (reported by the engine)"
+        nblocks, src = int(facts["num_gpu_blocks"]) // per_table_block, "profile (reported by the engine)"
     else:
         if device.kind == "cpu":
             raise ConfigError("a CPU device needs engine.num_gpu_blocks_override or a calibrated profile "
@@ -181,14 +194,16 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             max_model_len=int(max_model_len), enable_prefix_caching=e.enable_prefix_caching,
                             enable_chunked_prefill=e.enable_chunked_prefill,
                             long_prefill_token_threshold=e.long_prefill_token_threshold,
-                            num_gpu_blocks_source=src, state_blocks_per_seq=state_blocks)
+                            num_gpu_blocks_source=src, state_blocks_per_seq=state_blocks,
+                            sliding_window=model.sliding_window if window_groups else 0,
+                            window_groups=window_groups, full_groups=full_groups)
     latency = build_latency(model, device, tp, cfg, profile)
     scale, dscale = cfg.latency.step_time_scale, cfg.latency.decode_step_time_scale
     if scale != 1.0 or (dscale is not None and dscale != 1.0):
         latency = ScaledLatency(latency, scale, dscale)
     tiers = []
     if cfg.policy.kv == "offload":
-        per_block = block_size * model.kv_bytes_per_token() / tp
+        per_block = block_size * model.kv_pool_bytes_per_token() / tp
         caps = cfg.policy.kv_offload_capacity_gb
         for i, name in enumerate(cfg.policy.kv_offload_tiers):
             spec = load_memory_tier(name)

@@ -176,6 +176,10 @@ class ModelArch:
     # shared_expert_intermediate_size)
     num_dense_layers: int = 0
     shared_expert_intermediate_size: int = 0
+    # Sliding-window attention (Gemma 2/3, gpt-oss, Mistral-7B-v0.1): `num_sliding_layers` of
+    # the attention layers attend to the last `sliding_window` tokens only (0: none).
+    sliding_window: int = 0
+    num_sliding_layers: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -185,6 +189,38 @@ class ModelArch:
     def attention_layers(self) -> int:
         """Layers with (full) attention and a KV cache."""
         return self.num_attention_layers or self.num_layers
+
+    @property
+    def full_attention_layers(self) -> int:
+        """Attention layers that attend to the whole context."""
+        return self.attention_layers - self.num_sliding_layers
+
+    def sliding_kv_groups(self) -> tuple[int, int, int]:
+        """(layers per group, full-attention groups, sliding-window groups) of vLLM's hybrid KV
+        cache manager for a model with both kinds of attention layer, else (0, 0, 0).
+        vLLM (kv_cache_utils `_get_kv_cache_groups_uniform_page_size`) splits each kind's
+        layers into groups of the same size, the smaller kind's count (the larger's when it is
+        under 1.5x the smaller), padding the last group of a kind; every group has its own
+        block table over one shared pool whose block holds one page of each layer of a group.
+        A sliding-window group frees the blocks that fall out of the window as a sequence
+        grows (SlidingWindowManager.remove_skipped_blocks)."""
+        nf, ns = self.full_attention_layers, self.num_sliding_layers
+        if not (self.sliding_window and nf and ns):
+            return 0, 0, 0
+        size = min(nf, ns)
+        if max(nf, ns) < 1.5 * size:
+            size = max(nf, ns)
+        return size, -(-nf // size), -(-ns // size)
+
+    def kv_pool_bytes_per_token(self) -> int:
+        """KV bytes one token of a sequence's block table takes in the pool: all attention
+        layers (kv_bytes_per_token), but for a model with both full and sliding-window layers,
+        whose table of full-attention blocks covers the full groups' layers (padding
+        included) and whose window blocks are counted apart (sliding_kv_groups)."""
+        size, full_groups, _ = self.sliding_kv_groups()
+        if not size:
+            return self.kv_bytes_per_token()
+        return self.kv_bytes_per_token() // self.attention_layers * size * full_groups
 
     @property
     def linear_layers(self) -> int:
@@ -314,6 +350,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         attention_layers = sum(1 for t in types if t == "full_attention")
     elif cfg.get("full_attention_interval") and cfg.get("linear_num_value_heads"):
         attention_layers = num_layers // int(cfg["full_attention_interval"])
+    window, sliding = _sliding_layers(cfg, num_layers, attention_layers, where)
     return ModelArch(
         name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model"),
         num_layers=num_layers,
@@ -340,7 +377,37 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         num_dense_layers=int(cfg.get("first_k_dense_replace") or 0) if num_experts else 0,
         shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)
                                          or int(cfg.get("n_shared_experts") or 0) * moe_inter) if num_experts else 0,
+        sliding_window=window,
+        num_sliding_layers=sliding,
     )
+
+
+def _sliding_layers(cfg: dict[str, Any], num_layers: int, attention_layers: int, where: str) -> tuple[int, int]:
+    """(window, number of sliding-window layers) as vLLM builds the model: a layer slides when
+    `layer_types` says "sliding_attention"; without layer_types, Gemma 2 and gpt-oss slide in
+    every other layer (the even ones), Gemma 3 and Cohere 2 in all but every
+    `sliding_window_pattern`-th, and other models with a `sliding_window` in every layer
+    (vLLM's model-level window). Transformers drops the window of Qwen2-style configs whose
+    `use_sliding_window` is false, and vLLM ignores a window of 0."""
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False or not window or attention_layers:
+        return 0, 0  # (hybrid linear-attention models: full attention only)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise HardwareError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+    types = cfg.get("layer_types")
+    mt = str(cfg.get("model_type") or "")
+    if isinstance(types, list) and types:
+        if len(types) != num_layers:
+            raise HardwareError(f"{where}: layer_types lists {len(types)} layers, num_hidden_layers is {num_layers}")
+        n = sum(1 for t in types if t == "sliding_attention")
+    elif mt in ("gemma2", "gpt_oss"):
+        n = (num_layers + 1) // 2
+    elif mt in ("gemma3", "gemma3_text", "cohere2"):
+        pattern = int(cfg.get("sliding_window_pattern") or (6 if mt.startswith("gemma3") else 4))
+        n = sum(1 for i in range(num_layers) if (i + 1) % pattern)
+    else:
+        n = num_layers
+    return (window, n) if n else (0, 0)
 
 
 def load_model(name_or_path: str | os.PathLike) -> ModelArch:

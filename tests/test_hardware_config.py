@@ -70,7 +70,9 @@ def test_every_memory_tier_loads(name):
 # Published parameter counts (model cards), in billions.
 PARAMS_B = {"llama-2-7b": 6.74, "llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6, "mistral-7b": 7.24,
             "qwen2.5-7b": 7.61, "qwen2.5-32b": 32.8, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5,
-            "qwen3-30b-a3b-instruct-2507": 30.5, "qwen3.6-35b-a3b": 35.0}
+            "qwen3-30b-a3b-instruct-2507": 30.5, "qwen3.6-35b-a3b": 35.0,
+            # gpt-oss model card: 20.9B total; Gemma 3 27B: 27.4B with its 0.4B vision encoder
+            "gpt-oss-20b": 20.9, "gemma-3-27b": 27.0}
 
 
 @pytest.mark.parametrize("name", _stems("models"))

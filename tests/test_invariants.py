@@ -29,6 +29,8 @@ def check_blocks(inst) -> None:
     assert all(pool.ref_cnt[b] == 0 for b in queue), "a free block has references"
     held = Counter(b for blocks in kv.req_to_blocks.values() for b in blocks)
     held.update(int(b) for state in kv.req_to_state.values() for b in state)  # hybrid models' state blocks
+    held.update(b for win in kv.req_to_window.values() for b in win)  # sliding-window blocks
+    assert set(kv.req_to_window) <= set(kv.req_to_blocks), "window blocks of a request without a block table"
     assert set(kv.req_to_state) <= set(kv.req_to_blocks), "state blocks of a request without a block table"
     assert all(len(st) == kv.state_blocks for st in kv.req_to_state.values())
     assert 0 not in held
@@ -55,6 +57,7 @@ def check_all_free(inst) -> None:
     assert pool.ref_cnt[0] == 1 and not any(pool.ref_cnt[1:])
     assert sorted(pool.free_queue()) == list(range(1, pool.num_gpu_blocks))
     assert not inst.kv.req_to_blocks and not inst.kv.req_to_state and inst.num_pinned_blocks == 0
+    assert not inst.kv.req_to_window
 
 
 def instrument(sim: Simulation) -> list[int]:
@@ -107,12 +110,23 @@ def workloads(draw):
 LATENCY = LinearStepModel(2e-3, {"prefill_tokens": 2e-5, "decode_ctx_sum": 1e-6, "num_seqs": 1e-4})
 
 
-def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented=True, state_blocks=0):
-    dep = make_deployment(num_gpu_blocks=blocks + state_blocks, block_size=BS, max_num_batched_tokens=mnbt,
+def _window_peak(progs, mnbt, window) -> int:
+    """Most window blocks the largest call holds (KVCacheManager.peak_window_blocks)."""
+    W, wg, fg = window
+    total = max(p.input_tokens(k) + p.calls[k].output_tokens for p in progs for k in range(len(p.calls)))
+    held = min(-(-total // BS), -(-(W - 1 + mnbt) // BS) + 1)
+    return -(-wg * held // fg)
+
+
+def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented=True, state_blocks=0,
+              window=None):
+    extra = state_blocks + (_window_peak(progs, mnbt, window) if window else 0)
+    dep = make_deployment(num_gpu_blocks=blocks + extra, block_size=BS, max_num_batched_tokens=mnbt,
                           max_num_seqs=8, latency=LATENCY)
-    if state_blocks:
+    if state_blocks or window:
         import dataclasses
-        dep = dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, state_blocks_per_seq=state_blocks))
+        win = dict(zip(("sliding_window", "window_groups", "full_groups"), window)) if window else {}
+        dep = dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, state_blocks_per_seq=state_blocks, **win))
     sim = Simulation(progs, dep, sim_config(fast_forward, instances=instances, **policy))
     steps = instrument(sim) if instrumented else None
     return _run_or_reject(sim), sim, steps
@@ -146,6 +160,16 @@ def test_random_workloads_complete_every_call_once_without_losing_blocks(w, fast
     assert steps[0] > 0
 
 
+def _check_complete_and_whole(progs, res, sim, steps) -> None:
+    """Every call completed once, ok; every instance's pool ends whole; steps were checked."""
+    keys = Counter((r["program_id"], r["call_index"]) for r in res.calls)
+    assert keys == Counter((p.program_id, k) for p in progs for k in range(len(p.calls)))
+    assert all(r["status"] == "ok" for r in res.calls)
+    for inst in sim.instances:
+        check_all_free(inst)
+    assert steps[0] > 0
+
+
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.sampled_from([1, 3]), st.booleans())
 def test_random_workloads_with_hybrid_state_blocks_conserve_every_block(w, state_blocks, fast_forward):
@@ -154,12 +178,24 @@ def test_random_workloads_with_hybrid_state_blocks_conserve_every_block(w, state
     a retention policy's take; every call completes once and the pool ends whole."""
     progs, blocks, policy, instances, mnbt = w
     res, sim, steps = _simulate(progs, blocks, policy, instances, mnbt, fast_forward, state_blocks=state_blocks)
-    keys = Counter((r["program_id"], r["call_index"]) for r in res.calls)
-    assert keys == Counter((p.program_id, k) for p in progs for k in range(len(p.calls)))
-    assert all(r["status"] == "ok" for r in res.calls)
-    for inst in sim.instances:
-        check_all_free(inst)
-    assert steps[0] > 0
+    _check_complete_and_whole(progs, res, sim, steps)
+
+
+WINDOWS = st.sampled_from([(16, 1, 1), (24, 2, 1), (40, 1, 2), (100, 6, 1)])  # (W, window groups, full groups)
+
+
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), WINDOWS, st.booleans())
+def test_random_workloads_with_sliding_windows_conserve_every_block(w, window, fast_forward):
+    """The same, for a model with sliding-window layers: each sequence also holds the blocks of
+    its windows, which grow with a prefill, shrink behind the window and are returned at
+    finish, preemption or a retention policy's take; every call completes once, the pool ends
+    whole, and the same run with fast-forward on and off gives the same results."""
+    progs, blocks, policy, instances, mnbt = w
+    res, sim, steps = _simulate(progs, blocks, policy, instances, mnbt, fast_forward, window=window)
+    _check_complete_and_whole(progs, res, sim, steps)
+    other = _simulate(progs, blocks, policy, instances, mnbt, not fast_forward, instrumented=False, window=window)[0]
+    assert other.calls == res.calls and other.summary == res.summary
 
 
 def _itl_sample(res) -> list[float]:

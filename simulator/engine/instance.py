@@ -78,7 +78,8 @@ class Instance:
         self.retention = retention
         self.residency = residency
         self.kv = KVCacheManager(engine.num_gpu_blocks, engine.block_size, engine.enable_prefix_caching,
-                                 engine.max_model_len, engine.state_blocks_per_seq)
+                                 engine.max_model_len, engine.state_blocks_per_seq, engine.sliding_window,
+                                 engine.window_groups, engine.full_groups)
         connector = None
         if residency is not None:
             from ..kv.residency import TierConnector
@@ -262,6 +263,9 @@ class Instance:
         if not self._batch_is_stable(out):
             return False
         running = list(self.scheduler.running)
+        kv = self.kv
+        if kv.window and not all(kv.window_settled(r) for r in running):
+            return False  # a window still growing takes blocks the run does not plan
         max_len = self.engine.max_model_len
         R = _MAX_RUN  # steps until the first request finishes
         for r in running:

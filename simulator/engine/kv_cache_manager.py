@@ -34,15 +34,31 @@ _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
-                 "req_to_state")
+                 "req_to_state", "window", "window_groups", "full_groups", "window_cap", "req_to_window")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
-                 max_model_len: int = 1 << 40, state_blocks: int = 0):
+                 max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
+                 window_groups: int = 0, full_groups: int = 1):
         """`state_blocks`: blocks a hybrid model's sequence holds for its linear-attention state
         (vLLM's Mamba groups, one block each), taken with its first blocks and freed with them;
-        never cached."""
+        never cached.
+
+        `window`, `window_groups`, `full_groups`: a model with full and sliding-window attention
+        layers (ModelArch.sliding_kv_groups). A sequence's table holds the full-attention
+        groups' blocks; besides them it holds, per sliding-window group, the blocks of its last
+        `window` tokens (vLLM frees the blocks behind the window before each allocation), in
+        this pool ceil(window_groups x blocks / full_groups) blocks, never cached here (the
+        prefix-cache hit is the full-attention table's: the window blocks of a hit are taken
+        fresh, as vLLM takes them from the free queue). During a decode the window is held at
+        its largest extent, cdiv(window, block_size) + 1 blocks per group, which vLLM reaches
+        for all but one step in block_size (one block less in that step)."""
         self.state_blocks = state_blocks
         self.req_to_state: dict[int, np.ndarray] = {}
+        self.window = window if window_groups else 0
+        self.window_groups = window_groups
+        self.full_groups = max(full_groups, 1)
+        self.window_cap = -(-window // block_size) + 1 if self.window else 0
+        self.req_to_window: dict[int, list[int]] = {}
         self.block_size = block_size
         self.pool = BlockPool(num_gpu_blocks, enable_caching)
         self.enable_caching = enable_caching
@@ -124,21 +140,29 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(rid)
         have = len(blocks) if blocks is not None else 0
         num_to_allocate = -(-need // bs) - have
+        grow = 0
+        if self.window:
+            grow = self._window_target(req.num_computed_tokens + num_new_computed_tokens, num_new_tokens, need) \
+                - len(self.req_to_window.get(rid, ()))
         if blocks is None:
-            if num_to_allocate + self.state_blocks > pool.num_free:
+            if num_to_allocate + self.state_blocks + max(grow, 0) > pool.num_free:
                 return False
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
             if self.state_blocks:
                 self.req_to_state[rid] = pool.take_new_blocks(self.state_blocks)
-        elif num_to_allocate > pool.num_free:
+        elif num_to_allocate + max(grow, 0) > pool.num_free:
             return False
+        if grow < 0:
+            self._shrink_window(rid, -grow)
         new = None
         if num_to_allocate == 1:  # a decode entering a new block
             blocks.append(pool.get_new_block())
         elif num_to_allocate > 1:
             new = pool.take_new_blocks(num_to_allocate)
             blocks.extend_array(new)
+        if grow > 0:
+            self._grow_window(rid, grow)
         if self.enable_caching and not delay_cache_blocks:
             num_tokens = req.num_prompt_tokens + req.num_output_tokens
             num_full = (total if total < num_tokens else num_tokens) // bs
@@ -157,7 +181,19 @@ class KVCacheManager:
         if blocks is None:
             return self.allocate_slots(req, 1)
         room = len(blocks) * bs - c  # free slots in the table
-        if room <= 0:
+        if self.window:
+            if room < 0:
+                return self.allocate_slots(req, 1)
+            grow = self._window_target(c, 1, c + 1) - len(self.req_to_window[rid])
+            if (room == 0) + max(grow, 0) > self.pool.num_free:
+                return False
+            if grow < 0:
+                self._shrink_window(rid, -grow)  # vLLM frees the blocks behind the window first
+            if room == 0:
+                blocks.append(self.pool.get_new_block())
+            if grow > 0:
+                self._grow_window(rid, grow)
+        elif room <= 0:
             if room < 0:  # more than one block short
                 return self.allocate_slots(req, 1)
             pool = self.pool  # the slot opens a new block
@@ -191,8 +227,13 @@ class KVCacheManager:
         # hit blocks sitting in the free queue are not free for this allocation
         evictable = num_hits - int(np.count_nonzero(ref))
         state = self.state_blocks if blocks is None else 0
-        if num_to_allocate + state > pool.num_free - evictable:
+        grow = 0
+        if self.window:
+            grow = self._window_target(num_computed, num_new_tokens, need) - len(self.req_to_window.get(rid, ()))
+        if num_to_allocate + state + max(grow, 0) > pool.num_free - evictable:
             return False
+        if grow < 0:
+            self._shrink_window(rid, -grow)
         if blocks is None:
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
@@ -204,10 +245,53 @@ class KVCacheManager:
         if num_to_allocate > 0:
             new = pool.take_new_blocks(num_to_allocate)
             blocks.extend_array(new)
+        if grow > 0:
+            self._grow_window(rid, grow)
         if self.enable_caching and not delay_cache_blocks:
             num_full = min(num_computed + num_new_tokens, req.num_tokens) // bs
             self._cache_full_blocks(req, blocks, num_full, have, have + num_hits, new)
         return True
+
+    # -- sliding-window blocks -------------------------------------------------------------
+    def _window_target(self, num_computed: int, num_new: int, need: int) -> int:
+        """Pool blocks of a sequence's windows once `num_new` tokens after `num_computed` have
+        slots (`need` tokens in all): per group the blocks up to `need` less those wholly
+        behind the window of the computed tokens (vLLM's get_num_skipped_tokens), at most
+        window_cap during a decode."""
+        bs = self.block_size
+        end = -(-need // bs)
+        if num_new == 1:
+            held = end if end < self.window_cap else self.window_cap
+        else:
+            held = end - max(num_computed - self.window + 1, 0) // bs
+        return -(-self.window_groups * held // self.full_groups)
+
+    def _grow_window(self, rid: int, n: int) -> None:
+        win = self.req_to_window.setdefault(rid, [])
+        if n == 1:
+            win.append(self.pool.get_new_block())
+        else:
+            win.extend(self.pool.take_new_blocks(n).tolist())
+
+    def _shrink_window(self, rid: int, n: int) -> None:
+        """Free the window's n oldest blocks (they fell behind the window)."""
+        win = self.req_to_window[rid]
+        self.pool.free_blocks(win[:n])
+        del win[:n]
+
+    def window_settled(self, req: Request) -> bool:
+        """The decode `req` was just scheduled for holds its window at the largest extent, so
+        its next decodes take no window blocks (the fast-forward of decode runs assumes none)."""
+        return -(-req.num_computed_tokens // self.block_size) >= self.window_cap
+
+    def peak_window_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        """Most window blocks a sequence of `num_tokens` holds at once, in prefill chunks of at
+        most `max_chunk` tokens (0 for a model without sliding-window groups)."""
+        if not self.window:
+            return 0
+        bs = self.block_size
+        held = min(-(-num_tokens // bs), -(-(self.window - 1 + max_chunk) // bs) + 1)  # >= a decode's
+        return -(-self.window_groups * held // self.full_groups)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         rid = req.request_id
@@ -244,11 +328,18 @@ class KVCacheManager:
         self.num_cached_block.pop(rid, None)
         if self.state_blocks:
             self._free_state(rid)
+        if self.window:
+            self._free_window(rid)
         if blocks is None or not len(blocks):
             return _NONE
         table = blocks.array()
         self.pool.free_blocks(table[::-1])
         return table
+
+    def _free_window(self, rid: int) -> None:
+        win = self.req_to_window.pop(rid, None)
+        if win:
+            self.pool.free_blocks(win[::-1])
 
     def _free_state(self, rid: int) -> None:
         state = self.req_to_state.pop(rid, None)
@@ -261,6 +352,8 @@ class KVCacheManager:
         self.num_cached_block.pop(req.request_id, None)
         if self.state_blocks:
             self._free_state(req.request_id)  # the state ends with the call
+        if self.window:
+            self._free_window(req.request_id)  # so does the window (a policy keeps the table)
         blocks = self.req_to_blocks.pop(req.request_id, None)
         return _NONE if blocks is None else blocks.array()
 

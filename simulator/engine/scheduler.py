@@ -135,7 +135,8 @@ class Scheduler:
         scheduled (advanced, as `_advance` does)."""
         kv = self.kv
         bs = kv.block_size
-        last_slot = bs - 1
+        # (a sliding-window model's manager sees every decode: its window may move)
+        last_slot = bs - 1 if not kv.window else -1
         max_c = self.max_model_len - 1
         scheduled = out.scheduled
         append = scheduled.append

@@ -110,3 +110,16 @@ class ScaledLatency(LatencyModel):
         if self.decode_scale != self.scale:
             d["decode_step_time_scale"] = self.decode_scale
         return d
+
+
+def window_pairs(n: float, c: float, window: int) -> float:
+    """Causal attention work of a chunk of n new tokens over c cached ones in a sliding-window
+    layer: query i (0-based from the chunk start) sees min(c + i + 1, window) keys. The
+    full-attention work is n·(c + (n+1)/2), the same sum without the window."""
+    a, b = c + 1.0, c + n  # keys seen by the first and the last query without the window
+    if b <= window:
+        return n * (a + b) * 0.5
+    if a >= window:
+        return n * float(window)
+    return (a + window) * (window - a + 1.0) * 0.5 + (b - window) * float(window)
+

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hardware import HARDWARE_DIR, _load_yaml
-from .base import LatencyModel, StepFeatures
+from .base import LatencyModel, StepFeatures, window_pairs
 from .collectives import nccl_ring_time_s
 
 US = 1e-6
@@ -254,6 +254,39 @@ class AttentionTable:
                 best, bn, bc = t, n, c
         return tot + self.p0, bn, bc
 
+    def step_window(self, chunks, nd: int, kd: float, kd_max: float | None, alpha: float,
+                    window: int) -> tuple[float, float]:
+        """`step` for a sliding-window layer: a decode reads at most `window` keys (its
+        history clipped to window - 1); a prefill chunk costs the kernel's fixed part plus
+        the rest scaled by the windowed share of its causal work (window_pairs)."""
+        w1 = window - 1.0
+        kdw = kd if kd < w1 else w1
+        kmw = None if kd_max is None else (kd_max if kd_max < w1 else w1)
+        if not chunks:
+            return self.step(chunks, nd, kdw, kmw, alpha)
+        P, p0 = self.P, self.p0
+        tot = 0.0
+        best, bn, bc = -1.0, 0, 0
+        nmax = self._pc_max
+        for n, c in chunks:
+            full = n * (c + (n + 1) * 0.5)
+            if n <= nmax:
+                t = P(n, c)
+            else:
+                t = P(nmax, c) * full / (nmax * (c + (nmax + 1) * 0.5))
+            t = p0 + (t - p0) * window_pairs(n, c, window) / full
+            tot += t - p0
+            if t > best:
+                best, bn, bc = t, n, c
+        pt = tot + p0
+        if not nd:
+            return pt, 0.0
+        bc = bc if bc < w1 else w1
+        f = self.D if self.X is None else (lambda b, k: max(self.X(bn, bc, b, k), 0.0))
+        skew = alpha and nd > 1 and kmw is not None and kmw > kdw
+        t = f(nd, kdw)
+        return pt, t + alpha * (f(nd, kmw) - t) if skew else t
+
     def step(self, chunks, nd: int, kd: float, kd_max: float | None = None, alpha: float = 0.0) -> tuple[float, float]:
         """(prefill part, decode part) of one layer's attention, µs. With the decodes'
         longest history `kd_max` and the profile's skew coefficient `alpha`, the decode part
@@ -453,11 +486,17 @@ class OperatorModel(LatencyModel):
                  attention_layers: int | None = None, dense_attention_layer: dict[str, Curve] | None = None,
                  dense_attention_count: dict[str, float] | None = None,
                  dense_linear_layer: dict[str, Curve] | None = None,
-                 dense_linear_count: dict[str, float] | None = None):
+                 dense_linear_count: dict[str, float] | None = None,
+                 sliding_layers: int = 0, sliding_window: int = 0):
         self.L = int(num_layers)
         # Hybrid models: attention (and the ops of the attention block) in La layers, the
         # linear-attention ops in the other L - La; other models: La = L and no such ops.
         self.La = int(attention_layers) if attention_layers is not None else self.L
+        # Sliding-window models: Lw of the La attention kernels see the last W tokens only
+        # (AttentionTable.step_window), the other Lf the whole context.
+        self.Lw = int(sliding_layers) if sliding_window else 0
+        self.W = int(sliding_window) if self.Lw else 0
+        self.Lf = self.La - self.Lw
         self.dense_attn, self.dense_lin = dense_attention_layer or {}, dense_linear_layer or {}
         self.hidden = int(hidden_size)
         self.dtype_bytes = int(dtype_bytes)
@@ -558,7 +597,7 @@ class OperatorModel(LatencyModel):
         for B in range(1, max_seqs + 1):
             lo, hi, t = _bracket(nds, B)
             r0, r1 = D.values[lo], D.values[hi]
-            row = [(a + t * (b - a)) * self.La * US for a, b in zip(r0, r1)]
+            row = [(a + t * (b - a)) * self.Lf * US for a, b in zip(r0, r1)]
             self._drows.append(row)
         ks = self._kd_axis
         self._dslope = [0.0] + [(r[-1] - r[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 0.0 for r in self._drows[1:]]
@@ -572,10 +611,18 @@ class OperatorModel(LatencyModel):
         return seq[S] if S < len(seq) else self._per_seq_s(S)
 
     # -- the LatencyModel interface ------------------------------------------------------------
+    def _window_attn_s(self, chunks, nd: int, kd: float, kmax: float | None) -> tuple[float, float]:
+        """(prefill, decode) attention of the sliding-window layers, s (0 without them)."""
+        if not self.Lw:
+            return 0.0, 0.0
+        pa, da = self.attn.step_window(chunks, nd, kd, kmax, self.skew_alpha, self.W)
+        return pa * self.Lw * US, da * self.Lw * US
+
     def _decode_attn_s(self, B: int, kd: float) -> float:
-        """Decode-only attention of B requests with `kd` history each, whole model (s)."""
+        """Decode-only attention of B requests with `kd` history each, all full-attention
+        layers (s)."""
         if B >= len(self._drows):
-            return self.attn.D(B, kd) * self.La * US
+            return self.attn.D(B, kd) * self.Lf * US
         row = self._drows[B]
         ks = self._kd_axis
         i = bisect_right(ks, kd)
@@ -595,6 +642,8 @@ class OperatorModel(LatencyModel):
         a = self._decode_attn_s(B, kd)
         if decode_ctx_max is not None and self.skew_alpha and B > 1 and decode_ctx_max - 1 > kd:
             a += self.skew_alpha * (self._decode_attn_s(B, decode_ctx_max - 1.0) - a)
+        if self.Lw:
+            a += self._window_attn_s((), B, kd, None if decode_ctx_max is None else decode_ctx_max - 1.0)[1]
         tok = self._tok_s(B) if ep_tokens is None else self._tok_ep_s(B, ep_tokens)
         return tok + self._seq_s(B) + a + self.host_s + self.host_seq_s * B
 
@@ -613,8 +662,11 @@ class OperatorModel(LatencyModel):
         kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
         pa, da = self.attn.step(prefill_chunks, num_decodes, kd, kmax, self.skew_alpha)
         tok = self._tok_s(T) if ep_tokens is None else self._tok_ep_s(T, ep_tokens)
-        return (tok + self._seq_s(S) + (pa + da) * self.La * US
-                + self.host_s + self.host_seq_s * S)
+        t = (tok + self._seq_s(S) + (pa + da) * self.Lf * US
+             + self.host_s + self.host_seq_s * S)
+        if self.Lw:
+            t += sum(self._window_attn_s(prefill_chunks, num_decodes, kd, kmax))
+        return t
 
     def breakdown_step(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int,
                        decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> dict[str, float]:
@@ -637,8 +689,12 @@ class OperatorModel(LatencyModel):
                     parts[k] = tp[k]
             kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
             pa, da = self.attn.step(list(prefill_chunks), num_decodes, kd, kmax, self.skew_alpha)
-            parts["attn_prefill"] = pa * self.La * US
-            parts["attn_decode"] = da * self.La * US
+            parts["attn_prefill"] = pa * self.Lf * US
+            parts["attn_decode"] = da * self.Lf * US
+            if self.Lw:
+                pw, dw = self._window_attn_s(list(prefill_chunks), num_decodes, kd, kmax)
+                parts["attn_prefill"] += pw
+                parts["attn_decode"] += dw
             for op, c in self.per_sequence.items():
                 parts[op] = c(S) * US
             if self.logits_gather is not None:
@@ -662,6 +718,8 @@ class OperatorModel(LatencyModel):
                                                       **self.dense_step}.items()}}
         if self.La != self.L:
             d["attention_layers"] = self.La
+        if self.Lw:
+            d["sliding_window"] = {"layers": self.Lw, "window": self.W}
         if self.allreduce is not None:
             d["allreduce"] = {**self.allreduce.describe(), "per_layer": self.ar_per_layer, "per_step": self.ar_per_step}
         if self.logits_gather is not None:
@@ -758,7 +816,8 @@ class OperatorModel(LatencyModel):
                    max_seqs=max_seqs,
                    source={k2: spec[k2] for k2 in ("provenance_note",) if k2 in spec},
                    attention_layers=model.attention_layers, dense_attention_layer=dense_attn,
-                   dense_attention_count=attn_counts, dense_linear_layer=dense_lin, dense_linear_count=lin_counts)
+                   dense_attention_count=attn_counts, dense_linear_layer=dense_lin, dense_linear_count=lin_counts,
+                   sliding_layers=model.num_sliding_layers, sliding_window=model.sliding_window)
 
 
 def _padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:

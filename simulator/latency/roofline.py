@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hardware import DeviceSpec, LinkSpec, ModelArch
-from .base import LatencyModel, StepFeatures
+from .base import LatencyModel, StepFeatures, window_pairs
 
 # Starting-point efficiencies (assumed, to be replaced by fitted ones; see module doc).
 DEFAULT_GEMM_EFF = 0.7
@@ -128,9 +128,16 @@ class RooflineModel(LatencyModel):
             e_params = m.mlp_params_per_layer()
             self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp / (peak * self.gemm_eff)
             self._moe_expert_bytes_time = e_params * L * dt / tp / bw
-        # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer.
-        self._attn_flop_per_pair = 4.0 * m.num_heads * m.head_dim * La / tp / (peak * self.attn_eff)
-        self._kv_bytes_time_per_pos = m.kv_bytes_per_token() / tp / bw
+        # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer, in
+        # the Lf full-attention layers; the Lw sliding-window layers see at most W keys.
+        Lw = m.num_sliding_layers if m.sliding_window else 0
+        Lf = La - Lw
+        self._attn_flop_per_pair = 4.0 * m.num_heads * m.head_dim * Lf / tp / (peak * self.attn_eff)
+        self._kv_bytes_time_per_pos = (m.kv_bytes_per_token() if not Lw else m.kv_bytes_per_token() // La * Lf) / tp / bw
+        self._Lf, self._Lw, self._W = Lf, Lw, (m.sliding_window if Lw else 0)
+        if Lw:
+            self._attn_flop_per_pair_w = 4.0 * m.num_heads * m.head_dim * Lw / tp / (peak * self.attn_eff)
+            self._kv_bytes_time_per_pos_w = m.kv_bytes_per_token() // La * Lw / tp / bw
         # Tile model of attention: needs the SM count from the device spec.
         sms = device.extra.get("sm_count")
         self.tiles = attention_tiles if (attention_tiles is not None and sms) else None
@@ -173,6 +180,17 @@ class RooflineModel(LatencyModel):
             attn_d = 0.0
             if f.num_decodes:
                 attn_d = max(f.decode_ctx_sum * self._attn_flop_per_pair, f.decode_ctx_sum * self._kv_bytes_time_per_pos)
+            if self._W:
+                W = self._W
+                if f.num_prefills:
+                    n = f.prefill_tokens / f.num_prefills
+                    c = max(f.prefill_kv / f.num_prefills - n, 0.0)
+                    pairs = f.num_prefills * window_pairs(n, c, W)
+                    kv = f.num_prefills * (min(c, W - 1.0) + n)
+                    attn_p += max(pairs * self._attn_flop_per_pair_w, kv * self._kv_bytes_time_per_pos_w)
+                if f.num_decodes:
+                    ctx = min(f.decode_ctx_sum, f.num_decodes * W)
+                    attn_d += ctx * max(self._attn_flop_per_pair_w, self._kv_bytes_time_per_pos_w)
         if self._delta_flop_per_tok:
             attn_p += f.prefill_tokens * self._delta_flop_per_tok
             attn_d += max(f.num_decodes * self._delta_flop_per_tok, f.num_decodes * self._state_time_per_seq)
@@ -188,17 +206,25 @@ class RooflineModel(LatencyModel):
         """(prefill, decode) attention over all layers by the tile model. The step carries
         sums only, so its prefills are priced as `num_prefills` chunks of the mean shape. One
         kernel floor per layer: vLLM v1 runs a mixed batch's attention as one launch."""
-        p, L = self.tiles, self.model.attention_layers
+        p, L = self.tiles, self._Lf
+        Lw, W = self._Lw, self._W
         attn_p = attn_d = 0.0
         if num_prefills:
             n = prefill_tokens / num_prefills
             c = max(prefill_kv / num_prefills - n, 0.0)
-            attn_p = L * float(prefill_attention_s(n, c, self._heads, self.model.head_dim, self._sms,
-                                                   self.device.peak_flops, p, num_prefills))
+            one = float(prefill_attention_s(n, c, self._heads, self.model.head_dim, self._sms,
+                                            self.device.peak_flops, p, num_prefills))
+            attn_p = L * one
+            if Lw:  # the windowed share of the causal work
+                attn_p += Lw * one * window_pairs(n, c, W) / (n * (c + (n + 1) * 0.5))
         if num_decodes:
             attn_d = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos,
                                                   self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
-        floor = L * p.floor_s
+            if Lw:
+                attn_d += Lw * float(decode_attention_s(num_decodes,
+                                                        min(decode_ctx_sum, num_decodes * W) * self._kv_bytes_per_pos,
+                                                        self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
+        floor = (L + Lw) * p.floor_s
         if attn_p:
             attn_p += floor
         else:
@@ -220,6 +246,9 @@ class RooflineModel(LatencyModel):
             t += self._attention_tiles(0, 0, 0, num_decodes, decode_ctx_sum)[1] if num_decodes else 0.0
         else:
             t += decode_ctx_sum * max(self._attn_flop_per_pair, self._kv_bytes_time_per_pos)
+            if self._W:
+                t += min(decode_ctx_sum, num_decodes * self._W) * max(self._attn_flop_per_pair_w,
+                                                                      self._kv_bytes_time_per_pos_w)
         if self._delta_flop_per_tok:
             t += max(T * self._delta_flop_per_tok, T * self._state_time_per_seq)
         t += max(T * self._lm_flop_per_tok, self._lm_bytes_time)
