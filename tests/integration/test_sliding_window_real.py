@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import urllib.request
 from pathlib import Path
 
@@ -34,7 +35,7 @@ BLOCKS, BS, MAX_LEN, BUDGET = 60, 128, 2048, 1024
 CALLS = [(300, 20), (700, 300), (1900, 10)]  # (prompt, output) tokens
 
 
-def _run_real(python: str, log: Path) -> list:
+def _run_real(python: str, log: Path) -> tuple[list, str]:
     args = (*TINY_ENGINE_ARGS, "--enforce-eager", "--num-gpu-blocks-override", str(BLOCKS),
             "--max-model-len", str(MAX_LEN), "--max-num-batched-tokens", str(BUDGET))
     srv = VLLMServer(MODEL, python=python, engine_args=args, log_path=log, startup_timeout_s=300)
@@ -50,7 +51,7 @@ def _run_real(python: str, log: Path) -> list:
             assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt, out)
     finally:
         srv.stop()
-    return [r for r in parse_iteration_log(log) if not r.is_dummy]
+    return [r for r in parse_iteration_log(log) if not r.is_dummy], log.read_text()
 
 
 def _simulated_steps(m):
@@ -85,7 +86,13 @@ def _simulated_steps(m):
 def test_window_blocks_match_vllm_iteration_by_iteration(vllm_python, tmp_path):
     m = load_model(MODEL)
     assert (m.sliding_window, m.num_sliding_layers, m.sliding_kv_groups()) == (256, 4, (2, 1, 2))
-    records = _run_real(vllm_python, tmp_path / "server.log")
+    records, text = _run_real(vllm_python, tmp_path / "server.log")
+    # The pool vLLM sized before the override: VLLM_CPU_KVCACHE_SPACE (1 GiB) over a block of
+    # one group's pages (2 layers), what ModelArch.kv_pool_bytes_per_token counts; all six
+    # layers' pages would give a third of it.
+    sized = int(re.search(r"Overriding num_gpu_blocks=(\d+)", text).group(1))
+    assert sized == (1 << 30) // (BS * m.kv_pool_bytes_per_token())
+    assert sized // 3 == (1 << 30) // (BS * m.kv_bytes_per_token())
     steps = _simulated_steps(m)
     assert len(records) == len(steps)
     exact = dips = 0
