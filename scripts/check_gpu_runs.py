@@ -120,7 +120,7 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
         engine["num_gpu_blocks_override"] = expert_parallel_blocks(
             model, device, ep, engine.get("block_size") or d["block_size"], engine.get("gpu_memory_utilization", 0.9),
             engine.get("max_num_batched_tokens") or d["max_num_batched_tokens"],
-            engine.get("max_num_seqs") or d["max_num_seqs"])
+            engine.get("max_num_seqs") or d["max_num_seqs"], engine.get("kv_cache_dtype", "auto"))
     engine.pop("gpu_memory_utilization", None) if "num_gpu_blocks_override" in engine else None
     cfg = build_config({"engine": engine,
                         "cluster": {"instances": dp, "tensor_parallel_size": run.tp, "data_parallel": dp > 1},

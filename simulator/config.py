@@ -27,6 +27,14 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Bytes per KV-cache element of vLLM's --kv-cache-dtype values (vllm/config/cache.py CacheDType;
+# 0: "auto", the model dtype). vLLM's packed formats (fp8_ds_mla, nvfp4, turboquant_*, the
+# per-token-head ones) carry scales inside the page and are not modelled.
+KV_CACHE_DTYPE_BYTES = {"auto": 0, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1}
+_PACKED_KV_DTYPES = ("fp8_ds_mla", "nvfp4_ds_mla", "nvfp4", "nvfp4_4over6", "ultraquant_4bit", "int4_per_token_head",
+                     "int8_per_token_head", "fp8_per_token_head", "turboquant_")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int | None = _f(None, "KV block size in tokens (vLLM: 16 on GPU, 128 on the CPU backend).")
@@ -38,6 +46,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = _f(True, "Chunked prefill (vLLM v1: always on for the default scheduler).")
     max_model_len: int | None = _f(None, "Longest sequence (prompt + output); the model's max_position_embeddings when unset.")
     long_prefill_token_threshold: int = _f(0, "Cap on one request's prefill chunk per step (0 = no cap), as vLLM.")
+    kv_cache_dtype: str = _f("auto", "KV cache element type, as vLLM's --kv-cache-dtype: auto (the model dtype), "
+                                     "float16, bfloat16, fp8, fp8_e4m3, fp8_e5m2, fp8_inc. Sets the KV bytes per "
+                                     "token of the capacity estimate, the offload tiers and the roofline.")
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override", "max_model_len"):
@@ -51,6 +62,11 @@ class EngineConfig:
                 raise ConfigError(f"engine.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 0:
             raise ConfigError("engine.long_prefill_token_threshold must be >= 0")
+        kvd = self.kv_cache_dtype
+        if not isinstance(kvd, str) or kvd not in KV_CACHE_DTYPE_BYTES:
+            packed = isinstance(kvd, str) and kvd.startswith(_PACKED_KV_DTYPES)
+            raise ConfigError(f"engine.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_BYTES)}, got {kvd!r}"
+                              + (" (vLLM's packed KV formats, with scales in the page, are not modelled)" if packed else ""))
 
 
 @dataclass(frozen=True)

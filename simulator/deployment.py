@@ -7,10 +7,10 @@ recorded engine facts (its real KV block count and limits) are the defaults when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import ConfigError, SimConfig
+from .config import KV_CACHE_DTYPE_BYTES, ConfigError, SimConfig
 from .hardware import DeviceSpec, HardwareError, ModelArch, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
 from .latency.roofline import AttentionTiles
@@ -79,17 +79,41 @@ class Deployment:
 
     def describe(self) -> dict[str, Any]:
         fin, fout = self.frontend_split
-        return {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
-                "frontend_in_s": fin, "frontend_out_s": fout, "dp_lockstep": self.dp_lockstep,
-                "engine": {k: v for k, v in self.engine.__dict__.items() if v or k not in _ZERO_HIDDEN},
-                "latency": self.latency.describe(),
-                "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
+        d = {"model": self.model.name, "device": self.device.name, "tp": self.tp, "frontend_s": self.frontend_s,
+             "frontend_in_s": fin, "frontend_out_s": fout, "dp_lockstep": self.dp_lockstep,
+             "engine": {k: v for k, v in self.engine.__dict__.items() if v or k not in _ZERO_HIDDEN},
+             "latency": self.latency.describe(),
+             "tiers": [{"name": t.name, "capacity_blocks": c} for t, c in self.tiers]}
+        m = self.model
+        if m.quant_method:
+            d["quantization"] = {"method": m.quant_method, "detail": m.quant_detail,
+                                 "weight_bits": m.quant_weight_bits, "w8a8_fp8": m.quant_act_fp8}
+        if m.kv_dtype_bytes:
+            d["kv_cache_bytes_per_element"] = m.kv_dtype_bytes
+        return d
+
+
+def with_kv_cache_dtype(model: ModelArch, kv_cache_dtype: str) -> ModelArch:
+    """The model with engine.kv_cache_dtype's KV element size ("auto": unchanged)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
+        raise ConfigError(f"engine.kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPE_BYTES)}")
+    nbytes = KV_CACHE_DTYPE_BYTES[kv_cache_dtype]
+    return replace(model, kv_dtype_bytes=nbytes) if nbytes else model
+
+
+def _unmodelled_quantization(err: HardwareError) -> ConfigError:
+    return ConfigError(f"{err}: its weight size is unknown, so neither the KV capacity nor the roofline can be "
+                       "estimated; pass engine.num_gpu_blocks_override (the KV block count vLLM logs) and a "
+                       "calibrated profile (asim-calibrate) as --hardware")
 
 
 def estimate_num_gpu_blocks(model: ModelArch, device: DeviceSpec, tp: int, block_size: int,
                             util: float, max_num_batched_tokens: int, max_num_seqs: int) -> int:
     """vLLM's KV capacity on one GPU: util·memory - weights - activation peak - non-torch."""
-    weights = model.weight_bytes() / tp
+    try:
+        weights = model.weight_bytes() / tp
+    except HardwareError as err:
+        raise _unmodelled_quantization(err) from None
     act = max_num_batched_tokens * (4 * model.hidden_size + 2 * model.intermediate_size // tp) * model.dtype_bytes
     act += max_num_seqs * model.vocab_size * 4  # fp32 logits of the sampler warm-up
     free = util * device.usable_memory_bytes - weights - act - NON_TORCH_BYTES
@@ -102,12 +126,11 @@ def estimate_num_gpu_blocks(model: ModelArch, device: DeviceSpec, tp: int, block
 
 
 def expert_parallel_blocks(model: ModelArch, device: DeviceSpec, ep: int, block_size: int, util: float,
-                           max_num_batched_tokens: int, max_num_seqs: int) -> int:
+                           max_num_batched_tokens: int, max_num_seqs: int, kv_cache_dtype: str = "auto") -> int:
     """KV blocks of one data-parallel x expert-parallel rank: each rank holds 1/ep of the
     experts (vLLM shards experts across EP ranks; attention, embeddings and router are
     replicated on every rank), so more memory is left for KV than with all experts."""
-    import dataclasses
-    local = dataclasses.replace(model, num_experts=max(model.num_experts // ep, 1))
+    local = replace(with_kv_cache_dtype(model, kv_cache_dtype), num_experts=max(model.num_experts // ep, 1))
     return estimate_num_gpu_blocks(local, device, 1, block_size, util, max_num_batched_tokens, max_num_seqs)
 
 
@@ -160,6 +183,7 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     profile = profile or {}
     e = cfg.engine
     tp = cfg.cluster.tensor_parallel_size
+    model = with_kv_cache_dtype(model, e.kv_cache_dtype)  # every KV byte count below follows it
     facts = profile.get("engine", {}) if profile else {}
     d = vllm_defaults(device)
     block_size = e.block_size or facts.get("block_size") or d["block_size"]
@@ -179,7 +203,8 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     per_table_block = full_groups or 1
     if e.num_gpu_blocks_override:
         nblocks, src = e.num_gpu_blocks_override // per_table_block, "engine.num_gpu_blocks_override"
-    elif facts.get("num_gpu_blocks") and facts.get("block_size", block_size) == block_size:
+    elif (facts.get("num_gpu_blocks") and facts.get("block_size", block_size) == block_size
+          and KV_CACHE_DTYPE_BYTES.get(facts.get("kv_cache_dtype", "auto")) == KV_CACHE_DTYPE_BYTES[e.kv_cache_dtype]):
         nblocks, src = int(facts["num_gpu_blocks"]) // per_table_block, "profile (reported by the engine)"
     else:
         if device.kind == "cpu":
@@ -197,7 +222,10 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             num_gpu_blocks_source=src, state_blocks_per_seq=state_blocks,
                             sliding_window=model.sliding_window if window_groups else 0,
                             window_groups=window_groups, full_groups=full_groups)
-    latency = build_latency(model, device, tp, cfg, profile)
+    try:
+        latency = build_latency(model, device, tp, cfg, profile)
+    except HardwareError as err:
+        raise _unmodelled_quantization(err) from None
     scale, dscale = cfg.latency.step_time_scale, cfg.latency.decode_step_time_scale
     if scale != 1.0 or (dscale is not None and dscale != 1.0):
         latency = ScaledLatency(latency, scale, dscale)

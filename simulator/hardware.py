@@ -8,7 +8,9 @@ This is the simulator's only I/O.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,12 @@ class DeviceSpec:
         a little less than the datasheet's capacity. The datasheet figure otherwise."""
         return float(self.extra.get("cuda_total_memory_bytes") or self.memory_bytes)
 
+    @property
+    def peak_fp8_flops(self) -> float:
+        """Dense FP8 tensor-core FLOP/s (`peak_fp8_flops` in the device file); 0 where the
+        device has no FP8 tensor cores (A100, A40): FP8 weights then run weight-only at bf16 speed."""
+        return float(self.extra.get("peak_fp8_flops") or 0.0)
+
 
 @dataclass(frozen=True)
 class ModelArch:
@@ -180,6 +188,21 @@ class ModelArch:
     # the attention layers attend to the last `sliding_window` tokens only (0: none).
     sliding_window: int = 0
     num_sliding_layers: int = 0
+    # Quantized checkpoints (the HF config's quantization_config, read by parse_quantization):
+    # the method ("" = unquantized), the stored bits of one quantized weight with its share of
+    # scales and zero points, the fraction of layers whose attention (or linear-attention)
+    # projections, dense MLP / shared experts and routed experts are quantized, and whether
+    # the GEMMs take FP8 activations (W8A8: FP8 tensor cores). Embeddings, lm_head, router and
+    # norms stay in the model dtype. A method with quant_weight_bits 0 is not modelled.
+    quant_method: str = ""
+    quant_detail: str = ""
+    quant_weight_bits: float = 0.0
+    quant_attn: float = 0.0
+    quant_mlp: float = 0.0
+    quant_experts: float = 0.0
+    quant_act_fp8: bool = False
+    # KV cache element size set by engine.kv_cache_dtype (0: the model dtype, vLLM's "auto")
+    kv_dtype_bytes: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -227,11 +250,16 @@ class ModelArch:
         """Linear-attention layers (a fixed-size recurrent state per sequence, no KV cache)."""
         return self.num_layers - self.attention_layers
 
+    @property
+    def kv_elem_bytes(self) -> int:
+        """Bytes of one KV-cache element: engine.kv_cache_dtype's, else the model dtype's."""
+        return self.kv_dtype_bytes or self.dtype_bytes
+
     def kv_bytes_per_token(self) -> int:
         """K and V for every attention layer, all KV heads (MLA: the one latent per layer)."""
         if self.kv_lora_rank:
-            return self.attention_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
-        return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+            return self.attention_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_elem_bytes
+        return 2 * self.attention_layers * self.num_kv_heads * self.head_dim * self.kv_elem_bytes
 
     def _linear_dims(self) -> tuple[int, int]:
         """(key width, value width) of a Gated DeltaNet layer: heads x head dim of each."""
@@ -262,7 +290,7 @@ class ModelArch:
         if self.attention_layers > self.linear_layers:
             raise HardwareError(f"{self.name}: more attention ({self.attention_layers}) than linear-attention "
                                 f"({self.linear_layers}) layers is not modelled")
-        attn_1tok = 2 * max(self.num_kv_heads // tp, 1) * self.head_dim * self.dtype_bytes
+        attn_1tok = 2 * max(self.num_kv_heads // tp, 1) * self.head_dim * self.kv_elem_bytes  # kv_cache_dtype's
         kd, vd = self._linear_dims()
         ssm_b = self.state_dtype_bytes if ssm_dtype_bytes is None else ssm_dtype_bytes
         page = ((2 * kd + vd) // tp * max(self.linear_conv_kernel_dim - 1, 0) * self.dtype_bytes
@@ -297,19 +325,210 @@ class ModelArch:
         inter = self.moe_intermediate_size if self.is_moe else self.intermediate_size
         return 3 * self.hidden_size * inter
 
-    def weight_bytes(self) -> int:
-        per_layer = self.mlp_params_per_layer() * (self.num_experts if self.is_moe else 1)
-        if self.is_moe:
-            per_layer += self.hidden_size * self.num_experts  # router
-            per_layer += 3 * self.hidden_size * self.shared_expert_intermediate_size
+    def param_groups(self) -> dict[str, int]:
+        """Parameters by what quantization may treat apart: attention / linear-attention
+        projections, dense MLPs and shared experts, routed experts, and the rest (embeddings,
+        lm_head, router), which stays in the model dtype."""
+        moe_layers = self.num_layers - self.num_dense_layers if self.is_moe else 0
         mixers = self.attn_params_per_layer() * self.attention_layers
         if self.linear_layers:
             mixers += self.linear_params_per_layer() * self.linear_layers
-        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        mlps = per_layer * (self.num_layers - self.num_dense_layers)
-        if self.num_dense_layers:
-            mlps += 3 * self.hidden_size * self.intermediate_size * self.num_dense_layers
-        return (mlps + mixers + emb) * self.dtype_bytes
+        if self.is_moe:
+            mlp = 3 * self.hidden_size * (self.shared_expert_intermediate_size * moe_layers
+                                          + self.intermediate_size * self.num_dense_layers)
+        else:
+            mlp = self.mlp_params_per_layer() * self.num_layers
+        experts = self.mlp_params_per_layer() * self.num_experts * moe_layers
+        rest = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        rest += self.hidden_size * self.num_experts * moe_layers  # router
+        return {"attn": mixers, "mlp": mlp, "experts": experts, "rest": rest}
+
+    def check_quantization(self) -> None:
+        """Raise HardwareError when the checkpoint's quantization is not modelled (its weight
+        size is unknown)."""
+        if self.quant_method and not self.quant_weight_bits:
+            raise HardwareError(f"{self.name}: quantization method '{self.quant_method}'"
+                                f"{f' ({self.quant_detail})' if self.quant_detail else ''} is not modelled "
+                                f"(modelled: {', '.join(QUANT_METHODS)})")
+
+    def bytes_per_param(self, part: str) -> float:
+        """Mean stored bytes of one parameter of a group of param_groups()."""
+        f = getattr(self, f"quant_{part}", 0.0) if self.quant_method and part != "rest" else 0.0
+        if f:
+            self.check_quantization()
+        return f * self.quant_weight_bits / 8 + (1.0 - f) * self.dtype_bytes
+
+    def fp8_gemm_fraction(self, part: str) -> float:
+        """Share of a group's GEMM FLOPs with FP8 weights and activations (W8A8)."""
+        return getattr(self, f"quant_{part}", 0.0) if self.quant_act_fp8 and part != "rest" else 0.0
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as vLLM holds them: quantized groups at their stored size."""
+        groups = self.param_groups()
+        if not self.quant_method:
+            return sum(groups.values()) * self.dtype_bytes
+        return math.ceil(sum(n * self.bytes_per_param(part) for part, n in groups.items()))
+
+
+# Quantization methods of HF `quantization_config` whose weight size is modelled (vLLM's names).
+QUANT_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq", "awq_marlin", "gptq", "gptq_marlin",
+                 "mxfp4", "bitsandbytes", "modelopt")
+_PARTS = ("attn", "mlp", "experts")
+
+
+def _part_of_module(name: str) -> tuple[str, ...]:
+    """The parameter groups a module name (or `re:` pattern) in an ignore list names; () for
+    modules that stay in the model dtype anyway (embeddings, lm_head, router, norms)."""
+    s = name.lower()
+    if any(k in s for k in ("lm_head", "embed", "norm", "router", "expert_gate", "visual", "vision", "audio",
+                            "mm_projector", "multi_modal")) or re.search(r"(^|\.)gate\$?$", s):
+        return ()  # stays unquantized anyway, or not part of the language model
+    if "shared_expert" in s:
+        return ("mlp",)
+    if "experts" in s:
+        return ("experts",)
+    if any(k in s for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "kv_a_proj",
+                            "kv_b_proj", "q_a_proj", "q_b_proj")):
+        return ("attn",)
+    if re.search(r"mlp(\.\*|\$)?$", s):
+        return ("mlp", "experts")  # the whole MLP block (MoE included)
+    if any(k in s for k in ("mlp", "gate_proj", "up_proj", "down_proj", "feed_forward", "ffn")):
+        return ("mlp",)
+    return ()
+
+
+def _quantized_fractions(ignore: Any, num_layers: int, parts=_PARTS) -> dict[str, float]:
+    """quant_<part>: the fraction of layers whose `part` is quantized, given the modules a
+    config leaves unquantized (modules_to_not_convert, ignore, ...). A name with a layer
+    index excludes that layer's part (the whole part, though it may name one projection of
+    it); a name without one, or a pattern, excludes the part in every layer."""
+    out = {f"quant_{p}": (1.0 if p in parts else 0.0) for p in _PARTS}
+    if not isinstance(ignore, (list, tuple)) or num_layers <= 0:
+        return out
+    skipped: dict[str, set] = {p: set() for p in _PARTS}
+    for entry in ignore:
+        s = str(entry).replace("\\", "")
+        m = re.search(r"layers\.(\d+)(\.|$)", s)
+        layers = {int(m.group(1))} if m else set(range(num_layers))
+        for p in _part_of_module(s):
+            skipped[p] |= layers & set(range(num_layers))
+    for p in parts:
+        out[f"quant_{p}"] = 1.0 - len(skipped[p]) / num_layers
+    return out
+
+
+def _group_bits(bits: float, group_size: Any, scale_bits: int, zero_point: bool) -> float:
+    """Stored bits per weight of group-wise quantization: the weight, plus one scale (and, for
+    asymmetric schemes, one packed zero point of `bits`) per group of `group_size` weights
+    along the input. group_size <= 0 (per output channel) adds a negligible share: 0 here."""
+    g = int(group_size or 0)
+    return float(bits) + ((scale_bits + (bits if zero_point else 0)) / g if g > 0 else 0.0)
+
+
+def _compressed_tensors(qc: dict, where: str) -> tuple[float, bool, str]:
+    """(bits, fp8 activations, detail) of a compressed-tensors config: every config group
+    must have the same weight scheme (mixed-precision checkpoints are not modelled: bits 0).
+    vLLM's schemes (compressed_tensors/schemes/): W{4,8}A16 keep a params-dtype (16-bit) scale
+    per group and, when asymmetric, a packed zero point per group; NVFP4/MXFP4 an 8-bit scale
+    per group; block-wise FP8 a float32 scale per block; channel/tensor scales are negligible."""
+    schemes = set()
+    for g in (qc.get("config_groups") or {}).values():
+        w = (g or {}).get("weights") or {}
+        a = (g or {}).get("input_activations") or {}
+        if not w.get("num_bits"):
+            continue
+        nb, typ, strategy = int(w["num_bits"]), str(w.get("type", "int")), str(w.get("strategy", "tensor"))
+        if strategy in ("group", "tensor_group"):
+            scale_bits = 8 if (typ == "float" and nb == 4) else 16
+            bits = _group_bits(nb, w.get("group_size"), scale_bits, w.get("symmetric") is False)
+        elif strategy == "block" and w.get("block_structure"):
+            bn, bk = (int(x) for x in w["block_structure"])
+            bits = nb + 32 / (bn * bk)
+        else:
+            bits = float(nb)
+        act8 = str(a.get("type", "")) == "float" and int(a.get("num_bits") or 0) == 8
+        detail = f"W{nb}A{int(a.get('num_bits') or 16)} {typ} {strategy}"
+        schemes.add((bits, act8, detail))
+    if len(schemes) != 1:
+        return 0.0, False, ("no weight scheme in config_groups" if not schemes
+                            else "config_groups with different weight schemes")
+    return schemes.pop()
+
+
+def parse_quantization(qc: Any, num_layers: int, where: str = "config") -> dict[str, Any]:
+    """ModelArch's quant_* fields from a HF `quantization_config` ({} for none). Figures follow
+    how vLLM stores each method's weights (vllm/model_executor/layers/quantization/):
+    fp8, fbgemm_fp8: 1 byte per weight; block-wise fp8 (DeepSeek, Qwen FP8: weight_block_size)
+        adds a float32 scale per block (8 + 32/(128·128) bits); per-tensor and per-channel
+        scales are negligible. Activations are quantized to FP8 per token (W8A8).
+    awq, awq_marlin: bits + a 16-bit scale and a packed `bits` zero point per group of
+        group_size input weights (4-bit, group 128: 4.156 bits).
+    gptq, gptq_marlin: the same: GPTQ checkpoints store qzeros even when symmetric.
+    compressed-tensors: see _compressed_tensors.
+    mxfp4 (gpt-oss): MoE expert weights only, 4 bits + an 8-bit shared scale per 32 (4.25
+        bits); vLLM's Mxfp4Config leaves every other linear layer unquantized.
+    bitsandbytes: 4-bit: blocks of 64 with a float32 absmax (4.5 bits), or with double
+        quantization an 8-bit absmax and a float32 per 256 blocks (4.127 bits) (QLoRA,
+        arXiv:2305.14314, section 3); 8-bit (LLM.int8): 8 bits.
+    modelopt: quant_algo FP8 (W8A8, 8 bits) or NVFP4 (4 bits + an FP8 scale per 16: 4.5).
+    The ignore lists (modules_to_not_convert, ignore, ignored_layers, exclude_modules,
+    llm_int8_skip_modules) leave parts unquantized (_quantized_fractions). An unknown method
+    loads (quant_weight_bits 0) and raises where the weight size is needed."""
+    if not qc:
+        return {}
+    if not isinstance(qc, dict):
+        raise HardwareError(f"{where}: quantization_config must be a mapping")
+    method = str(qc.get("quant_method") or "").lower()
+    if not method and (qc.get("load_in_4bit") or qc.get("load_in_8bit")):
+        method = "bitsandbytes"  # transformers' BitsAndBytesConfig without quant_method
+    method = {"compressed_tensors": "compressed-tensors"}.get(method, method)
+    ignore = [n for k in ("modules_to_not_convert", "ignore", "ignored_layers", "exclude_modules",
+                          "llm_int8_skip_modules") if isinstance(qc.get(k), (list, tuple)) for n in qc[k]]
+    parts, act8, detail = _PARTS, False, ""
+
+    def need(*keys):
+        for k in keys:
+            if qc.get(k) is not None:
+                return qc[k]
+        raise HardwareError(f"{where}: quantization_config ({method}) is missing '{keys[0]}'")
+    try:
+        if method in ("fp8", "fbgemm_fp8"):
+            block = qc.get("weight_block_size")
+            bits = 8 + 32 / (int(block[0]) * int(block[1])) if block else 8.0
+            act8, detail = True, f"fp8 {'block ' + 'x'.join(map(str, block)) if block else 'per-tensor/channel'}, W8A8"
+        elif method in ("awq", "awq_marlin"):
+            b, g = int(need("w_bit", "bits")), need("q_group_size", "group_size")
+            bits = _group_bits(b, g, 16, bool(qc.get("zero_point", True)))
+            detail = f"W{b}A16 group {g}"
+        elif method in ("gptq", "gptq_marlin"):
+            b, g = int(need("bits")), need("group_size")
+            bits, detail = _group_bits(b, g, 16, True), f"W{b}A16 group {g}"
+        elif method == "compressed-tensors":
+            bits, act8, detail = _compressed_tensors(qc, where)
+        elif method == "mxfp4":
+            bits, parts, detail = 4 + 8 / 32, ("experts",), "MoE experts MXFP4"
+        elif method == "bitsandbytes":
+            if qc.get("load_in_8bit"):
+                bits, detail = 8.0, "LLM.int8"
+            else:
+                dq = bool(qc.get("bnb_4bit_use_double_quant"))
+                bits = 4 + (8 / 64 + 32 / (64 * 256) if dq else 32 / 64)
+                detail = f"4-bit {qc.get('bnb_4bit_quant_type', 'fp4')}{' double-quant' if dq else ''}"
+        elif method == "modelopt":
+            mo = {**qc, **(qc.get("quantization") or {})}  # hf_quant_config.json nests it
+            algo = str(mo.get("quant_algo") or "").upper()
+            if algo == "FP8":
+                bits, act8, detail = 8.0, True, "FP8 W8A8"
+            elif algo == "NVFP4":
+                bits, detail = _group_bits(4, mo.get("group_size") or 16, 8, False), "NVFP4"
+            else:
+                bits, detail = 0.0, f"quant_algo {algo or '?'}"
+        else:
+            bits = 0.0
+    except (TypeError, ValueError, IndexError) as e:
+        raise HardwareError(f"{where}: malformed quantization_config ({method}): {e}") from None
+    return {"quant_method": method or "?", "quant_detail": detail, "quant_weight_bits": float(bits),
+            **_quantized_fractions(ignore, num_layers, parts), "quant_act_fp8": act8}
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config") -> ModelArch:
@@ -379,6 +598,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
                                          or int(cfg.get("n_shared_experts") or 0) * moe_inter) if num_experts else 0,
         sliding_window=window,
         num_sliding_layers=sliding,
+        **parse_quantization(cfg.get("quantization_config") or cfg.get("compression_config"), num_layers, where),
     )
 
 

@@ -603,7 +603,7 @@ def _recorded_overrides(run, hardware: str, model: str) -> dict[str, Any]:
         engine["num_gpu_blocks_override"] = expert_parallel_blocks(
             load_model(model), device, run.ep, engine.get("block_size") or d["block_size"],
             engine.get("gpu_memory_utilization", 0.9), engine.get("max_num_batched_tokens") or d["max_num_batched_tokens"],
-            engine.get("max_num_seqs") or d["max_num_seqs"])
+            engine.get("max_num_seqs") or d["max_num_seqs"], engine.get("kv_cache_dtype", "auto"))
     if "num_gpu_blocks_override" in engine:
         engine.pop("gpu_memory_utilization", None)
     out = {f"engine.{k}": v for k, v in engine.items()}

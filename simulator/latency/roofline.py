@@ -5,6 +5,11 @@ summed over layers; tensor parallelism divides work by `tp` and adds two all-red
 layer over the intra-node link (ring: 2·(tp-1)/tp of the bytes). A per-step host overhead
 (scheduling, launch, sampling on the CPU) is added on top.
 
+A quantized checkpoint (ModelArch.quant_*) reads its linear weights at their stored size
+(scales and zero points included); the GEMMs of a W8A8 FP8 model run at the device's
+`peak_fp8_flops` where it has one, weight-only quantization at the bf16 peak. Embeddings,
+lm_head and attention itself stay in the model dtype; the KV cache in engine.kv_cache_dtype's.
+
 The efficiencies are inputs: defaults below are conservative starting points, not measured
 facts; calibrated profiles (and `calibrate import`) replace them with fitted values.
 
@@ -111,10 +116,17 @@ class RooflineModel(LatencyModel):
         bw = device.memory_bandwidth_Bps * self.mem_eff
         # Dense linear layers: 2 FLOPs per parameter per token; weights read once per step.
         La = m.attention_layers  # = L but for hybrid models (linear attention in the other layers)
-        dense_all = (m.attn_params_per_layer() * La + (m.linear_params_per_layer() * (L - La) if La != L else 0)
-                     + (0 if m.is_moe else m.mlp_params_per_layer()) * L)  # integers: exact
-        self._lin_flop_per_tok = 2.0 * dense_all / tp / (peak * self.gemm_eff)
-        self._lin_bytes_time = dense_all * dt / tp / bw
+        mixers = m.attn_params_per_layer() * La + (m.linear_params_per_layer() * (L - La) if La != L else 0)
+        mlps = (0 if m.is_moe else m.mlp_params_per_layer()) * L
+        dense_all = mixers + mlps  # integers: exact
+        if not m.quant_method:
+            self._lin_flop_per_tok = 2.0 * dense_all / tp / (peak * self.gemm_eff)
+            self._lin_bytes_time = dense_all * dt / tp / bw
+        else:  # quantized weights are read at their stored size; W8A8 GEMMs run at the FP8 peak
+            m.check_quantization()
+            self._lin_flop_per_tok = sum(2.0 * n / tp * self._gemm_s_per_flop(part) for n, part in
+                                         ((mixers, "attn"), (mlps, "mlp")))
+            self._lin_bytes_time = (mixers * m.bytes_per_param("attn") + mlps * m.bytes_per_param("mlp")) / tp / bw
         # Gated DeltaNet layers (hybrid models): the delta-rule update and read-out, ~4 FLOPs
         # per (value head, key dim, value dim) per token; a decode reads and writes its state.
         self._delta_flop_per_tok = self._state_time_per_seq = 0.0
@@ -126,8 +138,12 @@ class RooflineModel(LatencyModel):
         self._moe = m.is_moe
         if m.is_moe:
             e_params = m.mlp_params_per_layer()
-            self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp / (peak * self.gemm_eff)
-            self._moe_expert_bytes_time = e_params * L * dt / tp / bw
+            if not m.quant_method:
+                self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp / (peak * self.gemm_eff)
+                self._moe_expert_bytes_time = e_params * L * dt / tp / bw
+            else:
+                self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp * self._gemm_s_per_flop("experts")
+                self._moe_expert_bytes_time = e_params * L * m.bytes_per_param("experts") / tp / bw
         # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer, in
         # the Lf full-attention layers; the Lw sliding-window layers see at most W keys.
         Lw = m.num_sliding_layers if m.sliding_window else 0
@@ -158,6 +174,14 @@ class RooflineModel(LatencyModel):
         else:
             self._ar_time_per_tok = 0.0
             self._ar_fixed = 0.0
+
+    def _gemm_s_per_flop(self, part: str) -> float:
+        """Seconds per FLOP of the GEMMs over one parameter group of a quantized model: its
+        W8A8 share at the device's FP8 peak where it has one (else weight-only, at the bf16
+        peak, as vLLM's Marlin kernels run FP8 on Ampere), the rest at the bf16 peak."""
+        peak, peak8 = self.device.peak_flops, self.device.peak_fp8_flops
+        f8 = self.model.fp8_gemm_fraction(part) if peak8 else 0.0
+        return (f8 / peak8 if f8 else 0.0) / self.gemm_eff + (1.0 - f8) / (peak * self.gemm_eff)
 
     def breakdown(self, f: StepFeatures) -> dict[str, float]:
         T = f.prefill_tokens + f.num_decodes
