@@ -110,16 +110,22 @@ def test_engine_gets_window_groups_and_a_reported_block_count_is_per_group():
 def test_window_blocks_follow_vllm_sliding_window_manager():
     """Block size 4, window 8, two sliding-window groups per full-attention group: a prefill
     chunk holds the window's blocks from the first one not wholly behind the window of the
-    computed tokens (vLLM's get_num_skipped_tokens = computed - window + 1) to the chunk's
-    end; a decode holds at most cdiv(8, 4) + 1 = 3 per group. Nothing is lost."""
+    computed tokens (vLLM's get_num_skipped_tokens = computed - window + 1) to its last slot,
+    in prefill chunks and decodes alike. Nothing is lost."""
     kv = KVCacheManager(40, 4, window=8, window_groups=2, full_groups=1)
     usable = 39
     a = make_req(0, 20, max_tokens=8)
     assert kv.allocate_slots(a, 20)                       # 5 table blocks, 2 x 5 window blocks
     assert (kv.num_blocks_of(a), len(kv.req_to_window[0]), kv.pool.num_free) == (5, 10, usable - 15)
     a.num_computed_tokens, a.num_output_tokens = 20, 1
-    assert kv.allocate_decode_slot(a)                     # 2 x min(6, 3) = 6 window blocks, 1 new table block
+    assert kv.allocate_decode_slot(a)                     # 2 x (6 - 13 // 4) = 6 window blocks, 1 new table block
     assert (kv.num_blocks_of(a), len(kv.req_to_window[0]), kv.pool.num_free) == (6, 6, usable - 12)
+    a.num_computed_tokens, a.num_output_tokens = 23, 4
+    assert kv.allocate_decode_slot(a)                     # slot 23: 6 - 16 // 4 = 2 per group (a block fell behind)
+    assert (kv.num_blocks_of(a), len(kv.req_to_window[0]), kv.pool.num_free) == (6, 4, usable - 10)
+    a.num_computed_tokens, a.num_output_tokens = 24, 5
+    assert kv.allocate_decode_slot(a)                     # slot 24 opens a block: 7 - 17 // 4 = 3 per group
+    assert (kv.num_blocks_of(a), len(kv.req_to_window[0]), kv.pool.num_free) == (7, 6, usable - 13)
 
     b = make_req(1, 20, max_tokens=4)                    # chunked: 8, 8, 4 tokens
     assert kv.allocate_slots(b, 8)
@@ -130,7 +136,7 @@ def test_window_blocks_follow_vllm_sliding_window_manager():
     b.num_computed_tokens = 16
     assert kv.allocate_slots(b, 4)                        # skipped 9 tokens: 2 blocks behind, 5 - 2 = 3 held
     assert (kv.num_blocks_of(b), len(kv.req_to_window[1])) == (5, 2 * 3)
-    assert kv.pool.num_free == usable - 12 - 11
+    assert kv.pool.num_free == usable - 13 - 11
 
     c = make_req(2, 60)                                   # 15 + 30 blocks: more than are free
     free = kv.pool.num_free

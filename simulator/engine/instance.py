@@ -17,7 +17,10 @@ step would preempt), and is cut short at the step in progress when anything from
 reaches the instance (a request arrives, a pin is released, a KV load completes). Readers
 in the middle of a run (samples, routers) first apply the block events of the steps begun
 so far. The results are those of stepping one at a time, bit for bit: the same float
-additions in the same order.
+additions in the same order. Sliding-window models (one full-attention group) plan their
+window blocks too: past the window's first free, each request frees a block per window
+group when one falls behind the window and takes one with each table block; since decodes
+then free blocks, a non-empty waiting queue ends a run's stability.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ class _DecodeRun:
     chunks is the run planned at once."""
 
     __slots__ = ("running", "base", "starts", "durs", "by_mod", "applied", "M", "out0", "ctx0", "handle",
-                 "open", "R", "allocs_mod", "free", "need", "B", "max0")
+                 "open", "R", "allocs_mod", "free", "need", "B", "max0", "frees_mod", "freed")
 
-    def __init__(self, running, base, now: float, d0: float, out0, allocs_mod, free: int, R: int):
+    def __init__(self, running, base, now: float, d0: float, out0, allocs_mod, free: int, R: int,
+                 frees_mod=None):
         self.running = running
         self.base = base          # num_computed_tokens of each request before step 0
         self.starts = [now, now + d0]  # start time of steps 0..M (starts[M] = end of the run)
@@ -66,6 +70,9 @@ class _DecodeRun:
         self.allocs_mod = allocs_mod  # blocks allocated by step j: allocs_mod[j % block_size]
         self.free = free          # free blocks before step 1
         self.need = 0             # blocks allocated by steps 1..M-1
+        # sliding-window models: window blocks freed by step j: frees_mod[j % block_size]
+        self.frees_mod = frees_mod
+        self.freed = 0            # blocks freed by steps 1..M-1
 
 
 class Instance:
@@ -244,9 +251,10 @@ class Instance:
         waiting = sched.waiting
         if not waiting or len(running) >= sched.max_num_seqs or sched.max_num_batched_tokens - len(running) <= 0:
             return True
-        if sched.connector is not None:
+        if sched.connector is not None or self.kv.window:
             # With KV tiers a refused request can become admissible as decodes evict its
-            # cached blocks (the tier then supplies them and fewer blocks are needed).
+            # cached blocks (the tier then supplies them and fewer blocks are needed); with
+            # sliding windows decodes free blocks that fall behind the window.
             return False
         head = waiting.peek()
         if head.status == WAITING_FOR_REMOTE_KVS:
@@ -264,8 +272,8 @@ class Instance:
             return False
         running = list(self.scheduler.running)
         kv = self.kv
-        if kv.window and not all(kv.window_settled(r) for r in running):
-            return False  # a window still growing takes blocks the run does not plan
+        if kv.window and (kv.full_groups != 1 or not all(kv.window_settled(r) for r in running)):
+            return False  # a window not yet periodic: the run does not plan its blocks
         max_len = self.engine.max_model_len
         R = _MAX_RUN  # steps until the first request finishes
         for r in running:
@@ -278,12 +286,22 @@ class Instance:
                 R = left
         if R < 2:
             return False
-        bs = self.kv.block_size
+        bs = kv.block_size
         base = [r.num_computed_tokens - 1 for r in running]
         allocs_mod = [0] * bs  # step j allocates a block for each request with c + j = 0 (mod bs)
-        for c in base:
-            allocs_mod[-c % bs] += 1
-        run = _DecodeRun(running, base, now, d0, out, allocs_mod, self.kv.pool.num_free, R)
+        frees_mod = None
+        if kv.window:
+            # ... and one per sliding-window group with it, and frees one per group when
+            # c + j - window + 1 = 0 (mod bs) (a block falls behind the window)
+            wg, W = kv.window_groups, kv.window
+            frees_mod = [0] * bs
+            for c in base:
+                allocs_mod[-c % bs] += 1 + wg
+                frees_mod[(W - 1 - c) % bs] += wg
+        else:
+            for c in base:
+                allocs_mod[-c % bs] += 1
+        run = _DecodeRun(running, base, now, d0, out, allocs_mod, kv.pool.num_free, R, frees_mod)
         self._plan_more(run, _FIRST_CHUNK)
         if run.M < 2:
             return False
@@ -299,12 +317,29 @@ class Instance:
         stop = min(run.R, j + n)
         bs = self.kv.block_size
         allocs_mod = run.allocs_mod
+        frees_mod = run.frees_mod
         free = run.free
         need = run.need
         B, ctx0, max0 = run.B, run.ctx0, run.max0
         step_time = self.latency.decode_step_time
         starts, durs = run.starts, run.durs
         t = starts[j]
+        if frees_mod is not None:
+            # the step's frees are not counted for its own allocations (a request later in
+            # the running order may free after an earlier one allocates): a run may stop one
+            # step early, never late
+            freed = run.freed
+            while j < stop and need + allocs_mod[j % bs] <= free + freed:
+                need += allocs_mod[j % bs]
+                freed += frees_mod[j % bs]
+                d = step_time(B, ctx0 + j * B, max0 + j if max0 else None)
+                durs.append(d)
+                t = t + d
+                starts.append(t)
+                j += 1
+            if j < stop:
+                run.open = False
+            run.freed = freed
         while j < stop:
             need += allocs_mod[j % bs]
             if need > free:
@@ -334,35 +369,52 @@ class Instance:
         running = run.running
         base = run.base
         by_mod = run.by_mod or self._run_events(run)
+        wg = kv.window_groups
         for j in range(run.applied + 1, upto + 1):
             for e in by_mod[j % bs]:
-                i = e >> 1
+                i = e >> 2
+                kind = e & 3
                 req = running[i]
-                blocks = req_to_blocks[req.request_id]
-                if not e & 1:
-                    blocks.append(pool.get_new_block())
-                else:
+                if kind == 0:
+                    req_to_blocks[req.request_id].append(pool.get_new_block())
+                elif kind == 1:
                     idx = (base[i] + j + 1) // bs - 1
-                    pool.cache_block(blocks[idx], req.block_key(idx))  # a no-op if cached already
+                    pool.cache_block(req_to_blocks[req.request_id][idx], req.block_key(idx))  # a no-op if cached already
                     num_cached_block[req.request_id] = idx + 1
+                elif kind == 2:
+                    kv._shrink_window(req.request_id, wg)
+                else:
+                    kv._grow_window(req.request_id, wg)
         run.applied = upto
 
     def _run_events(self, run: _DecodeRun) -> list[list[int]]:
         """The run's block events by step residue (built when the first step applies any)."""
-        bs = self.kv.block_size
-        caching = self.kv.enable_caching
+        kv = self.kv
+        bs = kv.block_size
+        caching = kv.enable_caching
+        W = kv.window
         M = run.M  # no step from M on runs (a cut only shortens a run)
         by_mod = [[] for _ in range(bs)]
         for i, c in enumerate(run.base):
             # Step j allocates a block for request i when c + j is a multiple of bs, and
             # caches one when c + j + 1 is; the first such step is the residue, or bs.
+            # Sliding windows: it first frees a window block per group when c + j - W + 1
+            # is a multiple of bs, and takes one per group after its table's block. (Events
+            # are 4 x running index + kind, in the order allocate_decode_slot does them.)
+            e = 4 * i
             m = -c % bs
+            if W:
+                f = (W - 1 - c) % bs
+                if (f or bs) < M:
+                    by_mod[f].append(e + 2)
             if (m or bs) < M:
-                by_mod[m].append(2 * i)
+                by_mod[m].append(e)
+                if W:
+                    by_mod[m].append(e + 3)
             if caching:
                 m = (m - 1) % bs
                 if (m or bs) < M:
-                    by_mod[m].append(2 * i + 1)
+                    by_mod[m].append(e + 1)
         run.by_mod = by_mod
         return by_mod
 

@@ -34,7 +34,7 @@ _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
-                 "req_to_state", "window", "window_groups", "full_groups", "window_cap", "req_to_window")
+                 "req_to_state", "window", "window_groups", "full_groups", "req_to_window")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
@@ -45,19 +45,17 @@ class KVCacheManager:
 
         `window`, `window_groups`, `full_groups`: a model with full and sliding-window attention
         layers (ModelArch.sliding_kv_groups). A sequence's table holds the full-attention
-        groups' blocks; besides them it holds, per sliding-window group, the blocks of its last
-        `window` tokens (vLLM frees the blocks behind the window before each allocation), in
-        this pool ceil(window_groups x blocks / full_groups) blocks, never cached here (the
-        prefix-cache hit is the full-attention table's: the window blocks of a hit are taken
-        fresh, as vLLM takes them from the free queue). During a decode the window is held at
-        its largest extent, cdiv(window, block_size) + 1 blocks per group, which vLLM reaches
-        for all but one step in block_size (one block less in that step)."""
+        groups' blocks; besides them it holds, per sliding-window group, the blocks from the
+        first one not wholly behind the window of its computed tokens to its last slot (vLLM's
+        SlidingWindowManager frees the blocks behind before each allocation), in this pool
+        ceil(window_groups x blocks / full_groups) blocks, freed with the sequence and never
+        cached here (the prefix-cache hit is the full-attention table's: the window blocks of
+        a hit are taken fresh, as vLLM takes them from the free queue)."""
         self.state_blocks = state_blocks
         self.req_to_state: dict[int, np.ndarray] = {}
         self.window = window if window_groups else 0
         self.window_groups = window_groups
         self.full_groups = max(full_groups, 1)
-        self.window_cap = -(-window // block_size) + 1 if self.window else 0
         self.req_to_window: dict[int, list[int]] = {}
         self.block_size = block_size
         self.pool = BlockPool(num_gpu_blocks, enable_caching)
@@ -142,7 +140,7 @@ class KVCacheManager:
         num_to_allocate = -(-need // bs) - have
         grow = 0
         if self.window:
-            grow = self._window_target(req.num_computed_tokens + num_new_computed_tokens, num_new_tokens, need) \
+            grow = self._window_target(req.num_computed_tokens + num_new_computed_tokens, need) \
                 - len(self.req_to_window.get(rid, ()))
         if blocks is None:
             if num_to_allocate + self.state_blocks + max(grow, 0) > pool.num_free:
@@ -184,7 +182,7 @@ class KVCacheManager:
         if self.window:
             if room < 0:
                 return self.allocate_slots(req, 1)
-            grow = self._window_target(c, 1, c + 1) - len(self.req_to_window[rid])
+            grow = self._window_target(c, c + 1) - len(self.req_to_window[rid])
             if (room == 0) + max(grow, 0) > self.pool.num_free:
                 return False
             if grow < 0:
@@ -229,7 +227,7 @@ class KVCacheManager:
         state = self.state_blocks if blocks is None else 0
         grow = 0
         if self.window:
-            grow = self._window_target(num_computed, num_new_tokens, need) - len(self.req_to_window.get(rid, ()))
+            grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
         if num_to_allocate + state + max(grow, 0) > pool.num_free - evictable:
             return False
         if grow < 0:
@@ -253,17 +251,12 @@ class KVCacheManager:
         return True
 
     # -- sliding-window blocks -------------------------------------------------------------
-    def _window_target(self, num_computed: int, num_new: int, need: int) -> int:
-        """Pool blocks of a sequence's windows once `num_new` tokens after `num_computed` have
-        slots (`need` tokens in all): per group the blocks up to `need` less those wholly
-        behind the window of the computed tokens (vLLM's get_num_skipped_tokens), at most
-        window_cap during a decode."""
+    def _window_target(self, num_computed: int, need: int) -> int:
+        """Pool blocks of a sequence's windows once its slots reach `need` tokens: per group the
+        blocks up to `need` less those wholly behind the window of the `num_computed` tokens
+        (vLLM's get_num_skipped_tokens: computed - window + 1)."""
         bs = self.block_size
-        end = -(-need // bs)
-        if num_new == 1:
-            held = end if end < self.window_cap else self.window_cap
-        else:
-            held = end - max(num_computed - self.window + 1, 0) // bs
+        held = -(-need // bs) - max(num_computed - self.window + 1, 0) // bs
         return -(-self.window_groups * held // self.full_groups)
 
     def _grow_window(self, rid: int, n: int) -> None:
@@ -280,17 +273,18 @@ class KVCacheManager:
         del win[:n]
 
     def window_settled(self, req: Request) -> bool:
-        """The decode `req` was just scheduled for holds its window at the largest extent, so
-        its next decodes take no window blocks (the fast-forward of decode runs assumes none)."""
-        return -(-req.num_computed_tokens // self.block_size) >= self.window_cap
-
+        """The decode `req` was just scheduled for is past the window's first free, so its next
+        decodes change its window periodically (one block per group taken when its table
+        takes one, one freed when a block falls behind the window): what the fast-forward of
+        decode runs plans (with one full-attention group)."""
+        return req.num_computed_tokens > self.window + self.block_size
     def peak_window_blocks(self, num_tokens: int, max_chunk: int) -> int:
         """Most window blocks a sequence of `num_tokens` holds at once, in prefill chunks of at
         most `max_chunk` tokens (0 for a model without sliding-window groups)."""
         if not self.window:
             return 0
         bs = self.block_size
-        held = min(-(-num_tokens // bs), -(-(self.window - 1 + max_chunk) // bs) + 1)  # >= a decode's
+        held = min(-(-num_tokens // bs), -(-(self.window - 1 + max_chunk) // bs) + 1)
         return -(-self.window_groups * held // self.full_groups)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
