@@ -303,6 +303,22 @@ class BlockPool:
             if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
                 self._compact()
 
+    def free_block(self, b: int) -> None:
+        """free_blocks([b]), kept scalar (a sliding window's block falling behind it)."""
+        r = self.ref_cnt.item(b) - 1
+        if r < 0:
+            raise RuntimeError(f"block {b} freed more often than allocated")
+        self.ref_cnt[b] = r
+        if not r:
+            self.num_free += 1
+            s = self._next_stamp
+            self._next_stamp = s + 1
+            self._stamp[b] = s
+            self._segs.append((np.array((b,), np.intp), np.array((s,), np.int64)))
+            self._qlen += 1
+            if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
+                self._compact()
+
     # -- prefix cache -----------------------------------------------------------------------
     def get_cached_block(self, key: int) -> int | None:
         b = self._index.get(key)

@@ -34,7 +34,7 @@ _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
-                 "req_to_state", "window", "window_groups", "full_groups", "req_to_window")
+                 "req_to_state", "window", "window_groups", "full_groups", "req_to_window", "win_stale")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
@@ -57,6 +57,9 @@ class KVCacheManager:
         self.window_groups = window_groups
         self.full_groups = max(full_groups, 1)
         self.req_to_window: dict[int, list[int]] = {}
+        # requests whose window was last sized other than by a decode (the scheduler's decode
+        # loop calls allocate_decode_slot for them, and wherever a decode's window changes)
+        self.win_stale: set[int] = set()
         self.block_size = block_size
         self.pool = BlockPool(num_gpu_blocks, enable_caching)
         self.enable_caching = enable_caching
@@ -142,6 +145,7 @@ class KVCacheManager:
         if self.window:
             grow = self._window_target(req.num_computed_tokens + num_new_computed_tokens, need) \
                 - len(self.req_to_window.get(rid, ()))
+            self.win_stale.add(rid)
         if blocks is None:
             if num_to_allocate + self.state_blocks + max(grow, 0) > pool.num_free:
                 return False
@@ -185,6 +189,7 @@ class KVCacheManager:
             grow = self._window_target(c, c + 1) - len(self.req_to_window[rid])
             if (room == 0) + max(grow, 0) > self.pool.num_free:
                 return False
+            self.win_stale.discard(rid)
             if grow < 0:
                 self._shrink_window(rid, -grow)  # vLLM frees the blocks behind the window first
             if room == 0:
@@ -228,6 +233,7 @@ class KVCacheManager:
         grow = 0
         if self.window:
             grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
+            self.win_stale.add(rid)
         if num_to_allocate + state + max(grow, 0) > pool.num_free - evictable:
             return False
         if grow < 0:
@@ -269,8 +275,11 @@ class KVCacheManager:
     def _shrink_window(self, rid: int, n: int) -> None:
         """Free the window's n oldest blocks (they fell behind the window)."""
         win = self.req_to_window[rid]
-        self.pool.free_blocks(win[:n])
-        del win[:n]
+        if n == 1:
+            self.pool.free_block(win.pop(0))
+        else:
+            self.pool.free_blocks(win[:n])
+            del win[:n]
 
     def window_settled(self, req: Request) -> bool:
         """The decode `req` was just scheduled for is past the window's first free, so its next
@@ -331,6 +340,7 @@ class KVCacheManager:
         return table
 
     def _free_window(self, rid: int) -> None:
+        self.win_stale.discard(rid)
         win = self.req_to_window.pop(rid, None)
         if win:
             self.pool.free_blocks(win[::-1])

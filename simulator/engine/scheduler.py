@@ -135,8 +135,10 @@ class Scheduler:
         scheduled (advanced, as `_advance` does)."""
         kv = self.kv
         bs = kv.block_size
-        # (a sliding-window model's manager sees every decode: its window may move)
-        last_slot = bs - 1 if not kv.window else -1
+        last_slot = bs - 1
+        # Sliding windows: also where a block falls behind the window, and after a prefill
+        fr = (kv.window - 1) % bs if kv.window else -1
+        stale = kv.win_stale
         max_c = self.max_model_len - 1
         scheduled = out.scheduled
         append = scheduled.append
@@ -148,7 +150,9 @@ class Scheduler:
             o = req.num_output_tokens
             if not o or req.num_prompt_tokens + o != c + 1 or c >= max_c:
                 break
-            if not 0 < c % bs < last_slot and not kv.allocate_decode_slot(req):
+            r = c % bs
+            if (not 0 < r < last_slot or r == fr or (stale and req.request_id in stale)) \
+                    and not kv.allocate_decode_slot(req):
                 break  # no free block: the general path preempts
             append((req, 1))
             c += 1
