@@ -179,9 +179,10 @@ class ModelArch:
     qk_rope_head_dim: int = 0
     q_lora_rank: int = 0
     v_head_dim: int = 0
-    # MoE models whose first layers keep a dense MLP (DeepSeek's first_k_dense_replace) and
-    # shared experts beside the routed ones (n_shared_experts x moe_intermediate_size, or
-    # shared_expert_intermediate_size)
+    # MoE models with layers that keep a dense MLP of intermediate_size (DeepSeek's
+    # first_k_dense_replace, Llama 4's interleave_moe_layer_step, Qwen's mlp_only_layers: see
+    # _moe_layer_count) and shared experts beside the routed ones (n_shared_experts x
+    # moe_intermediate_size, shared_expert_intermediate_size, Llama 4's one of intermediate_size)
     num_dense_layers: int = 0
     shared_expert_intermediate_size: int = 0
     # Sliding-window attention (Gemma 2/3, gpt-oss, Mistral-7B-v0.1): `num_sliding_layers` of
@@ -203,10 +204,31 @@ class ModelArch:
     quant_act_fp8: bool = False
     # KV cache element size set by engine.kv_cache_dtype (0: the model dtype, vLLM's "auto")
     kv_dtype_bytes: int = 0
+    # Multi-token-prediction layers the checkpoint carries beyond num_hidden_layers (DeepSeek-V3,
+    # GLM-4.5 num_nextn_predict_layers; transformers 5 num_mtp_layers; Qwen3-Next
+    # mtp_num_hidden_layers). vLLM's main model does not load them (only an MTP draft model
+    # does): not in weight_bytes().
+    num_mtp_layers: int = 0
+    # The vision tower and projector vLLM loads with a multimodal checkpoint (vision_config),
+    # estimated by _vision_params; in the model dtype, beside the language model's weights.
+    vision_params: int = 0
+    # Chunked local attention (Llama 4: attention_chunk_size with RoPE, every layer but the
+    # NoPE ones of no_rope_layers): `num_chunked_layers` of the attention layers attend only to
+    # the tokens of their own chunk of `attention_chunk_size` positions (vLLM's
+    # ChunkedLocalAttention). Parsed only: the KV cache is sized as if they attended fully.
+    attention_chunk_size: int = 0
+    num_chunked_layers: int = 0
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers whose MLP is the MoE block; the other num_dense_layers have a dense MLP of
+        intermediate_size (DeepSeek's first_k_dense_replace, Llama 4's interleave_moe_layer_step,
+        Qwen's mlp_only_layers / decoder_sparse_step)."""
+        return self.num_layers - self.num_dense_layers if self.is_moe else 0
 
     @property
     def attention_layers(self) -> int:
@@ -327,9 +349,9 @@ class ModelArch:
 
     def param_groups(self) -> dict[str, int]:
         """Parameters by what quantization may treat apart: attention / linear-attention
-        projections, dense MLPs and shared experts, routed experts, and the rest (embeddings,
-        lm_head, router), which stays in the model dtype."""
-        moe_layers = self.num_layers - self.num_dense_layers if self.is_moe else 0
+        projections, dense MLPs and shared experts, routed experts, the rest (embeddings,
+        lm_head, router), which stays in the model dtype, and the vision tower (model dtype)."""
+        moe_layers = self.moe_layers
         mixers = self.attn_params_per_layer() * self.attention_layers
         if self.linear_layers:
             mixers += self.linear_params_per_layer() * self.linear_layers
@@ -341,7 +363,7 @@ class ModelArch:
         experts = self.mlp_params_per_layer() * self.num_experts * moe_layers
         rest = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         rest += self.hidden_size * self.num_experts * moe_layers  # router
-        return {"attn": mixers, "mlp": mlp, "experts": experts, "rest": rest}
+        return {"attn": mixers, "mlp": mlp, "experts": experts, "rest": rest, "vision": self.vision_params}
 
     def check_quantization(self) -> None:
         """Raise HardwareError when the checkpoint's quantization is not modelled (its weight
@@ -531,6 +553,136 @@ def parse_quantization(qc: Any, num_layers: int, where: str = "config") -> dict[
             **_quantized_fractions(ignore, num_layers, parts), "quant_act_fp8": act8}
 
 
+# Top-level keys of a multimodal config that hold for its language model too (text_config
+# leaves them out): the checkpoint's dtype and quantization.
+_INHERITED_KEYS = ("torch_dtype", "dtype", "quantization_config", "compression_config")
+
+# transformers' defaults for keys a published config.json of these text models leaves out (a
+# config.json holds only what differs from its config class; vLLM reads the class's values):
+# Gemma 3's text_config gives neither vocab_size nor head_dim (google/gemma-3-*-it), Gemma ties
+# its embeddings (vLLM's Gemma 2 always does), Llama 4's text config class sets MoE in every
+# layer, a NoPE layer every 4th and 8,192-token attention chunks.
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {"tie_word_embeddings": True},
+    "gemma2": {"tie_word_embeddings": True},
+    "gemma3_text": {"vocab_size": 262208, "head_dim": 256, "max_position_embeddings": 131072,
+                    "sliding_window": 4096, "tie_word_embeddings": True},
+    "llama4_text": {"head_dim": 128, "interleave_moe_layer_step": 1, "no_rope_layer_interval": 4,
+                    "attention_chunk_size": 8192, "intermediate_size_mlp": 16384},
+}
+# The text model type of a multimodal model type, for a text_config without model_type.
+_TEXT_MODEL_TYPE = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral"}
+
+
+def _language_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: text_config for multimodal / nested configs (with the
+    top level's dtype, quantization and architectures), then transformers' defaults of its
+    model type for the keys it leaves out."""
+    if "text_config" in cfg and "num_hidden_layers" not in cfg and isinstance(cfg["text_config"], dict):
+        text = dict(cfg["text_config"])
+        for k in _INHERITED_KEYS:
+            if text.get(k) is None and cfg.get(k) is not None:
+                text[k] = cfg[k]
+        if not text.get("model_type") and cfg.get("model_type"):
+            text["model_type"] = _TEXT_MODEL_TYPE.get(str(cfg["model_type"]), str(cfg["model_type"]))
+        text["architectures"] = cfg.get("architectures")
+        cfg = text
+    defaults = _TEXT_DEFAULTS.get(str(cfg.get("model_type") or ""))
+    return {**defaults, **cfg} if defaults else cfg
+
+
+def _is_llama4(cfg: dict[str, Any]) -> bool:
+    return str(cfg.get("model_type") or "").startswith("llama4") or "interleave_moe_layer_step" in cfg
+
+
+def _moe_layer_count(cfg: dict[str, Any], num_layers: int) -> int:
+    """Decoder layers whose MLP is the MoE block, as vLLM builds the model:
+    DeepSeek-V2/V3, GLM-4.5 (first_k_dense_replace): layer i >= k with i % moe_layer_freq == 0;
+    Llama 4: (i + 1) % interleave_moe_layer_step == 0 (vLLM ignores the config's moe_layers);
+    Qwen2/3-MoE, Qwen3-Next: i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
+    every layer otherwise (Mixtral, gpt-oss, Phi-3.5-MoE)."""
+    def step(key):
+        v = cfg.get(key)
+        return 1 if v is None else int(v)
+    if cfg.get("first_k_dense_replace") is not None:
+        k, freq = int(cfg["first_k_dense_replace"]), max(step("moe_layer_freq"), 1)
+        return sum(1 for i in range(num_layers) if i >= k and i % freq == 0)
+    if _is_llama4(cfg):
+        st = step("interleave_moe_layer_step")
+        return sum(1 for i in range(num_layers) if st > 0 and (i + 1) % st == 0)
+    if "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg:
+        st, dense = max(step("decoder_sparse_step"), 1), set(cfg.get("mlp_only_layers") or [])
+        return sum(1 for i in range(num_layers) if i not in dense and (i + 1) % st == 0)
+    return num_layers
+
+
+def _chunked_layers(cfg: dict[str, Any], num_layers: int, where: str) -> tuple[int, int]:
+    """(attention_chunk_size, layers with chunked local attention) of Llama 4: vLLM's
+    Llama4Attention uses ChunkedLocalAttention in the layers with RoPE, those where
+    no_rope_layers[i] is 1 (transformers fills an empty list with 1 except every
+    no_rope_layer_interval-th layer, the NoPE global layers)."""
+    chunk = cfg.get("attention_chunk_size")
+    if not _is_llama4(cfg) or not chunk:
+        return 0, 0
+    rope = cfg.get("no_rope_layers")
+    if isinstance(rope, list) and rope:
+        if len(rope) != num_layers:
+            raise HardwareError(f"{where}: no_rope_layers lists {len(rope)} layers, num_hidden_layers is {num_layers}")
+        n = sum(1 for r in rope if r)
+    else:
+        interval = int(cfg.get("no_rope_layer_interval") or 4)
+        n = sum(1 for i in range(num_layers) if (i + 1) % interval)
+    return (int(chunk), n) if n else (0, 0)
+
+
+def _vision_params(outer: dict[str, Any], text_hidden: int) -> int:
+    """Parameters of the vision tower and projector vLLM loads with a multimodal checkpoint,
+    from its vision_config: the encoder's linear layers (q, k, v, o and a 2-matrix MLP, or a
+    gated 3-matrix one for Pixtral, Qwen2.5-VL and SiLU towers), the patch embedding, a learned
+    position embedding (ViTs without 2D RoPE), and the projector into the language model:
+    Qwen2/2.5/3-VL's patch merger (hidden·m² -> hidden·m² -> out_hidden_size, one per deepstack
+    layer besides), Mistral 3's patch merger and 2-layer projector, Llama 4's pixel-shuffle MLP
+    and projector, else one hidden -> text hidden matrix (Gemma 3). Biases and norms (under
+    0.1%) are left out. 0 without a vision_config."""
+    v = outer.get("vision_config")
+    if not isinstance(v, dict) or not v:
+        return 0
+    vt = str(v.get("model_type") or "")
+    mt = str(outer.get("model_type") or "")
+    h = int(v.get("embed_dim") or v.get("hidden_size") or 0)  # Qwen2-VL: embed_dim; hidden_size is its output
+    layers = int(v.get("num_hidden_layers") or v.get("depth") or v.get("num_layers") or 0)
+    if h <= 0 or layers <= 0:
+        return 0
+    inter = int(v.get("intermediate_size") or 0) or int(float(v.get("mlp_ratio") or 4) * h)
+    act = str(v.get("hidden_act") or "").lower()
+    qwen = any(t in vt or t in mt for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_omni"))
+    gated = vt in ("pixtral", "qwen2_5_vl") or act in ("silu", "swish", "swiglu")
+    n = layers * (4 * h * h + (3 if gated else 2) * h * inter)
+    patch = int(v.get("patch_size") or 14)
+    channels = int(v.get("num_channels") or v.get("in_chans") or v.get("in_channels") or 3)
+    n += channels * int(v.get("temporal_patch_size") or 1) * patch * patch * h
+    if v.get("num_position_embeddings"):
+        n += int(v["num_position_embeddings"]) * h
+    elif v.get("image_size") and not qwen and vt != "pixtral":
+        n += (int(v["image_size"]) // patch) ** 2 * h
+    T = text_hidden
+    if qwen:
+        m = int(v.get("spatial_merge_size") or 2)
+        d = h * m * m
+        out = int(v.get("out_hidden_size") or (v.get("hidden_size") if v.get("embed_dim") else 0) or T)
+        n += (1 + len(v.get("deepstack_visual_indexes") or [])) * (d * d + d * out)
+    elif vt == "pixtral" or mt == "mistral3":
+        m = int(outer.get("spatial_merge_size") or v.get("spatial_merge_size") or 2)
+        n += h * m * m * h + h * T + T * T
+    elif vt.startswith("llama4") or mt == "llama4":
+        p_in = int(v.get("projector_input_dim") or 4096)
+        p_out = int(v.get("projector_output_dim") or 4096)
+        n += inter * p_in + p_in * p_out + int(v.get("vision_output_dim") or p_out) * T
+    else:
+        n += h * T
+    return n
+
+
 def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config") -> ModelArch:
     def get(*keys, default=None):
         for k in keys:
@@ -540,9 +692,9 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
             return default
         raise HardwareError(f"{where}: missing field '{keys[0]}'")
 
+    outer = cfg
     # Multimodal / nested configs keep the language model under text_config.
-    if "text_config" in cfg and "num_hidden_layers" not in cfg:
-        cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
+    cfg = _language_config(cfg)
     hidden = int(get("hidden_size", "d_model", "n_embd"))
     heads = int(get("num_attention_heads", "n_head"))
     kv_heads = int(get("num_key_value_heads", default=heads))
@@ -570,6 +722,17 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     elif cfg.get("full_attention_interval") and cfg.get("linear_num_value_heads"):
         attention_layers = num_layers // int(cfg["full_attention_interval"])
     window, sliding = _sliding_layers(cfg, num_layers, attention_layers, where)
+    dense_layers = num_layers - _moe_layer_count(cfg, num_layers) if num_experts else 0
+    shared = 0
+    if num_experts:
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0) or int(cfg.get("n_shared_experts") or 0) * moe_inter
+    if num_experts and _is_llama4(cfg):
+        # Llama 4 (vLLM llama4.py): one shared expert of intermediate_size beside the routed
+        # ones; the dense layers' MLP is intermediate_size_mlp wide.
+        shared = moe_inter
+        if dense_layers:
+            inter = int(get("intermediate_size_mlp", default=inter))
+    chunk, chunked = _chunked_layers(cfg, num_layers, where)
     return ModelArch(
         name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "model"),
         num_layers=num_layers,
@@ -593,12 +756,16 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         state_dtype_bytes=_DTYPE_BYTES.get(str(cfg.get("mamba_ssm_dtype") or dtype).replace("torch.", ""),
                                            _DTYPE_BYTES[dtype]) if attention_layers else 0,
         **mla,
-        num_dense_layers=int(cfg.get("first_k_dense_replace") or 0) if num_experts else 0,
-        shared_expert_intermediate_size=(int(cfg.get("shared_expert_intermediate_size") or 0)
-                                         or int(cfg.get("n_shared_experts") or 0) * moe_inter) if num_experts else 0,
+        num_dense_layers=dense_layers,
+        shared_expert_intermediate_size=shared,
         sliding_window=window,
         num_sliding_layers=sliding,
         **parse_quantization(cfg.get("quantization_config") or cfg.get("compression_config"), num_layers, where),
+        num_mtp_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers")
+                           or cfg.get("mtp_num_hidden_layers") or 0),
+        vision_params=_vision_params(outer, hidden),
+        attention_chunk_size=chunk,
+        num_chunked_layers=chunked,
     )
 
 

@@ -72,7 +72,37 @@ PARAMS_B = {"llama-2-7b": 6.74, "llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6, "mi
             "qwen2.5-7b": 7.61, "qwen2.5-32b": 32.8, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5,
             "qwen3-30b-a3b-instruct-2507": 30.5, "qwen3.6-35b-a3b": 35.0,
             # gpt-oss model card: 20.9B total; Gemma 3 27B: 27.4B with its 0.4B vision encoder
-            "gpt-oss-20b": 20.9, "gemma-3-27b": 27.0}
+            "gpt-oss-20b": 20.9, "gemma-3-27b": 27.0,
+            # Llama 4 model cards: Scout 17B active / 109B total, Maverick 17B active / 400B total
+            # (both with the vision encoder vLLM loads)
+            "llama-4-scout-17b-16e": 109.0, "llama-4-maverick-17b-128e": 400.0,
+            # DeepSeek-V3 model card: 671B of main-model weights (685B with the 14B MTP module,
+            # which vLLM's main model does not load); stored FP8, compared unquantized
+            "deepseek-v3": 671.0,
+            # Mistral AI's Mixtral announcement: 46.7B total parameters
+            "mixtral-8x7b": 46.7,
+            # Phi-3 technical report (arXiv:2404.14219), phi-3.5-MoE: 42B total, 6.6B active
+            "phi-3.5-moe": 42.0,
+            # gpt-oss model card (arXiv:2508.10925, Table 1): gpt-oss-120b 116.83B total; MXFP4 experts
+            "gpt-oss-120b": 116.83,
+            # GLM-4.5 model card: GLM-4.5-Air 106B total, 12B active
+            "glm-4.5-air": 106.0,
+            # Qwen3-235B-A22B model card: 235B total, 22B activated
+            "qwen3-235b-a22b": 235.0,
+            # Qwen2.5-VL-7B-Instruct: 8.29B parameters on its Hugging Face page (safetensors), the
+            # 7.6B language model of Qwen2.5-7B and the 0.67B vision encoder + merger
+            "qwen2.5-vl-7b": 8.29,
+            # Mistral Small 3.1 model card: 24 billion parameters (vision encoder included)
+            "mistral-small-3.1-24b": 24.0,
+            # Gemma 3 technical report (arXiv:2503.19786), Table 1, 12B: 417M vision encoder +
+            # 1,012M embedding + 10,759M non-embedding parameters
+            "gemma-3-12b": 12.19,
+            # Phi-4: 14.7B parameters on its Hugging Face page (the technical report's "14B")
+            "phi-4": 14.7,
+            # Llama 3.2 model card: 1B (1.23B) and 3B (3.21B), embeddings tied
+            "llama-3.2-1b": 1.23, "llama-3.2-3b": 3.21,
+            # Qwen3-0.6B model card: 0.6B parameters (0.44B non-embedding), embeddings tied
+            "qwen3-0.6b": 0.6}
 
 
 @pytest.mark.parametrize("name", _stems("models"))
