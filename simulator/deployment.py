@@ -47,15 +47,17 @@ class ResolvedEngine:
     # hybrid (linear + full attention) models: blocks of the same pool each running sequence
     # holds for its linear-attention state (ModelArch.hybrid_kv_layout)
     state_blocks_per_seq: int = 0
-    # models with full and sliding-window attention layers (ModelArch.sliding_kv_groups): the
+    # models with full and sliding-window (or chunked local) attention layers (ModelArch.sliding_kv_groups): the
     # window, and the pool blocks a sequence's window takes per block of its table
     # (sliding-window groups : full-attention groups)
     sliding_window: int = 0
     window_groups: int = 0
     full_groups: int = 0
+    attention_chunk_size: int = 0  # Llama 4's chunked local attention layers instead of sliding windows
 
 
-_ZERO_HIDDEN = ("state_blocks_per_seq", "sliding_window", "window_groups", "full_groups")  # left out when 0
+_ZERO_HIDDEN = ("state_blocks_per_seq", "sliding_window", "window_groups", "full_groups",
+                "attention_chunk_size")  # left out when 0
 
 
 @dataclass
@@ -221,7 +223,8 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             long_prefill_token_threshold=e.long_prefill_token_threshold,
                             num_gpu_blocks_source=src, state_blocks_per_seq=state_blocks,
                             sliding_window=model.sliding_window if window_groups else 0,
-                            window_groups=window_groups, full_groups=full_groups)
+                            window_groups=window_groups, full_groups=full_groups,
+                            attention_chunk_size=model.attention_chunk_size if window_groups and not model.sliding_window else 0)
     try:
         latency = build_latency(model, device, tp, cfg, profile)
     except HardwareError as err:

@@ -215,7 +215,7 @@ class ModelArch:
     # Chunked local attention (Llama 4: attention_chunk_size with RoPE, every layer but the
     # NoPE ones of no_rope_layers): `num_chunked_layers` of the attention layers attend only to
     # the tokens of their own chunk of `attention_chunk_size` positions (vLLM's
-    # ChunkedLocalAttention). Parsed only: the KV cache is sized as if they attended fully.
+    # ChunkedLocalAttention; KV groups as for sliding windows: sliding_kv_groups).
     attention_chunk_size: int = 0
     num_chunked_layers: int = 0
 
@@ -236,9 +236,22 @@ class ModelArch:
         return self.num_attention_layers or self.num_layers
 
     @property
+    def local_layers(self) -> int:
+        """Attention layers that attend to a local span only: sliding-window layers, or Llama 4's
+        chunked local attention layers."""
+        if self.sliding_window:
+            return self.num_sliding_layers
+        return self.num_chunked_layers if self.attention_chunk_size else 0
+
+    @property
+    def local_span(self) -> int:
+        """The sliding window, or the attention chunk, of the local layers (0: none)."""
+        return self.sliding_window or (self.attention_chunk_size if self.num_chunked_layers else 0)
+
+    @property
     def full_attention_layers(self) -> int:
         """Attention layers that attend to the whole context."""
-        return self.attention_layers - self.num_sliding_layers
+        return self.attention_layers - self.local_layers
 
     def sliding_kv_groups(self) -> tuple[int, int, int]:
         """(layers per group, full-attention groups, sliding-window groups) of vLLM's hybrid KV
@@ -248,9 +261,11 @@ class ModelArch:
         under 1.5x the smaller), padding the last group of a kind; every group has its own
         block table over one shared pool whose block holds one page of each layer of a group.
         A sliding-window group frees the blocks that fall out of the window as a sequence
-        grows (SlidingWindowManager.remove_skipped_blocks)."""
-        nf, ns = self.full_attention_layers, self.num_sliding_layers
-        if not (self.sliding_window and nf and ns):
+        grows (SlidingWindowManager.remove_skipped_blocks); Llama 4's chunked local attention
+        layers are grouped the same way and free the blocks before the current chunk
+        (ChunkedLocalAttentionManager)."""
+        nf, ns = self.full_attention_layers, self.local_layers
+        if not (nf and ns):
             return 0, 0, 0
         size = min(nf, ns)
         if max(nf, ns) < 1.5 * size:

@@ -112,9 +112,9 @@ LATENCY = LinearStepModel(2e-3, {"prefill_tokens": 2e-5, "decode_ctx_sum": 1e-6,
 
 def _window_peak(progs, mnbt, window) -> int:
     """Most window blocks the largest call holds (KVCacheManager.peak_window_blocks)."""
-    W, wg, fg = window
+    W, wg, fg, chunked = window
     total = max(p.input_tokens(k) + p.calls[k].output_tokens for p in progs for k in range(len(p.calls)))
-    held = min(-(-total // BS), -(-(W - 1 + mnbt) // BS) + 1)
+    held = min(-(-total // BS), -(-((W if chunked else W - 1) + mnbt) // BS) + 1)
     return -(-wg * held // fg)
 
 
@@ -125,7 +125,11 @@ def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented
                           max_num_seqs=8, latency=LATENCY)
     if state_blocks or window:
         import dataclasses
-        win = dict(zip(("sliding_window", "window_groups", "full_groups"), window)) if window else {}
+        win = {}
+        if window:
+            W, wg, fg, chunked = window
+            win = {"sliding_window": 0 if chunked else W, "attention_chunk_size": W if chunked else 0,
+                   "window_groups": wg, "full_groups": fg}
         dep = dataclasses.replace(dep, engine=dataclasses.replace(dep.engine, state_blocks_per_seq=state_blocks, **win))
     sim = Simulation(progs, dep, sim_config(fast_forward, instances=instances, **policy))
     steps = instrument(sim) if instrumented else None
@@ -181,7 +185,9 @@ def test_random_workloads_with_hybrid_state_blocks_conserve_every_block(w, state
     _check_complete_and_whole(progs, res, sim, steps)
 
 
-WINDOWS = st.sampled_from([(16, 1, 1), (24, 2, 1), (40, 1, 2), (100, 6, 1)])  # (W, window groups, full groups)
+# (W, window groups, full groups, chunked local attention instead of a sliding window)
+WINDOWS = st.sampled_from([(16, 1, 1, False), (24, 2, 1, False), (40, 1, 2, False), (100, 6, 1, False),
+                           (32, 1, 1, True), (48, 3, 1, True)])
 
 
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

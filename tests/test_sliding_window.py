@@ -250,3 +250,59 @@ def test_replay_of_gpt_oss_holds_less_kv_than_all_full_attention():
         blocks.append(dep.engine.num_gpu_blocks)
     assert abs(blocks[0] - 2 * blocks[1]) <= 1
     assert 0.4 < means[0] / means[1] < 0.6
+
+
+# -- Llama 4's chunked local attention ---------------------------------------------------------
+
+
+def test_llama4_chunked_layers_form_kv_groups_like_sliding_windows():
+    """Llama-4-Scout: 36 of 48 layers attend within 8,192-token chunks (every 4th is a NoPE
+    global layer): one full-attention group of 12 layers and three chunked groups."""
+    m = load_model("llama-4-scout-17b-16e")
+    assert (m.local_layers, m.local_span, m.full_attention_layers) == (36, 8192, 12)
+    assert m.sliding_kv_groups() == (12, 1, 3)
+    dep = build_deployment(m, load_device("h100-sxm")[0], build_config(
+        overrides={"engine.num_gpu_blocks_override": 5000, "cluster.tensor_parallel_size": 4}))
+    e = dep.engine
+    assert (e.attention_chunk_size, e.sliding_window, e.window_groups, e.full_groups) == (8192, 0, 3, 1)
+
+
+def test_chunk_blocks_start_at_the_current_chunk():
+    """Chunk 8, block size 4 (vLLM's get_num_skipped_tokens = computed // 8 x 8): a 20-token
+    prefill holds its 5 blocks; its first decode (20 computed) holds blocks from token 16 on."""
+    kv = KVCacheManager(40, 4, window_groups=1, full_groups=1, chunk=8)
+    a = make_req(0, 20, max_tokens=8)
+    assert kv.allocate_slots(a, 20)
+    assert len(kv.req_to_window[0]) == 5
+    a.num_computed_tokens, a.num_output_tokens = 20, 1
+    assert kv.allocate_decode_slot(a)
+    assert (kv.num_blocks_of(a), len(kv.req_to_window[0])) == (6, 6 - 4)
+    a.num_computed_tokens, a.num_output_tokens = 24, 5
+    assert kv.allocate_decode_slot(a)                     # 24 computed: the chunk from 24 on
+    assert (kv.num_blocks_of(a), len(kv.req_to_window[0])) == (7, 7 - 6)
+    kv.free(a)
+    assert kv.pool.num_free == 39
+
+
+@pytest.mark.parametrize("C", [1, 4, 8, 64])
+def test_chunk_pairs_is_the_chunked_causal_sum(C):
+    from simulator.latency.base import chunk_pairs
+    for n in (1, 3, 9, 40):
+        for c in (0, 2, 8, 61):
+            assert chunk_pairs(n, c, C) == pytest.approx(sum((c + i) % C + 1 for i in range(n)))
+
+
+def test_roofline_prices_experts_in_moe_layers_and_dense_mlps_elsewhere():
+    """DeepSeek-V3: experts in 58 of 61 layers, the first 3 dense (and a shared expert per MoE
+    layer) in the dense GEMMs; Llama-4-Maverick: MoE in every other layer."""
+    dev = load_device("h100-sxm")[0]
+    for name, moe_layers in (("deepseek-v3", 58), ("llama-4-maverick-17b-128e", 24)):
+        m = load_model(name)
+        assert m.moe_layers == moe_layers
+        r = RooflineModel(m, dev, tp=8)
+        e_bytes = m.mlp_params_per_layer() * moe_layers * m.bytes_per_param("experts") / 8  # (V3: fp8)
+        assert r._moe_expert_bytes_time * dev.memory_bandwidth_Bps * r.mem_eff == pytest.approx(e_bytes)
+        g = m.param_groups()
+        assert r._lin_bytes_time * dev.memory_bandwidth_Bps * r.mem_eff == pytest.approx(
+            (g["attn"] * m.bytes_per_param("attn") + g["mlp"] * m.bytes_per_param("mlp")) / 8)
+        assert g["mlp"] > 0

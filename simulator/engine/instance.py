@@ -86,7 +86,7 @@ class Instance:
         self.residency = residency
         self.kv = KVCacheManager(engine.num_gpu_blocks, engine.block_size, engine.enable_prefix_caching,
                                  engine.max_model_len, engine.state_blocks_per_seq, engine.sliding_window,
-                                 engine.window_groups, engine.full_groups)
+                                 engine.window_groups, engine.full_groups, engine.attention_chunk_size)
         connector = None
         if residency is not None:
             from ..kv.residency import TierConnector
@@ -272,8 +272,8 @@ class Instance:
             return False
         running = list(self.scheduler.running)
         kv = self.kv
-        if kv.window and (kv.full_groups != 1 or not all(kv.window_settled(r) for r in running)):
-            return False  # a window not yet periodic: the run does not plan its blocks
+        if kv.chunk or kv.window and (kv.full_groups != 1 or not all(kv.window_settled(r) for r in running)):
+            return False  # a window not yet periodic (or chunks, freed a chunk at a time): not planned
         max_len = self.engine.max_model_len
         R = _MAX_RUN  # steps until the first request finishes
         for r in running:

@@ -34,11 +34,12 @@ _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
-                 "req_to_state", "window", "window_groups", "full_groups", "req_to_window", "win_stale")
+                 "req_to_state", "window", "window_groups", "full_groups", "req_to_window", "win_stale", "chunk",
+                 "local")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
-                 window_groups: int = 0, full_groups: int = 1):
+                 window_groups: int = 0, full_groups: int = 1, chunk: int = 0):
         """`state_blocks`: blocks a hybrid model's sequence holds for its linear-attention state
         (vLLM's Mamba groups, one block each), taken with its first blocks and freed with them;
         never cached.
@@ -50,10 +51,14 @@ class KVCacheManager:
         SlidingWindowManager frees the blocks behind before each allocation), in this pool
         ceil(window_groups x blocks / full_groups) blocks, freed with the sequence and never
         cached here (the prefix-cache hit is the full-attention table's: the window blocks of
-        a hit are taken fresh, as vLLM takes them from the free queue)."""
+        a hit are taken fresh, as vLLM takes them from the free queue). `chunk` instead of
+        `window`: Llama 4's chunked local attention, whose groups hold the blocks from the start
+        of the current chunk of `chunk` tokens (vLLM's ChunkedLocalAttentionManager)."""
         self.state_blocks = state_blocks
         self.req_to_state: dict[int, np.ndarray] = {}
         self.window = window if window_groups else 0
+        self.chunk = chunk if window_groups and not self.window else 0
+        self.local = bool(self.window or self.chunk)  # windows (sliding or chunked) are held
         self.window_groups = window_groups
         self.full_groups = max(full_groups, 1)
         self.req_to_window: dict[int, list[int]] = {}
@@ -142,7 +147,7 @@ class KVCacheManager:
         have = len(blocks) if blocks is not None else 0
         num_to_allocate = -(-need // bs) - have
         grow = 0
-        if self.window:
+        if self.local:
             grow = self._window_target(req.num_computed_tokens + num_new_computed_tokens, need) \
                 - len(self.req_to_window.get(rid, ()))
             self.win_stale.add(rid)
@@ -183,7 +188,7 @@ class KVCacheManager:
         if blocks is None:
             return self.allocate_slots(req, 1)
         room = len(blocks) * bs - c  # free slots in the table
-        if self.window:
+        if self.local:
             if room < 0:
                 return self.allocate_slots(req, 1)
             grow = self._window_target(c, c + 1) - len(self.req_to_window[rid])
@@ -231,7 +236,7 @@ class KVCacheManager:
         evictable = num_hits - int(np.count_nonzero(ref))
         state = self.state_blocks if blocks is None else 0
         grow = 0
-        if self.window:
+        if self.local:
             grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
             self.win_stale.add(rid)
         if num_to_allocate + state + max(grow, 0) > pool.num_free - evictable:
@@ -262,7 +267,10 @@ class KVCacheManager:
         blocks up to `need` less those wholly behind the window of the `num_computed` tokens
         (vLLM's get_num_skipped_tokens: computed - window + 1)."""
         bs = self.block_size
-        held = -(-need // bs) - max(num_computed - self.window + 1, 0) // bs
+        if self.window:
+            held = -(-need // bs) - max(num_computed - self.window + 1, 0) // bs
+        else:  # chunked: the chunk's start (get_num_skipped_tokens = computed // chunk x chunk)
+            held = -(-need // bs) - num_computed // self.chunk * self.chunk // bs
         return -(-self.window_groups * held // self.full_groups)
 
     def _grow_window(self, rid: int, n: int) -> None:
@@ -290,10 +298,11 @@ class KVCacheManager:
     def peak_window_blocks(self, num_tokens: int, max_chunk: int) -> int:
         """Most window blocks a sequence of `num_tokens` holds at once, in prefill chunks of at
         most `max_chunk` tokens (0 for a model without sliding-window groups)."""
-        if not self.window:
+        if not self.local:
             return 0
         bs = self.block_size
-        held = min(-(-num_tokens // bs), -(-(self.window - 1 + max_chunk) // bs) + 1)
+        span = self.window - 1 if self.window else self.chunk  # (vLLM's admission caps)
+        held = min(-(-num_tokens // bs), -(-(span + max_chunk) // bs) + 1)
         return -(-self.window_groups * held // self.full_groups)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
@@ -331,7 +340,7 @@ class KVCacheManager:
         self.num_cached_block.pop(rid, None)
         if self.state_blocks:
             self._free_state(rid)
-        if self.window:
+        if self.local:
             self._free_window(rid)
         if blocks is None or not len(blocks):
             return _NONE
@@ -356,7 +365,7 @@ class KVCacheManager:
         self.num_cached_block.pop(req.request_id, None)
         if self.state_blocks:
             self._free_state(req.request_id)  # the state ends with the call
-        if self.window:
+        if self.local:
             self._free_window(req.request_id)  # so does the window (a policy keeps the table)
         blocks = self.req_to_blocks.pop(req.request_id, None)
         return _NONE if blocks is None else blocks.array()

@@ -135,8 +135,9 @@ class Scheduler:
         scheduled (advanced, as `_advance` does)."""
         kv = self.kv
         bs = kv.block_size
-        last_slot = bs - 1
-        # Sliding windows: also where a block falls behind the window, and after a prefill
+        # Sliding windows: also where a block falls behind the window, and after a prefill;
+        # chunked local attention: every decode
+        last_slot = bs - 1 if not kv.chunk else -1
         fr = (kv.window - 1) % bs if kv.window else -1
         stale = kv.win_stale
         max_c = self.max_model_len - 1

@@ -123,3 +123,18 @@ def window_pairs(n: float, c: float, window: int) -> float:
         return n * float(window)
     return (a + window) * (window - a + 1.0) * 0.5 + (b - window) * float(window)
 
+
+def chunk_pairs(n: float, c: float, chunk: int) -> float:
+    """The same for a chunked local attention layer (Llama 4): query at position p sees the
+    keys of its own chunk of `chunk` positions, (p mod chunk) + 1 of them."""
+    def upto(x: float) -> float:  # keys seen by the queries at positions 0 .. x-1
+        q, r = divmod(x, chunk)
+        return q * chunk * (chunk + 1) * 0.5 + r * (r + 1) * 0.5
+    return upto(c + n) - upto(c)
+
+
+def local_pairs(n: float, c: float, span: int, chunked: bool) -> float:
+    """Causal work of a chunk in a local-attention layer: chunked (chunk_pairs) or sliding-window
+    (window_pairs)."""
+    return chunk_pairs(n, c, span) if chunked else window_pairs(n, c, span)
+

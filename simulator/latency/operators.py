@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hardware import HARDWARE_DIR, _load_yaml
-from .base import LatencyModel, StepFeatures, window_pairs
+from .base import LatencyModel, StepFeatures, local_pairs
 from .collectives import nccl_ring_time_s
 
 US = 1e-6
@@ -255,10 +255,11 @@ class AttentionTable:
         return tot + self.p0, bn, bc
 
     def step_window(self, chunks, nd: int, kd: float, kd_max: float | None, alpha: float,
-                    window: int) -> tuple[float, float]:
-        """`step` for a sliding-window layer: a decode reads at most `window` keys (its
-        history clipped to window - 1); a prefill chunk costs the kernel's fixed part plus
-        the rest scaled by the windowed share of its causal work (window_pairs)."""
+                    window: int, chunked: bool = False) -> tuple[float, float]:
+        """`step` for a local-attention layer (sliding window, or `chunked` local attention of
+        `window` positions): a decode reads at most `window` keys (its history clipped to
+        window - 1); a prefill chunk costs the kernel's fixed part plus the rest scaled by
+        the local share of its causal work (local_pairs)."""
         w1 = window - 1.0
         kdw = kd if kd < w1 else w1
         kmw = None if kd_max is None else (kd_max if kd_max < w1 else w1)
@@ -274,7 +275,7 @@ class AttentionTable:
                 t = P(n, c)
             else:
                 t = P(nmax, c) * full / (nmax * (c + (nmax + 1) * 0.5))
-            t = p0 + (t - p0) * window_pairs(n, c, window) / full
+            t = p0 + (t - p0) * local_pairs(n, c, window, chunked) / full
             tot += t - p0
             if t > best:
                 best, bn, bc = t, n, c
@@ -487,8 +488,12 @@ class OperatorModel(LatencyModel):
                  dense_attention_count: dict[str, float] | None = None,
                  dense_linear_layer: dict[str, Curve] | None = None,
                  dense_linear_count: dict[str, float] | None = None,
-                 sliding_layers: int = 0, sliding_window: int = 0):
+                 sliding_layers: int = 0, sliding_window: int = 0, chunked: bool = False,
+                 moe_layers: int | None = None):
         self.L = int(num_layers)
+        # MoE models: the layers whose MLP is the MoE block (DeepSeek's first dense layers,
+        # Llama 4's interleaved ones have none; a profile prices no dense MLP for them)
+        self.Lm = int(moe_layers) if moe_layers is not None else self.L
         # Hybrid models: attention (and the ops of the attention block) in La layers, the
         # linear-attention ops in the other L - La; other models: La = L and no such ops.
         self.La = int(attention_layers) if attention_layers is not None else self.L
@@ -497,6 +502,7 @@ class OperatorModel(LatencyModel):
         self.Lw = int(sliding_layers) if sliding_window else 0
         self.W = int(sliding_window) if self.Lw else 0
         self.Lf = self.La - self.Lw
+        self.chunked = bool(chunked and self.Lw)
         self.dense_attn, self.dense_lin = dense_attention_layer or {}, dense_linear_layer or {}
         self.hidden = int(hidden_size)
         self.dtype_bytes = int(dtype_bytes)
@@ -542,12 +548,12 @@ class OperatorModel(LatencyModel):
         # The experts local to this rank (E/ep) see the tokens of all ranks (all-gather):
         # N·k/ep token-expert pairs, which the one-GPU table (all E experts) prices at N/ep tokens.
         active = expected_active_experts(self.E, self.k, N) / ep
-        t = self.moe(N / ep, max(active, float(self.k) / ep)) * self.L * US
+        t = self.moe(N / ep, max(active, float(self.k) / ep)) * self.Lm * US
         comm = 0.0
         if ep > 1 and self.ep_gather is not None:
             total = N * self.hidden * self.dtype_bytes
             logits = N * self.E * 4  # fp32 router logits travel with the hidden states
-            comm = (self.ep_gather.time_s(total + logits) + self.ep_scatter.time_s(total)) * self.L
+            comm = (self.ep_gather.time_s(total + logits) + self.ep_scatter.time_s(total)) * self.Lm
         return t, comm
 
     def _tok_ep_s(self, T: int, N: int) -> float:
@@ -615,7 +621,7 @@ class OperatorModel(LatencyModel):
         """(prefill, decode) attention of the sliding-window layers, s (0 without them)."""
         if not self.Lw:
             return 0.0, 0.0
-        pa, da = self.attn.step_window(chunks, nd, kd, kmax, self.skew_alpha, self.W)
+        pa, da = self.attn.step_window(chunks, nd, kd, kmax, self.skew_alpha, self.W, self.chunked)
         return pa * self.Lw * US, da * self.Lw * US
 
     def _decode_attn_s(self, B: int, kd: float) -> float:
@@ -719,7 +725,7 @@ class OperatorModel(LatencyModel):
         if self.La != self.L:
             d["attention_layers"] = self.La
         if self.Lw:
-            d["sliding_window"] = {"layers": self.Lw, "window": self.W}
+            d["chunked_attention" if self.chunked else "sliding_window"] = {"layers": self.Lw, "window": self.W}
         if self.allreduce is not None:
             d["allreduce"] = {**self.allreduce.describe(), "per_layer": self.ar_per_layer, "per_step": self.ar_per_step}
         if self.logits_gather is not None:
@@ -817,7 +823,9 @@ class OperatorModel(LatencyModel):
                    source={k2: spec[k2] for k2 in ("provenance_note",) if k2 in spec},
                    attention_layers=model.attention_layers, dense_attention_layer=dense_attn,
                    dense_attention_count=attn_counts, dense_linear_layer=dense_lin, dense_linear_count=lin_counts,
-                   sliding_layers=model.num_sliding_layers, sliding_window=model.sliding_window)
+                   sliding_layers=model.local_layers, sliding_window=model.local_span,
+                   chunked=bool(model.local_layers and not model.sliding_window),
+                   moe_layers=model.moe_layers if model.is_moe else None)
 
 
 def _padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hardware import DeviceSpec, LinkSpec, ModelArch
-from .base import LatencyModel, StepFeatures, window_pairs
+from .base import LatencyModel, StepFeatures, local_pairs
 
 # Starting-point efficiencies (assumed, to be replaced by fitted ones; see module doc).
 DEFAULT_GEMM_EFF = 0.7
@@ -117,7 +117,7 @@ class RooflineModel(LatencyModel):
         # Dense linear layers: 2 FLOPs per parameter per token; weights read once per step.
         La = m.attention_layers  # = L but for hybrid models (linear attention in the other layers)
         mixers = m.attn_params_per_layer() * La + (m.linear_params_per_layer() * (L - La) if La != L else 0)
-        mlps = (0 if m.is_moe else m.mlp_params_per_layer()) * L
+        mlps = m.param_groups()["mlp"]  # dense MLPs (MoE models: their dense layers and shared experts)
         dense_all = mixers + mlps  # integers: exact
         if not m.quant_method:
             self._lin_flop_per_tok = 2.0 * dense_all / tp / (peak * self.gemm_eff)
@@ -138,19 +138,23 @@ class RooflineModel(LatencyModel):
         self._moe = m.is_moe
         if m.is_moe:
             e_params = m.mlp_params_per_layer()
+            Lm = m.moe_layers  # (the others have a dense MLP: in mlps)
             if not m.quant_method:
-                self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp / (peak * self.gemm_eff)
-                self._moe_expert_bytes_time = e_params * L * dt / tp / bw
+                self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * Lm / tp / (peak * self.gemm_eff)
+                self._moe_expert_bytes_time = e_params * Lm * dt / tp / bw
             else:
-                self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * L / tp * self._gemm_s_per_flop("experts")
-                self._moe_expert_bytes_time = e_params * L * m.bytes_per_param("experts") / tp / bw
+                self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * Lm / tp * self._gemm_s_per_flop("experts")
+                self._moe_expert_bytes_time = e_params * Lm * m.bytes_per_param("experts") / tp / bw
         # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer, in
-        # the Lf full-attention layers; the Lw sliding-window layers see at most W keys.
-        Lw = m.num_sliding_layers if m.sliding_window else 0
+        # the Lf full-attention layers; the Lw local layers (sliding window, or Llama 4's
+        # chunked attention) see at most W keys (a decode's read is taken as min(ctx, W) for
+        # both: an upper bound for chunks, whose decodes see ctx mod W keys).
+        Lw = m.local_layers
         Lf = La - Lw
         self._attn_flop_per_pair = 4.0 * m.num_heads * m.head_dim * Lf / tp / (peak * self.attn_eff)
         self._kv_bytes_time_per_pos = (m.kv_bytes_per_token() if not Lw else m.kv_bytes_per_token() // La * Lf) / tp / bw
-        self._Lf, self._Lw, self._W = Lf, Lw, (m.sliding_window if Lw else 0)
+        self._Lf, self._Lw, self._W = Lf, Lw, (m.local_span if Lw else 0)
+        self._chunked = bool(Lw and not m.sliding_window)
         if Lw:
             self._attn_flop_per_pair_w = 4.0 * m.num_heads * m.head_dim * Lw / tp / (peak * self.attn_eff)
             self._kv_bytes_time_per_pos_w = m.kv_bytes_per_token() // La * Lw / tp / bw
@@ -209,7 +213,7 @@ class RooflineModel(LatencyModel):
                 if f.num_prefills:
                     n = f.prefill_tokens / f.num_prefills
                     c = max(f.prefill_kv / f.num_prefills - n, 0.0)
-                    pairs = f.num_prefills * window_pairs(n, c, W)
+                    pairs = f.num_prefills * local_pairs(n, c, W, self._chunked)
                     kv = f.num_prefills * (min(c, W - 1.0) + n)
                     attn_p += max(pairs * self._attn_flop_per_pair_w, kv * self._kv_bytes_time_per_pos_w)
                 if f.num_decodes:
@@ -240,7 +244,7 @@ class RooflineModel(LatencyModel):
                                             self.device.peak_flops, p, num_prefills))
             attn_p = L * one
             if Lw:  # the windowed share of the causal work
-                attn_p += Lw * one * window_pairs(n, c, W) / (n * (c + (n + 1) * 0.5))
+                attn_p += Lw * one * local_pairs(n, c, W, self._chunked) / (n * (c + (n + 1) * 0.5))
         if num_decodes:
             attn_d = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos,
                                                   self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
