@@ -87,14 +87,14 @@ def traces(workdir: Path) -> list[Path]:
     return out + [synth]
 
 
-def run_case(trace: Path, name: str, out: Path, repo: Path = REPO) -> str:
+def run_case(trace: Path, name: str, out: Path, repo: Path = REPO, extra: tuple[str, ...] = ()) -> str:
     # A path relative to the repository: summary.json records it, and a reference recorded
     # from another checkout must read the same.
     path = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
     hardware, model = HARDWARE.get(name, DEFAULT_HARDWARE)
     cmd = [sys.executable, "-m", "replay.cli", str(path), "--hardware", hardware, "--model", model,
            "--out", str(out), "--quiet"]
-    for s in CONFIGS[name]:
+    for s in (*CONFIGS[name], *extra):
         cmd += ["--set", s]
     p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if p.returncode != 0:
@@ -109,13 +109,16 @@ def _summary(path: Path) -> dict:
 
 
 def _drop_one_sided_config_keys(a: dict, b: dict) -> None:
-    """Forget the config keys of a section that only one summary has (a knob added at its default)."""
+    """Forget the config keys of a section that only one summary has (a knob added at its
+    default), and likewise the resolved engine's (deployment.engine)."""
     ca, cb = a.get("config") or {}, b.get("config") or {}
-    for sec in set(ca) & set(cb):
-        if isinstance(ca[sec], dict) and isinstance(cb[sec], dict):
-            for k in set(ca[sec]) ^ set(cb[sec]):
-                ca[sec].pop(k, None)
-                cb[sec].pop(k, None)
+    pairs = [(ca[sec], cb[sec]) for sec in set(ca) & set(cb)]
+    pairs.append(((a.get("deployment") or {}).get("engine"), (b.get("deployment") or {}).get("engine")))
+    for x, y in pairs:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in set(x) ^ set(y):
+                x.pop(k, None)
+                y.pop(k, None)
 
 
 def compare_dirs(ref: Path, new: Path) -> list[str]:
@@ -143,6 +146,9 @@ def main() -> int:
     ap.add_argument("workdir", type=Path, nargs="?", help="against: where both sides' outputs go")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--new-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="against/compare: a --set for the new side only (e.g. a knob that selects the "
+                         "old behaviour: engine.vllm_version=0.19.0)")
     a = ap.parse_args()
     if a.mode == "against":
         other = a.refdir.resolve()
@@ -173,7 +179,7 @@ def main() -> int:
         elif not ref.exists():
             return label, "FAIL (no reference)"
         new = scratch / trace.stem / name
-        err = run_case(trace, name, new)
+        err = run_case(trace, name, new, extra=tuple(a.new_set))
         if err:
             return label, f"FAIL {err}"
         bad = compare_dirs(ref, new)

@@ -429,18 +429,24 @@ class SimSide:
     def __init__(self, case: Case):
         self.case = case
         bs = case.block_size
+        # the simulator's switches for the behaviours vLLM changed after 0.19, set as this
+        # case runs vLLM (its defaults, or patched back with the D1-D3 knobs)
+        newer_free = case.vllm_free_order == "vllm"
         if case.window:
             kv = KVCacheManager(case.num_blocks, bs, enable_caching=case.prefix_caching,
                                 max_model_len=case.max_model_len, window=case.window,
-                                window_groups=WINDOW_GROUPS, full_groups=1)
+                                window_groups=WINDOW_GROUPS, full_groups=1,
+                                max_in_flight=case.max_num_batched_tokens, free_uncached_first=newer_free)
         else:
             kv = KVCacheManager(case.num_blocks, bs, enable_caching=case.prefix_caching,
-                                max_model_len=case.max_model_len)
+                                max_model_len=case.max_model_len, max_in_flight=case.max_num_batched_tokens,
+                                free_uncached_first=newer_free)
         self.kv = kv
         policy = SCHEDULERS.get("fcfs")(PolicyConfig())
         self.sched = SimScheduler(kv, case.max_num_seqs, case.max_num_batched_tokens, policy,
                                   long_prefill_token_threshold=case.long_prefill_token_threshold,
-                                  max_model_len=case.max_model_len)
+                                  max_model_len=case.max_model_len, reserve_full_isl=case.reserve_full_isl,
+                                  lone_request_full_budget=not case.vllm_threshold_always)
         self.reqs: dict[int, SimRequest] = {}
         self.keys: dict[tuple, int] = {}  # (parent key, block tokens) -> key: one per distinct prefix
 

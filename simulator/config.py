@@ -9,6 +9,7 @@ and is resolved by `resolve_engine`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -46,6 +47,14 @@ class EngineConfig:
     enable_chunked_prefill: bool = _f(True, "Chunked prefill (vLLM v1: always on for the default scheduler).")
     max_model_len: int | None = _f(None, "Longest sequence (prompt + output); the model's max_position_embeddings when unset.")
     long_prefill_token_threshold: int = _f(0, "Cap on one request's prefill chunk per step (0 = no cap), as vLLM.")
+    vllm_version: str | None = _f(None, "The vLLM release to mirror where its scheduler and KV cache manager changed "
+                                        "(after 0.19: whole-sequence admission, freed uncached blocks reused first, "
+                                        "no long-prefill cap for a lone request). Unset: the profile's recorded "
+                                        "engine version, else 0.32.0.")
+    scheduler_reserve_full_isl: bool | None = _f(None, "vLLM's flag: admit a waiting request only if its whole "
+                                                       "sequence fits the KV cache, not just its first chunk. "
+                                                       "Unset: on for vLLM releases after 0.19, off for 0.19 and "
+                                                       "earlier.")
     kv_cache_dtype: str = _f("auto", "KV cache element type, as vLLM's --kv-cache-dtype: auto (the model dtype), "
                                      "float16, bfloat16, fp8, fp8_e4m3, fp8_e5m2, fp8_inc. Sets the KV bytes per "
                                      "token of the capacity estimate, the offload tiers and the roofline.")
@@ -62,6 +71,11 @@ class EngineConfig:
                 raise ConfigError(f"engine.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 0:
             raise ConfigError("engine.long_prefill_token_threshold must be >= 0")
+        if self.vllm_version is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?([.+-].*)?", str(self.vllm_version)):
+            raise ConfigError(f"engine.vllm_version must look like 0.32.0, got {self.vllm_version!r}")
+        if self.scheduler_reserve_full_isl is not None and not isinstance(self.scheduler_reserve_full_isl, bool):
+            raise ConfigError(f"engine.scheduler_reserve_full_isl must be true or false, got "
+                              f"{self.scheduler_reserve_full_isl!r}")
         kvd = self.kv_cache_dtype
         if not isinstance(kvd, str) or kvd not in KV_CACHE_DTYPE_BYTES:
             packed = isinstance(kvd, str) and kvd.startswith(_PACKED_KV_DTYPES)

@@ -54,6 +54,31 @@ class ResolvedEngine:
     window_groups: int = 0
     full_groups: int = 0
     attention_chunk_size: int = 0  # Llama 4's chunked local attention layers instead of sliding windows
+    # The vLLM release mirrored where its scheduler and KV cache manager changed
+    # (vllm_behaviours): whole-sequence admission, free order, a lone request's budget
+    vllm_version: str = ""
+    reserve_full_isl: bool = False
+    free_uncached_first: bool = False
+    lone_request_full_budget: bool = False
+
+
+# The vLLM release mirrored when neither the config nor a profile names one: the one the
+# simulator is checked against step by step (scripts/diff_vllm_scheduler.py).
+DEFAULT_VLLM_VERSION = "0.32.0"
+
+
+def vllm_after_0_19(version: str) -> bool:
+    """Whether a vLLM release has the scheduler and KV-cache behaviours that changed after
+    0.19 (vLLM 0.19.0 ran the public GPU measurements; 0.32.0 is installed here): a waiting
+    request admitted only if its whole sequence fits (scheduler_reserve_full_isl, opt-in from
+    PR #37307 of March 2026, on by default in 0.32), freed blocks without a cached identity
+    reused first (PR #42656, May 2026), and the long-prefill threshold dropped for a lone
+    request. The exact release between 0.19 and 0.32 where each changed is not pinned down."""
+    try:
+        parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        raise ConfigError(f"engine.vllm_version must look like 0.32.0, got {version!r}") from None
+    return parts > (0, 19)
 
 
 _ZERO_HIDDEN = ("state_blocks_per_seq", "sliding_window", "window_groups", "full_groups",
@@ -214,6 +239,9 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                               "(vLLM-CPU's KV pool is VLLM_CPU_KVCACHE_SPACE, not a memory fraction)")
         nblocks = estimate_num_gpu_blocks(model, device, tp, block_size, e.gpu_memory_utilization, mnbt, max_num_seqs)
         src = f"estimated from memory (gpu_memory_utilization={e.gpu_memory_utilization})"
+    version = str(e.vllm_version or facts.get("vllm_version") or DEFAULT_VLLM_VERSION)
+    newer = vllm_after_0_19(version)
+    reserve = e.scheduler_reserve_full_isl if e.scheduler_reserve_full_isl is not None else newer
     if not e.enable_chunked_prefill and mnbt < max_model_len:
         mnbt = max(mnbt, max_model_len)  # vLLM raises the budget to max_model_len without chunking
     engine = ResolvedEngine(block_size=int(block_size), max_num_seqs=int(max_num_seqs),
@@ -224,7 +252,9 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             num_gpu_blocks_source=src, state_blocks_per_seq=state_blocks,
                             sliding_window=model.sliding_window if window_groups else 0,
                             window_groups=window_groups, full_groups=full_groups,
-                            attention_chunk_size=model.attention_chunk_size if window_groups and not model.sliding_window else 0)
+                            attention_chunk_size=model.attention_chunk_size if window_groups and not model.sliding_window else 0,
+                            vllm_version=version, reserve_full_isl=bool(reserve), free_uncached_first=newer,
+                            lone_request_full_budget=newer)
     try:
         latency = build_latency(model, device, tp, cfg, profile)
     except HardwareError as err:

@@ -99,9 +99,14 @@ class CachedKeys:
 class BlockPool:
     __slots__ = ("num_gpu_blocks", "enable_caching", "ref_cnt", "block_key", "cached", "_key", "_main_key",
                  "_has_dup", "_index", "_dups", "_stamp", "_segs", "_pos", "_qlen", "_next_stamp", "num_free",
-                 "num_evictions", "on_evict")
+                 "num_evictions", "on_evict", "uncached_first")
 
-    def __init__(self, num_gpu_blocks: int, enable_caching: bool = True):
+    def __init__(self, num_gpu_blocks: int, enable_caching: bool = True, uncached_first: bool = False):
+        """`uncached_first`: freed blocks without a cached identity (no block hash, or every
+        block with prefix caching off) go to the head of the free queue, to be reused first,
+        and cached ones to its tail (vLLM's BlockPool.free_blocks from after 0.19: LIFO reuse
+        of blocks no lookup can hit); otherwise all go to the tail (vLLM 0.19 and earlier)."""
+        self.uncached_first = uncached_first
         if num_gpu_blocks < 2:
             raise ValueError(f"need at least 2 KV blocks (one is vLLM's null block), got {num_gpu_blocks}")
         n = num_gpu_blocks
@@ -137,6 +142,21 @@ class BlockPool:
         stamps = np.arange(s, s + k)
         self._stamp[blocks] = stamps
         self._segs.append((blocks, stamps))
+        self._qlen += k
+
+    def _push_front(self, blocks: np.ndarray) -> None:
+        """Put blocks (now unreferenced) at the head, blocks[0] first, with fresh stamps."""
+        k = len(blocks)
+        s = self._next_stamp
+        self._next_stamp = s + k
+        stamps = np.arange(s, s + k)
+        self._stamp[blocks] = stamps
+        segs = self._segs
+        if segs and self._pos:  # the head segment's consumed entries go, so the new one leads
+            b0, s0 = segs[0]
+            segs[0] = (b0[self._pos:], s0[self._pos:])
+            self._pos = 0
+        segs.appendleft((blocks, stamps))
         self._qlen += k
 
     def _live(self) -> np.ndarray:
@@ -299,7 +319,15 @@ class BlockPool:
         zero = arr[r == 0]
         if len(zero):
             self.num_free += len(zero)
-            self._push(zero)
+            if self.uncached_first:
+                cached = self._key[zero] != NO_KEY
+                n = int(np.count_nonzero(cached))
+                if n < len(zero):
+                    self._push_front(zero if not n else zero[~cached])
+                if n:
+                    self._push(zero if n == len(zero) else zero[cached])
+            else:
+                self._push(zero)
             if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
                 self._compact()
 
@@ -311,11 +339,14 @@ class BlockPool:
         self.ref_cnt[b] = r
         if not r:
             self.num_free += 1
-            s = self._next_stamp
-            self._next_stamp = s + 1
-            self._stamp[b] = s
-            self._segs.append((np.array((b,), np.intp), np.array((s,), np.int64)))
-            self._qlen += 1
+            if self.uncached_first and self._key.item(b) == NO_KEY:
+                self._push_front(np.array((b,), np.intp))
+            else:
+                s = self._next_stamp
+                self._next_stamp = s + 1
+                self._stamp[b] = s
+                self._segs.append((np.array((b,), np.intp), np.array((s,), np.int64)))
+                self._qlen += 1
             if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
                 self._compact()
 

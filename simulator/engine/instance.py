@@ -86,14 +86,16 @@ class Instance:
         self.residency = residency
         self.kv = KVCacheManager(engine.num_gpu_blocks, engine.block_size, engine.enable_prefix_caching,
                                  engine.max_model_len, engine.state_blocks_per_seq, engine.sliding_window,
-                                 engine.window_groups, engine.full_groups, engine.attention_chunk_size)
+                                 engine.window_groups, engine.full_groups, engine.attention_chunk_size,
+                                 engine.max_num_batched_tokens, engine.free_uncached_first)
         connector = None
         if residency is not None:
             from ..kv.residency import TierConnector
             connector = TierConnector(residency, engine.block_size)
         self.scheduler = Scheduler(self.kv, engine.max_num_seqs, engine.max_num_batched_tokens, sched_policy,
                                    engine.enable_chunked_prefill, engine.long_prefill_token_threshold,
-                                   engine.max_model_len, connector)
+                                   engine.max_model_len, connector, engine.reserve_full_isl,
+                                   engine.lone_request_full_budget)
         self.scheduler.on_admitted = self._on_admitted
         self.scheduler.on_load_started = self._on_load_started
         self.on_finished = on_finished  # callback(req, now) after a call's last token

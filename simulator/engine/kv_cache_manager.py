@@ -35,11 +35,12 @@ class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
                  "req_to_state", "window", "window_groups", "full_groups", "req_to_window", "win_stale", "chunk",
-                 "local")
+                 "local", "admission_cap")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
-                 window_groups: int = 0, full_groups: int = 1, chunk: int = 0):
+                 window_groups: int = 0, full_groups: int = 1, chunk: int = 0, max_in_flight: int = 1 << 30,
+                 free_uncached_first: bool = False):
         """`state_blocks`: blocks a hybrid model's sequence holds for its linear-attention state
         (vLLM's Mamba groups, one block each), taken with its first blocks and freed with them;
         never cached.
@@ -53,7 +54,9 @@ class KVCacheManager:
         cached here (the prefix-cache hit is the full-attention table's: the window blocks of
         a hit are taken fresh, as vLLM takes them from the free queue). `chunk` instead of
         `window`: Llama 4's chunked local attention, whose groups hold the blocks from the start
-        of the current chunk of `chunk` tokens (vLLM's ChunkedLocalAttentionManager)."""
+        of the current chunk of `chunk` tokens (vLLM's ChunkedLocalAttentionManager).
+        `max_in_flight`: tokens scheduled but not yet settled (one step's budget), for vLLM's
+        per-request window admission cap. `free_uncached_first`: BlockPool's free order."""
         self.state_blocks = state_blocks
         self.req_to_state: dict[int, np.ndarray] = {}
         self.window = window if window_groups else 0
@@ -66,11 +69,12 @@ class KVCacheManager:
         # loop calls allocate_decode_slot for them, and wherever a decode's window changes)
         self.win_stale: set[int] = set()
         self.block_size = block_size
-        self.pool = BlockPool(num_gpu_blocks, enable_caching)
+        self.pool = BlockPool(num_gpu_blocks, enable_caching, free_uncached_first)
         self.enable_caching = enable_caching
         self.req_to_blocks: dict[int, BlockTable] = {}
         self.num_cached_block: dict[int, int] = {}
         self.max_model_len = max_model_len
+        self.admission_cap = self._cap(max_in_flight) if self.local else 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         # The last lookup: (request, its block count, its hits as an array, the key of the
@@ -130,38 +134,43 @@ class KVCacheManager:
         return n
 
     def allocate_slots(self, req: Request, num_new_tokens: int, num_new_computed_tokens: int = 0,
-                       new_computed_blocks=(), delay_cache_blocks: bool = False) -> bool:
-        """`new_computed_blocks`: the lookup's hits (an array from `lookup`, or a list)."""
+                       new_computed_blocks=(), delay_cache_blocks: bool = False, full_tokens: int = 0) -> bool:
+        """`new_computed_blocks`: the lookup's hits (an array from `lookup`, or a list).
+        `full_tokens` (an admission under vLLM's scheduler_reserve_full_isl): allocate only if
+        the whole sequence of that many tokens would fit (fits_whole)."""
         if len(new_computed_blocks):
             if new_computed_blocks.__class__ is not np.ndarray:
                 new_computed_blocks = np.array(new_computed_blocks, dtype=np.intp)
             return self._allocate_with_hits(req, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
-                                            delay_cache_blocks)
+                                            delay_cache_blocks, full_tokens)
         # A running request's next tokens (decode, prefill chunk) or an admission without hits.
         bs = self.block_size
         pool = self.pool
         rid = req.request_id
-        total = req.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_computed = req.num_computed_tokens + num_new_computed_tokens
+        if full_tokens and not self.fits_whole(req, full_tokens, num_computed, 0, 0):
+            return False
+        total = num_computed + num_new_tokens
         need = total if total < self.max_model_len else self.max_model_len
         blocks = self.req_to_blocks.get(rid)
         have = len(blocks) if blocks is not None else 0
         num_to_allocate = -(-need // bs) - have
         grow = 0
         if self.local:
-            grow = self._window_target(req.num_computed_tokens + num_new_computed_tokens, need) \
-                - len(self.req_to_window.get(rid, ()))
+            grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
             self.win_stale.add(rid)
+            if grow < 0:  # vLLM frees the blocks behind the window first, allocation or not
+                self._shrink_window(rid, -grow)
+                grow = 0
         if blocks is None:
-            if num_to_allocate + self.state_blocks + max(grow, 0) > pool.num_free:
+            if num_to_allocate + self.state_blocks + grow > pool.num_free:
                 return False
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
             if self.state_blocks:
                 self.req_to_state[rid] = pool.take_new_blocks(self.state_blocks)
-        elif num_to_allocate + max(grow, 0) > pool.num_free:
+        elif num_to_allocate + grow > pool.num_free:
             return False
-        if grow < 0:
-            self._shrink_window(rid, -grow)
         new = None
         if num_to_allocate == 1:  # a decode entering a new block
             blocks.append(pool.get_new_block())
@@ -192,11 +201,12 @@ class KVCacheManager:
             if room < 0:
                 return self.allocate_slots(req, 1)
             grow = self._window_target(c, c + 1) - len(self.req_to_window[rid])
-            if (room == 0) + max(grow, 0) > self.pool.num_free:
+            if grow < 0:  # vLLM frees the blocks behind the window first, allocation or not
+                self._shrink_window(rid, -grow)
+                grow = 0
+            if (room == 0) + grow > self.pool.num_free:
                 return False
             self.win_stale.discard(rid)
-            if grow < 0:
-                self._shrink_window(rid, -grow)  # vLLM frees the blocks behind the window first
             if room == 0:
                 blocks.append(self.pool.get_new_block())
             if grow > 0:
@@ -220,7 +230,7 @@ class KVCacheManager:
         return True
 
     def _allocate_with_hits(self, req: Request, num_new_tokens: int, num_new_computed_tokens: int,
-                            arr: np.ndarray, delay_cache_blocks: bool) -> bool:
+                            arr: np.ndarray, delay_cache_blocks: bool, full_tokens: int = 0) -> bool:
         """allocate_slots for a request admitted with cache hits `arr` (they come first in its table)."""
         bs = self.block_size
         pool = self.pool
@@ -234,15 +244,18 @@ class KVCacheManager:
         ref = pool.ref_cnt[arr]
         # hit blocks sitting in the free queue are not free for this allocation
         evictable = num_hits - int(np.count_nonzero(ref))
+        if full_tokens and not self.fits_whole(req, full_tokens, num_computed, num_hits, evictable):
+            return False
         state = self.state_blocks if blocks is None else 0
         grow = 0
         if self.local:
             grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
             self.win_stale.add(rid)
-        if num_to_allocate + state + max(grow, 0) > pool.num_free - evictable:
+            if grow < 0:  # vLLM frees the blocks behind the window first, allocation or not
+                self._shrink_window(rid, -grow)
+                grow = 0
+        if num_to_allocate + state + grow > pool.num_free - evictable:
             return False
-        if grow < 0:
-            self._shrink_window(rid, -grow)
         if blocks is None:
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
@@ -261,17 +274,39 @@ class KVCacheManager:
             self._cache_full_blocks(req, blocks, num_full, have, have + num_hits, new)
         return True
 
+    def fits_whole(self, req: Request, full_tokens: int, num_computed: int, num_hits: int, evictable: int) -> bool:
+        """vLLM's admission gate under scheduler_reserve_full_isl (KVCacheManager.allocate_slots
+        with full_sequence_must_fit): the blocks the whole sequence of `full_tokens` would take
+        beyond those it has or hits (hits in the free queue counted as taken), its state
+        blocks, and its windows' blocks up to vLLM's per-request admission cap, fit the free
+        blocks."""
+        bs = self.block_size
+        full = full_tokens if full_tokens < self.max_model_len else self.max_model_len
+        blocks = self.req_to_blocks.get(req.request_id)
+        have = len(blocks) if blocks is not None else 0
+        need = max(-(-full // bs) - have - num_hits, 0) + evictable
+        if blocks is None:
+            need += self.state_blocks
+        if self.local:
+            required = min(-(-full // bs), self.admission_cap)
+            per_group = max(required - max(self._skipped(num_computed) // bs, have + num_hits), 0)
+            need += -(-self.window_groups * per_group // self.full_groups)
+        return need <= self.pool.num_free
+
     # -- sliding-window blocks -------------------------------------------------------------
     def _window_target(self, num_computed: int, need: int) -> int:
         """Pool blocks of a sequence's windows once its slots reach `need` tokens: per group the
         blocks up to `need` less those wholly behind the window of the `num_computed` tokens
         (vLLM's get_num_skipped_tokens: computed - window + 1)."""
-        bs = self.block_size
-        if self.window:
-            held = -(-need // bs) - max(num_computed - self.window + 1, 0) // bs
-        else:  # chunked: the chunk's start (get_num_skipped_tokens = computed // chunk x chunk)
-            held = -(-need // bs) - num_computed // self.chunk * self.chunk // bs
+        held = -(-need // self.block_size) - self._skipped(num_computed) // self.block_size
         return -(-self.window_groups * held // self.full_groups)
+
+    def _skipped(self, num_computed: int) -> int:
+        """Tokens behind a window (vLLM's get_num_skipped_tokens): computed - window + 1, or
+        chunked: the tokens before the current chunk."""
+        if self.window:
+            return max(num_computed - self.window + 1, 0)
+        return num_computed // self.chunk * self.chunk if self.chunk else 0
 
     def _grow_window(self, rid: int, n: int) -> None:
         win = self.req_to_window.setdefault(rid, [])
@@ -300,10 +335,17 @@ class KVCacheManager:
         most `max_chunk` tokens (0 for a model without sliding-window groups)."""
         if not self.local:
             return 0
-        bs = self.block_size
-        span = self.window - 1 if self.window else self.chunk  # (vLLM's admission caps)
-        held = min(-(-num_tokens // bs), -(-(span + max_chunk) // bs) + 1)
+        held = min(-(-num_tokens // self.block_size), self._cap(max_chunk))
         return -(-self.window_groups * held // self.full_groups)
+
+    def _cap(self, in_flight: int) -> int:
+        """vLLM's per-request admission cap of a window group, in blocks
+        (max_admission_blocks_per_request): the window less one, or the chunk, and the tokens
+        in flight (one step's budget), at most max_model_len."""
+        bs = self.block_size
+        if self.window:
+            return -(-min(self.window - 1 + in_flight, self.max_model_len) // bs) + 1
+        return -(-min(self.chunk + in_flight, self.max_model_len) // bs)
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         rid = req.request_id

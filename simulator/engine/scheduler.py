@@ -46,13 +46,21 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy, enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
-                 max_model_len: int = 1 << 40, connector=None):
+                 max_model_len: int = 1 << 40, connector=None, reserve_full_isl: bool = False,
+                 lone_request_full_budget: bool = False):
+        """`reserve_full_isl`: vLLM's scheduler_reserve_full_isl (on by default in vLLM 0.32):
+        a waiting request is admitted only if its whole sequence fits the KV cache, not just
+        the chunk it is scheduled for. `lone_request_full_budget` (vLLM 0.32): the long-prefill
+        threshold does not apply when one request at most is running or waiting."""
         self.kv = kv
+        self.reserve_full_isl = reserve_full_isl
+        self.lone_request_full_budget = lone_request_full_budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.enable_chunked_prefill = enable_chunked_prefill
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self._thr = long_prefill_token_threshold  # this step's (schedule)
         self.max_model_len = max_model_len
         self.connector = connector  # KV tier loader (offload), or None
         self.running: list[Request] = []
@@ -79,6 +87,9 @@ class Scheduler:
     # -- schedule --------------------------------------------------------------------------
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
+        thr = self._thr = self.long_prefill_token_threshold
+        if thr and self.lone_request_full_budget and len(self.running) + self.num_waiting() <= 1:
+            self._thr = 0  # nobody to starve (vLLM 0.32's Scheduler.schedule)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget, now)
@@ -86,7 +97,7 @@ class Scheduler:
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
         n = req.num_tokens - req.num_computed_tokens
-        thr = self.long_prefill_token_threshold
+        thr = self._thr
         if 0 < thr < n:
             n = thr
         if n > budget:
@@ -191,6 +202,7 @@ class Scheduler:
         running = self.running
         kv = self.kv
         holding = self.kv_holding
+        reserve = self.reserve_full_isl
         skipped_holding = []
         while budget > 0:
             # Requests that hold KV blocks (their tier load was started) are drained first,
@@ -213,7 +225,8 @@ class Scheduler:
                 hit_blocks, num_hit = (), 0
             if num_ext:
                 # vLLM: allocate for local hits + external tokens, then wait for the load.
-                if not kv.allocate_slots(req, num_ext, num_hit, hit_blocks, delay_cache_blocks=True):
+                if not kv.allocate_slots(req, num_ext, num_hit, hit_blocks, delay_cache_blocks=True,
+                                         full_tokens=req.num_tokens if reserve else 0):
                     break
                 kv.record_lookup(req.num_tokens, num_hit + num_ext)
                 req.num_computed_tokens = num_hit
@@ -231,14 +244,14 @@ class Scheduler:
                     self.on_load_started(req)
                 continue
             n = req.num_tokens - req.num_computed_tokens - num_hit
-            thr = self.long_prefill_token_threshold
+            thr = self._thr
             if 0 < thr < n:
                 n = thr
             if not self.enable_chunked_prefill and n > budget:
                 break
             if n > budget:
                 n = budget
-            if not kv.allocate_slots(req, n, num_hit, hit_blocks):
+            if not kv.allocate_slots(req, n, num_hit, hit_blocks, full_tokens=req.num_tokens if reserve else 0):
                 break
             if req.num_computed_tokens == 0:
                 kv.record_lookup(req.num_tokens, num_hit)
