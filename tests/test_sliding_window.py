@@ -148,20 +148,33 @@ def test_window_blocks_follow_vllm_sliding_window_manager():
     assert kv.pool.num_free == usable - 5
 
 
-def test_window_blocks_of_a_prefix_hit_are_taken_fresh():
-    """A request whose prompt hits the cache takes the hit table blocks and new window blocks
-    for what it computes (window blocks are never cached)."""
+def test_a_prefix_hit_shares_the_cached_window_blocks():
+    """Window blocks are cached by position when full, like the table's; a later request's hit
+    needs the window's last cdiv(W - 1, bs) blocks cached (vLLM's SlidingWindowManager
+    .find_longest_cache_hit) and takes those, revived from the free queue, and fresh blocks
+    for what it computes; without them its hit ends where they do."""
     kv = KVCacheManager(60, 4, window=8, window_groups=1, full_groups=1)
     keys = list(range(100, 105))
     a = make_req(0, 20, keys=keys)
     assert kv.allocate_slots(a, 20)
+    a_window = list(kv.req_to_window[0])
     a.num_computed_tokens = 20
     kv.free(a)
     b = make_req(1, 22, keys=keys)
     hits, n = kv.lookup(b)
     assert n == 20
+    free = kv.pool.num_free
     assert kv.allocate_slots(b, 2, 20, hits)              # computed 20: 13 behind the window, 3 blocks skipped
     assert (kv.num_blocks_of(b), len(kv.req_to_window[1])) == (6, 6 - 3)
+    assert kv.req_to_window[1][:2] == a_window[3:5]       # positions 3 and 4: a's cached window blocks
+    assert kv.pool.num_free == free - (5 + 1) - (2 + 1)   # table: 5 hits revived + 1 new; window: 2 + 1
+    # Without position 4's window block the hit ends with the run of positions 2-3 (16 tokens):
+    kv.free(b)
+    key4 = kv.pool.block_key[a_window[4]]
+    kv.pool.touch([a_window[4]])
+    kv.pool._forget(a_window[4], key4)                    # (evicted: its identity is gone)
+    d = make_req(3, 22, keys=keys)
+    assert kv.lookup(d)[1] == 16
 
 
 # -- attention cost ------------------------------------------------------------------------------

@@ -372,6 +372,7 @@ class Instance:
         base = run.base
         by_mod = run.by_mod or self._run_events(run)
         wg = kv.window_groups
+        win_cache = kv.win_cache
         for j in range(run.applied + 1, upto + 1):
             for e in by_mod[j % bs]:
                 i = e >> 2
@@ -381,7 +382,11 @@ class Instance:
                     req_to_blocks[req.request_id].append(pool.get_new_block())
                 elif kind == 1:
                     idx = (base[i] + j + 1) // bs - 1
-                    pool.cache_block(req_to_blocks[req.request_id][idx], req.block_key(idx))  # a no-op if cached already
+                    table = req_to_blocks[req.request_id]
+                    key = req.block_key(idx)
+                    if win_cache:
+                        kv.cache_window_block(req.request_id, idx, key, len(table))
+                    pool.cache_block(table[idx], key)  # a no-op if cached already
                     num_cached_block[req.request_id] = idx + 1
                 elif kind == 2:
                     kv._shrink_window(req.request_id, wg)
@@ -401,7 +406,7 @@ class Instance:
             # Step j allocates a block for request i when c + j is a multiple of bs, and
             # caches one when c + j + 1 is; the first such step is the residue, or bs.
             # Sliding windows: it first frees a window block per group when c + j - W + 1
-            # is a multiple of bs, and takes one per group after its table's block. (Events
+            # is a multiple of bs, and takes one per group before its table's block. (Events
             # are 4 x running index + kind, in the order allocate_decode_slot does them.)
             e = 4 * i
             m = -c % bs
@@ -410,9 +415,9 @@ class Instance:
                 if (f or bs) < M:
                     by_mod[f].append(e + 2)
             if (m or bs) < M:
-                by_mod[m].append(e)
                 if W:
-                    by_mod[m].append(e + 3)
+                    by_mod[m].append(e + 3)  # (the window groups' blocks are allocated first)
+                by_mod[m].append(e)
             if caching:
                 m = (m - 1) % bs
                 if (m or bs) < M:

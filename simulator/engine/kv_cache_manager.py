@@ -31,11 +31,17 @@ _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhe
 _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 
 
+def _window_key(key: int, group: int) -> int:
+    """The identity of a sliding-window group's block at the position whose full-attention
+    block has `key` (vLLM keys blocks by hash and group id): a 63-bit mix, never NO_KEY."""
+    return ((key * 0x9E3779B97F4A7C15) ^ ((group + 1) * 0xC2B2AE3D27D4EB4F)) & 0x7FFFFFFFFFFFFFFF
+
+
 class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
                  "req_to_state", "window", "window_groups", "full_groups", "req_to_window", "win_stale", "chunk",
-                 "local", "admission_cap")
+                 "local", "admission_cap", "win_cache", "_win_hits")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
@@ -50,9 +56,10 @@ class KVCacheManager:
         groups' blocks; besides them it holds, per sliding-window group, the blocks from the
         first one not wholly behind the window of its computed tokens to its last slot (vLLM's
         SlidingWindowManager frees the blocks behind before each allocation), in this pool
-        ceil(window_groups x blocks / full_groups) blocks, freed with the sequence and never
-        cached here (the prefix-cache hit is the full-attention table's: the window blocks of
-        a hit are taken fresh, as vLLM takes them from the free queue). `chunk` instead of
+        ceil(window_groups x blocks / full_groups) blocks, freed with the sequence. With one
+        full-attention group the window blocks are vLLM's, position by position: cached when
+        full, shared, and needed by a prefix hit (_lookup_with_windows); with more, counted
+        (never cached: a hit's window blocks are taken fresh). `chunk` instead of
         `window`: Llama 4's chunked local attention, whose groups hold the blocks from the start
         of the current chunk of `chunk` tokens (vLLM's ChunkedLocalAttentionManager).
         `max_in_flight`: tokens scheduled but not yet settled (one step's budget), for vLLM's
@@ -75,6 +82,12 @@ class KVCacheManager:
         self.num_cached_block: dict[int, int] = {}
         self.max_model_len = max_model_len
         self.admission_cap = self._cap(max_in_flight) if self.local else 0
+        # Sliding-window blocks are cached, shared and hit as vLLM's SlidingWindowManager does
+        # them (one full-attention group): a window block gets the identity of its position in
+        # its group when that block is full, and a prefix hit needs the window's blocks
+        # (lookup). (_win_hits: the last lookup's window blocks, for the allocation after it.)
+        self.win_cache = bool(self.window and enable_caching and self.full_groups == 1)
+        self._win_hits: tuple | None = None
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         # The last lookup: (request, its block count, its hits as an array, the key of the
@@ -92,6 +105,8 @@ class KVCacheManager:
         max_blocks = (req.num_tokens - 1) // self.block_size
         if max_blocks <= 0:
             return _NONE, 0
+        if self.win_cache:
+            return self._lookup_with_windows(req, max_blocks)
         pool = self.pool
         memo = self._lookup
         if memo is not None and memo[0] is req and memo[1] == max_blocks:
@@ -110,6 +125,42 @@ class KVCacheManager:
             miss_key = keys.item(len(arr)) if len(arr) < max_blocks else None
         self._lookup = (req, max_blocks, arr, miss_key)
         return arr, len(arr) * self.block_size
+
+    def _lookup_with_windows(self, req: Request, max_blocks: int) -> tuple[np.ndarray, int]:
+        """vLLM's hybrid hit (HybridKVCacheCoordinator.find_longest_cache_hit, one full and one
+        kind of sliding-window group): the full-attention hit h, left to right; then, within
+        it, right to left, the first run of cdiv(window - 1, block_size) blocks whose window
+        blocks are cached in every group (SlidingWindowManager.find_longest_cache_hit); the
+        hit ends with that run (or is the run that reaches block 0), and the table's hit is
+        cut to it. The window blocks of the run are kept for the allocation."""
+        pool = self.pool
+        runs = req.key_runs(0, max_blocks)
+        if runs is not None:
+            arr, _ = pool.match_runs(runs)
+        else:
+            arr = pool.match_prefix(req.block_keys(0, max_blocks))
+        h = len(arr)
+        need = -(-(self.window - 1) // self.block_size)
+        wg = self.window_groups
+        get = pool.get_cached_block
+        run: list[list[int]] = []  # window blocks of the run, right to left
+        end = 0
+        for i in range(h - 1, -1, -1):
+            key = req.block_key(i)
+            blocks = [get(_window_key(key, g)) for g in range(wg)]
+            if None in blocks:
+                run = []
+                continue
+            run.append(blocks)
+            if len(run) >= need:
+                end = i + len(run)
+                break
+        else:
+            end = len(run)  # the run reaching block 0 (or none)
+        if end < h:
+            arr = arr[:end]
+        self._win_hits = (req, [b for blocks in reversed(run) for b in blocks])
+        return arr, end * self.block_size
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Prefix-cache stats, counted when a looked-up request is admitted. (vLLM's counters
@@ -157,11 +208,8 @@ class KVCacheManager:
         num_to_allocate = -(-need // bs) - have
         grow = 0
         if self.local:
-            grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
+            grow = self._move_window(rid, have, num_computed, need)
             self.win_stale.add(rid)
-            if grow < 0:  # vLLM frees the blocks behind the window first, allocation or not
-                self._shrink_window(rid, -grow)
-                grow = 0
         if blocks is None:
             if num_to_allocate + self.state_blocks + grow > pool.num_free:
                 return False
@@ -171,14 +219,14 @@ class KVCacheManager:
                 self.req_to_state[rid] = pool.take_new_blocks(self.state_blocks)
         elif num_to_allocate + grow > pool.num_free:
             return False
+        if grow > 0:  # (vLLM allocates the sliding-window groups' blocks first)
+            self._grow_window(rid, grow)
         new = None
         if num_to_allocate == 1:  # a decode entering a new block
             blocks.append(pool.get_new_block())
         elif num_to_allocate > 1:
             new = pool.take_new_blocks(num_to_allocate)
             blocks.extend_array(new)
-        if grow > 0:
-            self._grow_window(rid, grow)
         if self.enable_caching and not delay_cache_blocks:
             num_tokens = req.num_prompt_tokens + req.num_output_tokens
             num_full = (total if total < num_tokens else num_tokens) // bs
@@ -200,17 +248,14 @@ class KVCacheManager:
         if self.local:
             if room < 0:
                 return self.allocate_slots(req, 1)
-            grow = self._window_target(c, c + 1) - len(self.req_to_window[rid])
-            if grow < 0:  # vLLM frees the blocks behind the window first, allocation or not
-                self._shrink_window(rid, -grow)
-                grow = 0
+            grow = self._move_window(rid, len(blocks), c, c + 1)
             if (room == 0) + grow > self.pool.num_free:
                 return False
             self.win_stale.discard(rid)
-            if room == 0:
-                blocks.append(self.pool.get_new_block())
             if grow > 0:
                 self._grow_window(rid, grow)
+            if room == 0:
+                blocks.append(self.pool.get_new_block())
         elif room <= 0:
             if room < 0:  # more than one block short
                 return self.allocate_slots(req, 1)
@@ -224,7 +269,10 @@ class KVCacheManager:
             start = num_cached[rid]
             if num_full == start + 1:  # the token fills a block: cache it
                 num_cached[rid] = num_full
-                self.pool.cache_block(blocks[start], req.block_key(start))
+                key = req.block_key(start)
+                if self.win_cache:
+                    self.cache_window_block(rid, start, key, len(blocks))
+                self.pool.cache_block(blocks[start], key)
             elif num_full > start:
                 self._cache_full_blocks(req, blocks, num_full)
         return True
@@ -244,18 +292,29 @@ class KVCacheManager:
         ref = pool.ref_cnt[arr]
         # hit blocks sitting in the free queue are not free for this allocation
         evictable = num_hits - int(np.count_nonzero(ref))
+        whits = ()
+        if self.win_cache:
+            memo = self._win_hits
+            if memo is not None and memo[0] is req and blocks is None:
+                whits = memo[1]  # the hit's window blocks (lookup), shared like its table blocks
+                rc = pool.ref_cnt
+                evictable += sum(1 for b in whits if not rc.item(b))
         if full_tokens and not self.fits_whole(req, full_tokens, num_computed, num_hits, evictable):
             return False
         state = self.state_blocks if blocks is None else 0
         grow = 0
         if self.local:
-            grow = self._window_target(num_computed, need) - len(self.req_to_window.get(rid, ()))
+            if whits:  # a new request: its window will be the hit's [h - k, h), then grow
+                wg = self.window_groups
+                grow = wg * (-(-need // bs) - max(have + num_hits, self._skipped(num_computed) // bs))
+            else:
+                grow = self._move_window(rid, have, num_computed, need)
             self.win_stale.add(rid)
-            if grow < 0:  # vLLM frees the blocks behind the window first, allocation or not
-                self._shrink_window(rid, -grow)
-                grow = 0
         if num_to_allocate + state + grow > pool.num_free - evictable:
             return False
+        if whits:
+            pool.touch(list(whits))
+            self.req_to_window[rid] = list(whits)
         if blocks is None:
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
@@ -263,12 +322,12 @@ class KVCacheManager:
         if state:
             self.req_to_state[rid] = pool.take_new_blocks(state)
         blocks.extend_array(arr)
+        if grow > 0:  # (vLLM allocates the sliding-window groups' blocks first)
+            self._grow_window(rid, grow)
         new = None
         if num_to_allocate > 0:
             new = pool.take_new_blocks(num_to_allocate)
             blocks.extend_array(new)
-        if grow > 0:
-            self._grow_window(rid, grow)
         if self.enable_caching and not delay_cache_blocks:
             num_full = min(num_computed + num_new_tokens, req.num_tokens) // bs
             self._cache_full_blocks(req, blocks, num_full, have, have + num_hits, new)
@@ -294,6 +353,29 @@ class KVCacheManager:
         return need <= self.pool.num_free
 
     # -- sliding-window blocks -------------------------------------------------------------
+    def _move_window(self, rid: int, have: int, num_computed: int, need: int) -> int:
+        """Move a sequence's windows to their new span before an allocation: free (now) the
+        blocks wholly behind the window of its computed tokens, as vLLM's remove_skipped_blocks
+        does whether or not the allocation then succeeds, and return how many blocks the
+        positions new to the window take (`have`: table blocks before the allocation, where
+        the windows end; `need`: tokens with slots after it)."""
+        win = self.req_to_window.get(rid)
+        n = len(win) if win else 0
+        if self.full_groups != 1:  # (windows counted in pooled blocks: their net change)
+            grow = self._window_target(num_computed, need) - n
+            if grow < 0:
+                self._shrink_window(rid, -grow)
+                return 0
+            return grow
+        bs, wg = self.block_size, self.window_groups
+        start = have - n // wg  # first position held
+        new_start = self._skipped(num_computed) // bs
+        gone = min(new_start, have) - start
+        if gone > 0:
+            self._shrink_window(rid, gone * wg)
+        grow = -(-need // bs) - max(have, new_start)
+        return wg * grow if grow > 0 else 0
+
     def _window_target(self, num_computed: int, need: int) -> int:
         """Pool blocks of a sequence's windows once its slots reach `need` tokens: per group the
         blocks up to `need` less those wholly behind the window of the `num_computed` tokens
@@ -309,20 +391,44 @@ class KVCacheManager:
         return num_computed // self.chunk * self.chunk if self.chunk else 0
 
     def _grow_window(self, rid: int, n: int) -> None:
+        """Take n window blocks: vLLM fills each group's new slots in turn (group-major); the
+        window holds them by position, a position's groups together (one full-attention group)."""
         win = self.req_to_window.setdefault(rid, [])
         if n == 1:
             win.append(self.pool.get_new_block())
-        else:
-            win.extend(self.pool.take_new_blocks(n).tolist())
+            return
+        new = self.pool.take_new_blocks(n)
+        wg = self.window_groups
+        if wg > 1 and self.full_groups == 1 and n % wg == 0:
+            new = new.reshape(wg, n // wg).T.ravel()
+        win.extend(new.tolist())
+
+    def cache_window_block(self, rid: int, i: int, key: int, table_len: int) -> None:
+        """Block i of the sequence is full: its window blocks (if not behind the window) get the
+        identity of position i in their group (vLLM caches every group's block)."""
+        win = self.req_to_window.get(rid)
+        if not win:
+            return
+        wg = self.window_groups
+        k = i - (table_len - len(win) // wg)
+        if k >= 0:
+            cache = self.pool.cache_block
+            for g in range(wg):
+                cache(win[k * wg + g], _window_key(key, g))
 
     def _shrink_window(self, rid: int, n: int) -> None:
-        """Free the window's n oldest blocks (they fell behind the window)."""
+        """Free the window's n oldest blocks (they fell behind the window): group by group,
+        each from its latest position back, as vLLM's remove_skipped_blocks frees them."""
         win = self.req_to_window[rid]
         if n == 1:
             self.pool.free_block(win.pop(0))
-        else:
-            self.pool.free_blocks(win[:n])
-            del win[:n]
+            return
+        gone = win[:n]
+        del win[:n]
+        wg = self.window_groups
+        if self.full_groups == 1 and n % wg == 0:
+            gone = [b for g in range(wg) for b in gone[g::wg][::-1]]
+        self.pool.free_blocks(gone)
 
     def window_settled(self, req: Request) -> bool:
         """The decode `req` was just scheduled for is past the window's first free, so its next
@@ -361,6 +467,11 @@ class KVCacheManager:
         if num_full <= start:
             return
         self.num_cached_block[rid] = num_full
+        if self.win_cache:
+            n = len(blocks)
+            key = req.block_key
+            for i in range(start, num_full):
+                self.cache_window_block(rid, i, key(i), n)
         lo = new_lo if have <= start < new_lo else start
         if num_full - lo < _SMALL:
             pool = self.pool
@@ -394,7 +505,12 @@ class KVCacheManager:
         self.win_stale.discard(rid)
         win = self.req_to_window.pop(rid, None)
         if win:
-            self.pool.free_blocks(win[::-1])
+            wg = self.window_groups
+            if wg > 1 and self.full_groups == 1:  # group by group, each tail first, as vLLM frees them
+                win = [b for g in range(wg) for b in win[g::wg][::-1]]
+            else:
+                win = win[::-1]
+            self.pool.free_blocks(win)
 
     def _free_state(self, rid: int) -> None:
         state = self.req_to_state.pop(rid, None)

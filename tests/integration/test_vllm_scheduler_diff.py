@@ -24,12 +24,13 @@ request's blocks, queues, computed tokens.
      Fixed in KVCacheManager.
   (D1-D3 are behaviours of vLLM after 0.19; engine.vllm_version selects them.)
   D4 sliding-window prefix caching: vLLM caches and shares sliding-window blocks and a hit
-     needs them (HybridKVCacheCoordinator.find_longest_cache_hit); the simulator's hit is
-     the full-attention table's, with fresh window blocks. Still open: its repros are
-     xfail(strict=True), raising KnownDifference only when the script reports exactly that
-     difference (any other outcome fails; once fixed, strict xfail fails: drop the mark).
+     needs them (HybridKVCacheCoordinator.find_longest_cache_hit). Fixed: window blocks are
+     cached by position, shared, and a hit needs the window's run (KVCacheManager
+     ._lookup_with_windows); windows move by position (freed behind, taken ahead).
+  Their repros are kept as regression tests. A new difference's repro goes in REPROS marked
+  xfail(strict=True), raising KnownDifference only when the script reports exactly it.
 
-About 60 s: six runs of the script (vLLM's import is ~6 s of each).
+About 80 s: seven runs of the script (vLLM's import is ~6 s of each).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def test_full_attention_random_cases_agree(vllm_python, tmp_path, args):
 @pytest.mark.parametrize("args", [
     pytest.param(["--cases", "120", "--seed", "12", "--hybrid", "--ample-pool", "--no-prefix-caching"], id="ample"),
     pytest.param(["--cases", "120", "--seed", "13", "--hybrid", "--no-prefix-caching"], id="tight"),
+    pytest.param(["--cases", "120", "--seed", "14", "--hybrid", "--long-prefill"], id="prefix-caching"),
 ])
 def test_sliding_window_random_cases_agree(vllm_python, tmp_path, args):
     rc, out, results = _run(vllm_python, args, tmp_path / "hybrid.json")
@@ -146,7 +148,7 @@ def repro_results(vllm_python, tmp_path_factory):
     return by_name, out
 
 
-FIXED = ("D1", "D2", "D3", "D5")  # their repros now agree: regression tests
+FIXED = ("D1", "D2", "D3", "D4", "D5")  # their repros now agree: regression tests
 
 
 @pytest.mark.parametrize("name", [
