@@ -133,6 +133,7 @@ class Case:
     max_num_batched_tokens: int
     max_model_len: int = 4096
     window: int = 0  # sliding window (tokens); 0: one full-attention group only
+    chunked: bool = False  # `window` is Llama 4's attention chunk (chunked local attention), not a sliding window
     long_prefill_token_threshold: int = 0
     prefix_caching: bool = True  # enable_prefix_caching, both sides
     # vLLM-only knobs, each switching off one documented difference (module docstring):
@@ -176,12 +177,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 def gen_case(rng: random.Random, name: str, hybrid: bool, long_prefill: bool = False,
-             ample_pool: bool = False) -> Case:
+             ample_pool: bool = False, chunked: bool = False) -> Case:
     bs = rng.choice([4, 8, 16])
     max_num_seqs = rng.choice([1, 2, 3, 4, 4, 6, 8, 16])
     budget = max(max_num_seqs, rng.choice([bs, 2 * bs, 3 * bs + 1, 24, 32, 48, 64, 100, 256]))
     window = 0
-    if hybrid:
+    if chunked:  # (vLLM's chunk is a multiple of the block size)
+        window = bs * rng.choice([1, 2, 3, 4, 6])
+    elif hybrid:
         window = rng.choice([bs + 1, 2 * bs, 2 * bs + 3, 3 * bs, 4 * bs - 1, 5 * bs])
     prefixes = [[f"{name}-p{k}", rng.randint(1, 6 * bs)] for k in range(rng.randint(1, 3))]
     reqs: list[ReqSpec] = []
@@ -207,7 +210,9 @@ def gen_case(rng: random.Random, name: str, hybrid: bool, long_prefill: bool = F
     for r in reqs:
         total = min(r.prompt_len + r.max_tokens, max_model_len)
         need = cdiv(total, bs)
-        if window:
+        if window and chunked:
+            need += WINDOW_GROUPS * min(cdiv(total, bs), cdiv(window + budget, bs))
+        elif window:
             need += WINDOW_GROUPS * min(cdiv(total, bs), cdiv(window - 1 + budget, bs) + 1)
         needs.append(need)
     lo, hi = max(needs) + 1, sum(needs) + 1
@@ -218,7 +223,7 @@ def gen_case(rng: random.Random, name: str, hybrid: bool, long_prefill: bool = F
     if long_prefill and rng.random() < 0.5:
         thr = rng.choice([bs, 2 * bs, bs + 3])
     return Case(name=name, block_size=bs, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=budget, max_model_len=max_model_len, window=window,
+                max_num_batched_tokens=budget, max_model_len=max_model_len, window=window, chunked=chunked,
                 long_prefill_token_threshold=thr, requests=reqs)
 
 
@@ -237,8 +242,8 @@ class _Vllm:
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
         from vllm.v1.core.sched.scheduler import Scheduler
-        from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
-                                                SlidingWindowSpec)
+        from vllm.v1.kv_cache_interface import (ChunkedLocalAttentionSpec, FullAttentionSpec, KVCacheConfig,
+                                                KVCacheGroupSpec, SlidingWindowSpec)
         from vllm.v1.outputs import ModelRunnerOutput
         from vllm.v1.request import Request
         from vllm.v1.structured_output import StructuredOutputManager
@@ -251,6 +256,7 @@ class _Vllm:
         self.SamplingParams = SamplingParams
         self.Scheduler = Scheduler
         self.FullAttentionSpec, self.SlidingWindowSpec = FullAttentionSpec, SlidingWindowSpec
+        self.ChunkedLocalAttentionSpec = ChunkedLocalAttentionSpec
         self.KVCacheConfig, self.KVCacheGroupSpec = KVCacheConfig, KVCacheGroupSpec
         self.ModelRunnerOutput = ModelRunnerOutput
         self.Request = Request
@@ -323,8 +329,12 @@ class VllmSide:
         if case.window:
             # vLLM's grouping of tiny-gemma3 (layers s s f s s f): sliding (0,1), sliding
             # (3,4), full (2,5), in that order (_get_kv_cache_groups_uniform_page_size).
-            sw = v.SlidingWindowSpec(block_size=bs, num_kv_heads=2, head_size=64, dtype=bf16,
-                                     sliding_window=case.window)
+            if case.chunked:  # the same layout with Llama 4's chunked local attention
+                sw = v.ChunkedLocalAttentionSpec(block_size=bs, num_kv_heads=2, head_size=64, dtype=bf16,
+                                                 attention_chunk_size=case.window)
+            else:
+                sw = v.SlidingWindowSpec(block_size=bs, num_kv_heads=2, head_size=64, dtype=bf16,
+                                         sliding_window=case.window)
             full = v.FullAttentionSpec(block_size=bs, num_kv_heads=2, head_size=64, dtype=bf16)
             groups = [v.KVCacheGroupSpec(["layers.0", "layers.1"], sw),
                       v.KVCacheGroupSpec(["layers.3", "layers.4"], sw),
@@ -343,8 +353,10 @@ class VllmSide:
         if case.vllm_threshold_always:
             self.sched.get_request_counts = types.MethodType(_counts_one_more_waiting, self.sched)
         mgrs = self.kvm.coordinator.single_type_managers
-        self.full_mgrs = [m for m in mgrs if isinstance(m.kv_cache_spec, v.FullAttentionSpec)]
-        self.sw_mgrs = [m for m in mgrs if isinstance(m.kv_cache_spec, v.SlidingWindowSpec)]
+        local = (v.SlidingWindowSpec, v.ChunkedLocalAttentionSpec)
+        self.full_mgrs = [m for m in mgrs if isinstance(m.kv_cache_spec, v.FullAttentionSpec)
+                          and not isinstance(m.kv_cache_spec, local)]
+        self.sw_mgrs = [m for m in mgrs if isinstance(m.kv_cache_spec, local)]
         self.reqs: dict[int, object] = {}
         self.next_token: dict[int, int] = {}
 
@@ -434,7 +446,8 @@ class SimSide:
         newer_free = case.vllm_free_order == "vllm"
         if case.window:
             kv = KVCacheManager(case.num_blocks, bs, enable_caching=case.prefix_caching,
-                                max_model_len=case.max_model_len, window=case.window,
+                                max_model_len=case.max_model_len, window=0 if case.chunked else case.window,
+                                chunk=case.window if case.chunked else 0,
                                 window_groups=WINDOW_GROUPS, full_groups=1,
                                 max_in_flight=case.max_num_batched_tokens, free_uncached_first=newer_free)
         else:
@@ -710,6 +723,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=None,
                     help="random cases to run (default 40, or 0 when --case-json is given)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the workload generator")
+    ap.add_argument("--chunked", action="store_true",
+                    help="with --hybrid: the local groups use Llama 4's chunked local attention "
+                         "(attention_chunk_size = the case's window) instead of a sliding window")
     ap.add_argument("--hybrid", action="store_true",
                     help="sliding-window model: tiny-gemma3's 2 sliding-window groups + 1 full-attention group")
     ap.add_argument("--long-prefill", action="store_true",
@@ -736,7 +752,8 @@ def main(argv=None) -> int:
     v = _Vllm()
     rng = random.Random(args.seed)
     n_random = args.cases if args.cases is not None else (0 if args.case_json else 40)
-    cases = [gen_case(rng, f"s{args.seed}{'h' if args.hybrid else ''}c{i}", args.hybrid, args.long_prefill,
+    cases = [gen_case(rng, f"s{args.seed}{'h' if args.hybrid else ''}{'k' if args.chunked else ''}c{i}",
+                      args.hybrid or args.chunked, args.long_prefill,
                       args.ample_pool) for i in range(n_random)]
     cases = [replace(c, prefix_caching=not args.no_prefix_caching, reserve_full_isl=not args.no_reserve_full_isl,
                      vllm_free_order=args.free_order, vllm_threshold_always=args.threshold_always) for c in cases]

@@ -86,7 +86,7 @@ class KVCacheManager:
         # them (one full-attention group): a window block gets the identity of its position in
         # its group when that block is full, and a prefix hit needs the window's blocks
         # (lookup). (_win_hits: the last lookup's window blocks, for the allocation after it.)
-        self.win_cache = bool(self.window and enable_caching and self.full_groups == 1)
+        self.win_cache = bool(self.local and enable_caching and self.full_groups == 1)
         self._win_hits: tuple | None = None
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -128,7 +128,7 @@ class KVCacheManager:
 
     def _lookup_with_windows(self, req: Request, max_blocks: int) -> tuple[np.ndarray, int]:
         """vLLM's hybrid hit (HybridKVCacheCoordinator.find_longest_cache_hit, one full and one
-        kind of sliding-window group): the full-attention hit h, left to right; then, within
+        kind of sliding-window or chunked group): the full-attention hit h, left to right; then, within
         it, right to left, the first run of cdiv(window - 1, block_size) blocks whose window
         blocks are cached in every group (SlidingWindowManager.find_longest_cache_hit); the
         hit ends with that run (or is the run that reaches block 0), and the table's hit is
@@ -140,9 +140,25 @@ class KVCacheManager:
         else:
             arr = pool.match_prefix(req.block_keys(0, max_blocks))
         h = len(arr)
-        need = -(-(self.window - 1) // self.block_size)
         wg = self.window_groups
         get = pool.get_cached_block
+        if self.chunk:
+            # ChunkedLocalAttentionManager: the blocks of the chunk the hit ends in, left to
+            # right from the chunk's start, up to the first miss (earlier chunks need none)
+            end = start = h * self.block_size // self.chunk * self.chunk // self.block_size
+            hit = []
+            for i in range(start, h):
+                key = req.block_key(i)
+                blocks = [get(_window_key(key, g)) for g in range(wg)]
+                if None in blocks:
+                    break
+                hit += blocks
+                end = i + 1
+            if end < h:
+                arr = arr[:end]
+            self._win_hits = (req, hit)
+            return arr, end * self.block_size
+        need = -(-(self.window - 1) // self.block_size)
         run: list[list[int]] = []  # window blocks of the run, right to left
         end = 0
         for i in range(h - 1, -1, -1):

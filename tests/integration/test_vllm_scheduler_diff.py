@@ -9,7 +9,8 @@ request's blocks, queues, computed tokens.
   preemption, max_num_seqs, length caps, long_prefill_token_threshold) with vLLM 0.32 as it
   is, and again with the vLLM-side knobs that restore the 0.19 behaviours below (the
   simulator then runs with engine.vllm_version 0.19's switches); tiny-gemma3's
-  sliding-window layout without prefix caching, on ample and on tight pools.
+  sliding-window layout without prefix caching, on ample and on tight pools, and with
+  prefix caching; the same layout with Llama 4's chunked local attention.
 - Differences the harness found, each with its minimal reproduction (vLLM is right in each;
   the script's docstring has the details):
 
@@ -30,7 +31,7 @@ request's blocks, queues, computed tokens.
   Their repros are kept as regression tests. A new difference's repro goes in REPROS marked
   xfail(strict=True), raising KnownDifference only when the script reports exactly it.
 
-About 80 s: seven runs of the script (vLLM's import is ~6 s of each).
+About 90 s: eight runs of the script (vLLM's import is ~6 s of each).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def test_full_attention_random_cases_agree(vllm_python, tmp_path, args):
     pytest.param(["--cases", "120", "--seed", "12", "--hybrid", "--ample-pool", "--no-prefix-caching"], id="ample"),
     pytest.param(["--cases", "120", "--seed", "13", "--hybrid", "--no-prefix-caching"], id="tight"),
     pytest.param(["--cases", "120", "--seed", "14", "--hybrid", "--long-prefill"], id="prefix-caching"),
+    pytest.param(["--cases", "120", "--seed", "15", "--chunked", "--long-prefill"], id="chunked-local"),
 ])
 def test_sliding_window_random_cases_agree(vllm_python, tmp_path, args):
     rc, out, results = _run(vllm_python, args, tmp_path / "hybrid.json")
