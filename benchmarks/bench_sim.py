@@ -52,12 +52,15 @@ def main() -> None:
     ap.add_argument("--no-fast-forward", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="run once under cProfile and print the top functions")
+    ap.add_argument("--vllm-version", default=None,
+                    help="engine.vllm_version (the scheduler behaviours mirrored; default: the simulator's)")
     a = ap.parse_args()
     progs = workload(a.programs, a.calls, a.rate, seed=1)
     n_calls = sum(len(p.calls) for p in progs)
     cfg = build_config({"cluster": {"instances": a.instances},
                         "policy": {"router": a.router, "kv": a.kv},
-                        "fast_forward": not a.no_fast_forward})
+                        "fast_forward": not a.no_fast_forward,
+                        **({"engine": {"vllm_version": a.vllm_version}} if a.vllm_version else {})})
     device, _ = load_device(a.hardware)
     dep = build_deployment(load_model(a.model), device, cfg)
     print(f"workload: {len(progs)} programs, {n_calls} calls, {a.instances} x {a.hardware} / {a.model}, "
