@@ -134,30 +134,29 @@ class BlockPool:
         self.on_evict = None  # optional callback(key) when a key leaves the cache
 
     # -- free queue -------------------------------------------------------------------------
-    def _push(self, blocks: np.ndarray) -> None:
-        """Append blocks (now unreferenced) at the tail, in order, with fresh stamps."""
+    def _stamped(self, blocks: np.ndarray) -> np.ndarray:
+        """Fresh stamps for blocks joining the queue (an entry is live while its block's stamp
+        is the entry's)."""
         k = len(blocks)
         s = self._next_stamp
         self._next_stamp = s + k
         stamps = np.arange(s, s + k)
         self._stamp[blocks] = stamps
-        self._segs.append((blocks, stamps))
         self._qlen += k
+        return stamps
+
+    def _push(self, blocks: np.ndarray) -> None:
+        """Append blocks (now unreferenced) at the tail, in order."""
+        self._segs.append((blocks, self._stamped(blocks)))
 
     def _push_front(self, blocks: np.ndarray) -> None:
-        """Put blocks (now unreferenced) at the head, blocks[0] first, with fresh stamps."""
-        k = len(blocks)
-        s = self._next_stamp
-        self._next_stamp = s + k
-        stamps = np.arange(s, s + k)
-        self._stamp[blocks] = stamps
+        """Put blocks (now unreferenced) at the head, blocks[0] first."""
         segs = self._segs
         if segs and self._pos:  # the head segment's consumed entries go, so the new one leads
             b0, s0 = segs[0]
             segs[0] = (b0[self._pos:], s0[self._pos:])
             self._pos = 0
-        segs.appendleft((blocks, stamps))
-        self._qlen += k
+        segs.appendleft((blocks, self._stamped(blocks)))
 
     def _live(self) -> np.ndarray:
         """Live queue entries, head first."""
