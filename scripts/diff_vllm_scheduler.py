@@ -608,18 +608,16 @@ def compare_step(case: Case, vd: dict, md: dict, vs: dict, ms: dict) -> tuple[st
         diffs = [f"req {k}: vLLM {vs['computed'].get(k)}, sim {ms['computed'].get(k)}"
                  for k in ks if vs["computed"].get(k) != ms["computed"].get(k)]
         return "num_computed_tokens differ: " + "; ".join(diffs), "computed"
-    bad = block_diffs(vd["blocks_after_schedule"], md["blocks_after_schedule"], bool(case.window))
-    if bad:
-        return "per-request blocks after schedule differ: " + "; ".join(bad), "blocks"
-    if vd["free_after_schedule"] != md["free_after_schedule"]:
-        return (f"free blocks after schedule differ: vLLM {vd['free_after_schedule']}, sim "
-                f"{md['free_after_schedule']}; per-request blocks agree, so blocks are shared"), "free"
-    bad = block_diffs(vs["blocks"], ms["blocks"], bool(case.window))
-    if bad:
-        return "per-request blocks after the step differ: " + "; ".join(bad), "blocks"
-    if vs["free"] != ms["free"]:
-        return (f"free blocks after the step differ: vLLM {vs['free']}, sim {ms['free']}; "
-                f"per-request blocks agree, so blocks are shared"), "free"
+    for when, (vb, vf), (mb, mf) in (
+            ("after schedule", (vd["blocks_after_schedule"], vd["free_after_schedule"]),
+             (md["blocks_after_schedule"], md["free_after_schedule"])),
+            ("after the step", (vs["blocks"], vs["free"]), (ms["blocks"], ms["free"]))):
+        bad = block_diffs(vb, mb, bool(case.window))
+        if bad:
+            return f"per-request blocks {when} differ: " + "; ".join(bad), "blocks"
+        if vf != mf:
+            return (f"free blocks {when} differ: vLLM {vf}, sim {mf}; per-request blocks agree, "
+                    f"so blocks are shared"), "free"
     return None, ""
 
 

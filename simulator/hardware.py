@@ -639,10 +639,8 @@ def _chunked_layers(cfg: dict[str, Any], num_layers: int, where: str) -> tuple[i
     chunk = cfg.get("attention_chunk_size")
     if not _is_llama4(cfg) or not chunk:
         return 0, 0
-    rope = cfg.get("no_rope_layers")
-    if isinstance(rope, list) and rope:
-        if len(rope) != num_layers:
-            raise HardwareError(f"{where}: no_rope_layers lists {len(rope)} layers, num_hidden_layers is {num_layers}")
+    rope = _per_layer(cfg, "no_rope_layers", num_layers, where)
+    if rope:
         n = sum(1 for r in rope if r)
     else:
         interval = int(cfg.get("no_rope_layer_interval") or 4)
@@ -731,8 +729,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     attention_layers = 0
     types = cfg.get("layer_types")
     if isinstance(types, list) and "linear_attention" in types:
-        if len(types) != num_layers:
-            raise HardwareError(f"{where}: layer_types lists {len(types)} layers, num_hidden_layers is {num_layers}")
+        types = _per_layer(cfg, "layer_types", num_layers, where)
         attention_layers = sum(1 for t in types if t == "full_attention")
     elif cfg.get("full_attention_interval") and cfg.get("linear_num_value_heads"):
         attention_layers = num_layers // int(cfg["full_attention_interval"])
@@ -784,6 +781,17 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     )
 
 
+def _per_layer(cfg: dict[str, Any], key: str, num_layers: int, where: str) -> list | None:
+    """A per-layer list of the config (layer_types, no_rope_layers), checked to have one entry
+    per layer; None when the config has none."""
+    v = cfg.get(key)
+    if not isinstance(v, list) or not v:
+        return None
+    if len(v) != num_layers:
+        raise HardwareError(f"{where}: {key} lists {len(v)} layers, num_hidden_layers is {num_layers}")
+    return v
+
+
 def _sliding_layers(cfg: dict[str, Any], num_layers: int, attention_layers: int, where: str) -> tuple[int, int]:
     """(window, number of sliding-window layers) as vLLM builds the model: a layer slides when
     `layer_types` says "sliding_attention"; without layer_types, Gemma 2 and gpt-oss slide in
@@ -796,11 +804,9 @@ def _sliding_layers(cfg: dict[str, Any], num_layers: int, attention_layers: int,
         return 0, 0  # (hybrid linear-attention models: full attention only)
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         raise HardwareError(f"{where}: sliding_window must be a positive integer, got {window!r}")
-    types = cfg.get("layer_types")
+    types = _per_layer(cfg, "layer_types", num_layers, where)
     mt = str(cfg.get("model_type") or "")
-    if isinstance(types, list) and types:
-        if len(types) != num_layers:
-            raise HardwareError(f"{where}: layer_types lists {len(types)} layers, num_hidden_layers is {num_layers}")
+    if types:
         n = sum(1 for t in types if t == "sliding_attention")
     elif mt in ("gemma2", "gpt_oss"):
         n = (num_layers + 1) // 2

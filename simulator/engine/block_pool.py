@@ -338,14 +338,11 @@ class BlockPool:
         self.ref_cnt[b] = r
         if not r:
             self.num_free += 1
+            one = np.array((b,), np.intp)
             if self.uncached_first and self._key.item(b) == NO_KEY:
-                self._push_front(np.array((b,), np.intp))
+                self._push_front(one)
             else:
-                s = self._next_stamp
-                self._next_stamp = s + 1
-                self._stamp[b] = s
-                self._segs.append((np.array((b,), np.intp), np.array((s,), np.int64)))
-                self._qlen += 1
+                self._push(one)
             if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
                 self._compact()
 

@@ -326,32 +326,24 @@ class Instance:
         step_time = self.latency.decode_step_time
         starts, durs = run.starts, run.durs
         t = starts[j]
-        if frees_mod is not None:
-            # the step's frees are not counted for its own allocations (a request later in
-            # the running order may free after an earlier one allocates): a run may stop one
-            # step early, never late
-            freed = run.freed
-            while j < stop and need + allocs_mod[j % bs] <= free + freed:
-                need += allocs_mod[j % bs]
-                freed += frees_mod[j % bs]
-                d = step_time(B, ctx0 + j * B, max0 + j if max0 else None)
-                durs.append(d)
-                t = t + d
-                starts.append(t)
-                j += 1
-            if j < stop:
-                run.open = False
-            run.freed = freed
+        freed = run.freed
         while j < stop:
-            need += allocs_mod[j % bs]
-            if need > free:
+            a = allocs_mod[j % bs]
+            if need + a > free + freed:
                 run.open = False
                 break
+            need += a
+            if frees_mod is not None:
+                # (a step's window frees count for later steps only: a request later in the
+                # running order may free after an earlier one allocates, so a run may stop
+                # one step early, never late)
+                freed += frees_mod[j % bs]
             d = step_time(B, ctx0 + j * B, max0 + j if max0 else None)
             durs.append(d)
             t = t + d
             starts.append(t)
             j += 1
+        run.freed = freed
         if j >= run.R:
             run.open = False
         run.need = need

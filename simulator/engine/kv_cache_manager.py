@@ -329,8 +329,8 @@ class KVCacheManager:
         if num_to_allocate + state + grow > pool.num_free - evictable:
             return False
         if whits:
-            pool.touch(list(whits))
-            self.req_to_window[rid] = list(whits)
+            pool.touch(whits)
+            self.req_to_window[rid] = list(whits)  # (a copy: the lookup's list stays its own)
         if blocks is None:
             blocks = self.req_to_blocks[rid] = BlockTable()
             self.num_cached_block[rid] = 0
