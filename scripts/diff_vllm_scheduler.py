@@ -68,6 +68,13 @@ vLLM-side knobs that switch D1-D3 off so the rest can still be compared:
   it schedules a prefill chunk past the window where the simulator, with the pool full,
   preempts or refuses. --ample-pool avoids it.
 
+`--async-scheduling`: vLLM's AsyncScheduler (vllm/v1/core/sched/async_scheduler.py) as
+its engine core drives it with a batch queue of two (EngineCore.step_with_batch_queue): each
+step schedules step t while step t-1 is still out, then takes step t-1's tokens back
+(update_from_output), so the schedule of step t sees step t-1's tokens as placeholders; the
+simulator's Scheduler(async_scheduling=True) and its update_from_output, in the same order.
+Compared as above, with the blocks after the schedule taken before the update.
+
 On the first difference of a case: the step, both sides' decisions and state, a one-line
 description, and the case as JSON (rerun it with --case-json; --shrink first removes the
 requests the difference does not need). Exit status 0 when every case agrees, 1 otherwise.
@@ -140,6 +147,7 @@ class Case:
     reserve_full_isl: bool = True  # scheduler_reserve_full_isl (a vLLM option; 0.32's default True)
     vllm_free_order: str = "vllm"  # "append": freed blocks all to the free queue's tail
     vllm_threshold_always: bool = False  # apply long_prefill_token_threshold with one request too
+    async_scheduling: bool = False  # both sides: the async scheduler, steps overlapped by one
     requests: list = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -177,7 +185,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def gen_case(rng: random.Random, name: str, hybrid: bool, long_prefill: bool = False,
-             ample_pool: bool = False, chunked: bool = False) -> Case:
+             ample_pool: bool = False, chunked: bool = False, async_scheduling: bool = False) -> Case:
     bs = rng.choice([4, 8, 16])
     max_num_seqs = rng.choice([1, 2, 3, 4, 4, 6, 8, 16])
     budget = max(max_num_seqs, rng.choice([bs, 2 * bs, 3 * bs + 1, 24, 32, 48, 64, 100, 256]))
@@ -205,15 +213,17 @@ def gen_case(rng: random.Random, name: str, hybrid: bool, long_prefill: bool = F
     max_model_len = 4096
     if rng.random() < 0.15:  # some requests reach max_model_len before max_tokens
         max_model_len = max(r.prompt_len for r in reqs) + rng.randint(1, 2 * bs)
-    # A pool where the largest request fits alone, up to one where all fit at once.
+    # A pool where the largest request fits alone, up to one where all fit at once (a
+    # window holds up to the tokens in flight more: two steps' with async scheduling).
+    in_flight = budget * (2 if async_scheduling else 1)
     needs = []
     for r in reqs:
         total = min(r.prompt_len + r.max_tokens, max_model_len)
         need = cdiv(total, bs)
         if window and chunked:
-            need += WINDOW_GROUPS * min(cdiv(total, bs), cdiv(window + budget, bs))
+            need += WINDOW_GROUPS * min(cdiv(total, bs), cdiv(window + in_flight, bs))
         elif window:
-            need += WINDOW_GROUPS * min(cdiv(total, bs), cdiv(window - 1 + budget, bs) + 1)
+            need += WINDOW_GROUPS * min(cdiv(total, bs), cdiv(window - 1 + in_flight, bs) + 1)
         needs.append(need)
     lo, hi = max(needs) + 1, sum(needs) + 1
     num_blocks = rng.choice([lo, lo + rng.randint(0, 3), rng.randint(lo, max(lo, hi)), hi + 10])
@@ -224,7 +234,7 @@ def gen_case(rng: random.Random, name: str, hybrid: bool, long_prefill: bool = F
         thr = rng.choice([bs, 2 * bs, bs + 3])
     return Case(name=name, block_size=bs, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=budget, max_model_len=max_model_len, window=window, chunked=chunked,
-                long_prefill_token_threshold=thr, requests=reqs)
+                long_prefill_token_threshold=thr, async_scheduling=async_scheduling, requests=reqs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +251,7 @@ class _Vllm:
         from vllm.sampling_params import SamplingParams
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.kv_cache_interface import (ChunkedLocalAttentionSpec, FullAttentionSpec, KVCacheConfig,
                                                 KVCacheGroupSpec, SlidingWindowSpec)
@@ -255,6 +266,7 @@ class _Vllm:
         self.SchedulerConfig = SchedulerConfig
         self.SamplingParams = SamplingParams
         self.Scheduler = Scheduler
+        self.AsyncScheduler = AsyncScheduler
         self.FullAttentionSpec, self.SlidingWindowSpec = FullAttentionSpec, SlidingWindowSpec
         self.ChunkedLocalAttentionSpec = ChunkedLocalAttentionSpec
         self.KVCacheConfig, self.KVCacheGroupSpec = KVCacheConfig, KVCacheGroupSpec
@@ -320,7 +332,7 @@ class VllmSide:
             max_num_seqs=case.max_num_seqs, max_num_batched_tokens=case.max_num_batched_tokens,
             max_model_len=case.max_model_len, enable_chunked_prefill=True, is_encoder_decoder=False,
             long_prefill_token_threshold=case.long_prefill_token_threshold,
-            scheduler_reserve_full_isl=case.reserve_full_isl)
+            scheduler_reserve_full_isl=case.reserve_full_isl, async_scheduling=case.async_scheduling)
         vc.model_config.max_model_len = case.max_model_len
         vc.cache_config.block_size = bs
         vc.cache_config.num_gpu_blocks = case.num_blocks
@@ -343,7 +355,8 @@ class VllmSide:
             full = v.FullAttentionSpec(block_size=bs, num_kv_heads=4, head_size=64, dtype=bf16)
             groups = [v.KVCacheGroupSpec([f"layers.{i}" for i in range(4)], full)]
         kvc = v.KVCacheConfig(num_blocks=case.num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
-        self.sched = v.Scheduler(vllm_config=vc, kv_cache_config=kvc,
+        cls = v.AsyncScheduler if case.async_scheduling else v.Scheduler
+        self.sched = cls(vllm_config=vc, kv_cache_config=kvc,
                                  structured_output_manager=v.StructuredOutputManager(vc),
                                  block_size=bs, log_stats=False)
         self.kvm = self.sched.kv_cache_manager
@@ -359,6 +372,7 @@ class VllmSide:
         self.sw_mgrs = [m for m in mgrs if isinstance(m.kv_cache_spec, local)]
         self.reqs: dict[int, object] = {}
         self.next_token: dict[int, int] = {}
+        self.in_flight = None  # async: (scheduler output, ids that sample) of the step still out
 
     def add(self, spec: ReqSpec) -> None:
         v = self.v
@@ -393,10 +407,22 @@ class VllmSide:
         # The fake model: one sampled token per request whose computed tokens reached its
         # token count (a prefill chunk short of the end samples nothing).
         ids = list(so.num_scheduled_tokens)
+        if not self.case.async_scheduling:
+            samples = {k for k in ids if s.requests[k].num_computed_tokens >= s.requests[k].num_tokens}
+            d["finished"] = self._return(so, ids, samples)
+            return d
+        # Async: step t-1's tokens come back after step t is scheduled (whether a request
+        # samples was fixed when its step was scheduled: its last prefill chunk, or a decode).
+        samples = {k for k in ids if not s.requests[k].is_prefill_chunk}
+        prev, self.in_flight = self.in_flight, (so, ids, samples)
+        d["finished"] = self._return(*prev) if prev is not None else []
+        return d
+
+    def _return(self, so, ids, samples) -> list[int]:
+        """update_from_output with one token for each request in `samples`; the finished."""
         sampled = []
         for k in ids:
-            req = s.requests[k]
-            if req.num_computed_tokens >= req.num_tokens:
+            if k in samples:
                 rid = int(k)
                 sampled.append([OUT_TOKEN_BASE + rid * 10_000 + self.next_token[rid]])
                 self.next_token[rid] += 1
@@ -404,9 +430,8 @@ class VllmSide:
                 sampled.append([])
         mro = self.v.ModelRunnerOutput(req_ids=ids, req_id_to_index={k: i for i, k in enumerate(ids)},
                                        sampled_token_ids=sampled)
-        s.update_from_output(so, mro)
-        d["finished"] = sorted(rid for rid in (int(k) for k in ids) if self.reqs[rid].is_finished())
-        return d
+        self.sched.update_from_output(so, mro)
+        return sorted(rid for rid in (int(k) for k in ids) if self.reqs[rid].is_finished())
 
     def blocks(self) -> dict:
         """Each request's blocks: (full-attention table, [sliding-window blocks not behind
@@ -444,22 +469,25 @@ class SimSide:
         # the simulator's switches for the behaviours vLLM changed after 0.19, set as this
         # case runs vLLM (its defaults, or patched back with the D1-D3 knobs)
         newer_free = case.vllm_free_order == "vllm"
+        in_flight = case.max_num_batched_tokens * (2 if case.async_scheduling else 1)  # (max_in_flight_tokens)
         if case.window:
             kv = KVCacheManager(case.num_blocks, bs, enable_caching=case.prefix_caching,
                                 max_model_len=case.max_model_len, window=0 if case.chunked else case.window,
                                 chunk=case.window if case.chunked else 0,
                                 window_groups=WINDOW_GROUPS, full_groups=1,
-                                max_in_flight=case.max_num_batched_tokens, free_uncached_first=newer_free)
+                                max_in_flight=in_flight, free_uncached_first=newer_free)
         else:
             kv = KVCacheManager(case.num_blocks, bs, enable_caching=case.prefix_caching,
-                                max_model_len=case.max_model_len, max_in_flight=case.max_num_batched_tokens,
+                                max_model_len=case.max_model_len, max_in_flight=in_flight,
                                 free_uncached_first=newer_free)
         self.kv = kv
         policy = SCHEDULERS.get("fcfs")(PolicyConfig())
         self.sched = SimScheduler(kv, case.max_num_seqs, case.max_num_batched_tokens, policy,
                                   long_prefill_token_threshold=case.long_prefill_token_threshold,
                                   max_model_len=case.max_model_len, reserve_full_isl=case.reserve_full_isl,
-                                  lone_request_full_budget=not case.vllm_threshold_always)
+                                  lone_request_full_budget=not case.vllm_threshold_always,
+                                  async_scheduling=case.async_scheduling)
+        self.in_flight = None  # async: the step still out
         self.reqs: dict[int, SimRequest] = {}
         self.keys: dict[tuple, int] = {}  # (parent key, block tokens) -> key: one per distinct prefix
 
@@ -502,6 +530,17 @@ class SimSide:
                 first[r.request_id] = r.num_cached_tokens
         d["admitted_hit"] = admitted
         d["first_cached"] = first
+        if self.case.async_scheduling:
+            # Instance._emit_async: step t-1's tokens (Scheduler.update_from_output), then
+            # the finished leave
+            prev, self.in_flight = self.in_flight, out
+            finished = s.update_from_output(prev) if prev is not None else []
+            for r in finished:
+                s.finish(r)
+                r.status = FINISHED
+                self.kv.free(r)
+            d["finished"] = sorted(r.request_id for r in finished)
+            return d
         # Instance._on_step_end: the output token, then the finished requests leave.
         finished = []
         max_len = self.case.max_model_len
@@ -522,9 +561,9 @@ class SimSide:
         """Each request's blocks: (table, window blocks of all groups)."""
         kv = self.kv
         out = {}
-        for rid in set(kv.req_to_blocks) | (set(kv.req_to_window) if kv.window else set()):
+        for rid in set(kv.req_to_blocks) | (set(kv.req_to_window) if kv.local else set()):
             full = len(kv.req_to_blocks[rid]) if rid in kv.req_to_blocks else 0
-            win = len(kv.req_to_window.get(rid, ())) if kv.window else 0
+            win = len(kv.req_to_window.get(rid, ())) if kv.local else 0
             if full or win:
                 out[rid] = (full, win)
         return out
@@ -696,7 +735,8 @@ def describe(case: Case) -> str:
              "" if case.prefix_caching else "prefix caching off",
              "" if case.reserve_full_isl else "vLLM scheduler_reserve_full_isl=False",
              "" if case.vllm_free_order == "vllm" else "vLLM freeing every block to the queue tail",
-             "vLLM applying the threshold always" if case.vllm_threshold_always else ""]
+             "vLLM applying the threshold always" if case.vllm_threshold_always else "",
+             "async scheduling" if case.async_scheduling else ""]
     head = (f"block_size {case.block_size}, {case.num_blocks} blocks (null block included), max_num_seqs "
             f"{case.max_num_seqs}, max_num_batched_tokens {case.max_num_batched_tokens}, max_model_len "
             f"{case.max_model_len}, {layout}" + "".join(", " + k for k in knobs if k))
@@ -730,6 +770,8 @@ def main(argv=None) -> int:
                     help="set long_prefill_token_threshold in about half the cases")
     ap.add_argument("--ample-pool", action="store_true",
                     help="pools where every request fits at once (no preemption, no refused allocation)")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="both sides: async scheduling (vLLM's AsyncScheduler, a batch queue of two)")
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="prefix caching off on both sides (enable_prefix_caching=False)")
     g = ap.add_argument_group("switching off a documented difference on the vLLM side (random cases only)")
@@ -752,15 +794,17 @@ def main(argv=None) -> int:
     n_random = args.cases if args.cases is not None else (0 if args.case_json else 40)
     cases = [gen_case(rng, f"s{args.seed}{'h' if args.hybrid else ''}{'k' if args.chunked else ''}c{i}",
                       args.hybrid or args.chunked, args.long_prefill,
-                      args.ample_pool) for i in range(n_random)]
+                      args.ample_pool, args.chunked, args.async_scheduling) for i in range(n_random)]
     cases = [replace(c, prefix_caching=not args.no_prefix_caching, reserve_full_isl=not args.no_reserve_full_isl,
+                     async_scheduling=args.async_scheduling,
                      vllm_free_order=args.free_order, vllm_threshold_always=args.threshold_always) for c in cases]
     for arg in args.case_json:
         cases.extend(load_cases(arg))
 
-    knobs = [", hybrid sliding window" if args.hybrid else "",
+    knobs = [", hybrid sliding window" if args.hybrid else ", hybrid chunked local attention" if args.chunked else "",
              ", long_prefill_token_threshold in some" if args.long_prefill else "",
              ", ample pools" if args.ample_pool else "",
+             ", async scheduling" if args.async_scheduling else "",
              ", prefix caching off" if args.no_prefix_caching else "",
              "; vLLM: scheduler_reserve_full_isl=False (D1 off)" if args.no_reserve_full_isl else "",
              "; vLLM: freed blocks all to the tail (D2 off)" if args.free_order == "append" else "",

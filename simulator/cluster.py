@@ -158,7 +158,7 @@ class Simulation:
         total = req.num_prompt_tokens + req.max_tokens
         # (its table, and the state and window blocks a hybrid or sliding-window model's sequence holds besides)
         need = -(-total // bs) + eng.state_blocks_per_seq + self.instances[0].kv.peak_window_blocks(
-            total, eng.max_num_batched_tokens)
+            total, eng.max_in_flight_tokens)
         if need > eng.num_gpu_blocks - 1:
             self._fail(req, f"prompt + output ({total} tokens) can never fit "
                             f"the KV cache ({eng.num_gpu_blocks - 1} usable blocks of {bs} tokens)")

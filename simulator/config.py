@@ -55,6 +55,11 @@ class EngineConfig:
                                                        "sequence fits the KV cache, not just its first chunk. "
                                                        "Unset: on for vLLM releases after 0.19, off for 0.19 and "
                                                        "earlier.")
+    async_scheduling: bool | None = _f(None, "vLLM's --async-scheduling: step N+1 is scheduled while step N runs, "
+                                             "so a request that arrives during a step joins the step after the "
+                                             "next. Unset: on for GPUs from vLLM 0.13 (its default there), off on "
+                                             "the CPU backend (vLLM-CPU turns it off), off for lockstepped "
+                                             "data-parallel ranks (not modelled); a profile's recorded value wins.")
     kv_cache_dtype: str = _f("auto", "KV cache element type, as vLLM's --kv-cache-dtype: auto (the model dtype), "
                                      "float16, bfloat16, fp8, fp8_e4m3, fp8_e5m2, fp8_inc. Sets the KV bytes per "
                                      "token of the capacity estimate, the offload tiers and the roofline.")
@@ -76,6 +81,8 @@ class EngineConfig:
         if self.scheduler_reserve_full_isl is not None and not isinstance(self.scheduler_reserve_full_isl, bool):
             raise ConfigError(f"engine.scheduler_reserve_full_isl must be true or false, got "
                               f"{self.scheduler_reserve_full_isl!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"engine.async_scheduling must be true or false, got {self.async_scheduling!r}")
         kvd = self.kv_cache_dtype
         if not isinstance(kvd, str) or kvd not in KV_CACHE_DTYPE_BYTES:
             packed = isinstance(kvd, str) and kvd.startswith(_PACKED_KV_DTYPES)

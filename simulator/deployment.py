@@ -60,6 +60,14 @@ class ResolvedEngine:
     reserve_full_isl: bool = False
     free_uncached_first: bool = False
     lone_request_full_budget: bool = False
+    async_scheduling: bool = False  # vLLM's AsyncScheduler (scheduler.py)
+
+    @property
+    def max_in_flight_tokens(self) -> int:
+        """Tokens scheduled but not yet returned, at most (vLLM's VllmConfig.max_in_flight_tokens:
+        a step's budget per batch in flight, two with async scheduling): sliding-window blocks
+        are freed behind the tokens returned, so a sequence's window may hold this many more."""
+        return self.max_num_batched_tokens * (2 if self.async_scheduling else 1)
 
 
 # The vLLM release mirrored when neither the config nor a profile names one: the one the
@@ -79,6 +87,15 @@ def vllm_after_0_19(version: str) -> bool:
     except ValueError:
         raise ConfigError(f"engine.vllm_version must look like 0.32.0, got {version!r}") from None
     return parts > (0, 19)
+
+
+def vllm_async_by_default(version: str) -> bool:
+    """Whether a vLLM release turns async scheduling on when not told (GPU executors,
+    no pipeline parallelism): the default flipped in late 2025 (vLLM PR #27614, the Q4 2025
+    roadmap's "async scheduling on by default"); 0.19.0's recorded runs resolved it on.
+    The first release with the new default is taken to be 0.13."""
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    return parts >= (0, 13)
 
 
 _ZERO_HIDDEN = ("state_blocks_per_seq", "sliding_window", "window_groups", "full_groups",
@@ -242,6 +259,15 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     version = str(e.vllm_version or facts.get("vllm_version") or DEFAULT_VLLM_VERSION)
     newer = vllm_after_0_19(version)
     reserve = e.scheduler_reserve_full_isl if e.scheduler_reserve_full_isl is not None else newer
+    lockstep = cfg.cluster.lockstep(model.is_moe)
+    if e.async_scheduling is not None:
+        async_sched = e.async_scheduling
+    elif facts.get("async_scheduling") is not None:
+        async_sched = bool(facts["async_scheduling"])
+    else:
+        async_sched = device.kind != "cpu" and vllm_async_by_default(version)
+    if lockstep:
+        async_sched = False  # lockstepped data-parallel ranks step synchronously (lockstep.py)
     if not e.enable_chunked_prefill and mnbt < max_model_len:
         mnbt = max(mnbt, max_model_len)  # vLLM raises the budget to max_model_len without chunking
     engine = ResolvedEngine(block_size=int(block_size), max_num_seqs=int(max_num_seqs),
@@ -254,7 +280,7 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             window_groups=window_groups, full_groups=full_groups,
                             attention_chunk_size=model.attention_chunk_size if window_groups and not model.sliding_window else 0,
                             vllm_version=version, reserve_full_isl=bool(reserve), free_uncached_first=newer,
-                            lone_request_full_budget=newer)
+                            lone_request_full_budget=newer, async_scheduling=bool(async_sched))
     try:
         latency = build_latency(model, device, tp, cfg, profile)
     except HardwareError as err:
@@ -279,4 +305,4 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
         fe_in = fe * min(max(float(prof_in) / prof_fe, 0.0), 1.0)  # the profile's split, of an overridden total too
     return Deployment(model=model, device=device, engine=engine, latency=latency, tp=tp, tiers=tiers,
                       profile=profile, frontend_s=fe, frontend_in_s=fe_in,
-                      dp_lockstep=cfg.cluster.lockstep(model.is_moe))
+                      dp_lockstep=lockstep)

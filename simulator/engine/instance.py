@@ -87,7 +87,7 @@ class Instance:
         self.kv = KVCacheManager(engine.num_gpu_blocks, engine.block_size, engine.enable_prefix_caching,
                                  engine.max_model_len, engine.state_blocks_per_seq, engine.sliding_window,
                                  engine.window_groups, engine.full_groups, engine.attention_chunk_size,
-                                 engine.max_num_batched_tokens, engine.free_uncached_first)
+                                 engine.max_in_flight_tokens, engine.free_uncached_first)
         connector = None
         if residency is not None:
             from ..kv.residency import TierConnector
@@ -95,7 +95,7 @@ class Instance:
         self.scheduler = Scheduler(self.kv, engine.max_num_seqs, engine.max_num_batched_tokens, sched_policy,
                                    engine.enable_chunked_prefill, engine.long_prefill_token_threshold,
                                    engine.max_model_len, connector, engine.reserve_full_isl,
-                                   engine.lone_request_full_budget)
+                                   engine.lone_request_full_budget, engine.async_scheduling)
         self.scheduler.on_admitted = self._on_admitted
         self.scheduler.on_load_started = self._on_load_started
         self.on_finished = on_finished  # callback(req, now) after a call's last token
@@ -117,6 +117,10 @@ class Instance:
         self._run: _DecodeRun | None = None
         self.group = None  # a LockstepGroup when this instance is a lockstepped data-parallel rank
         self.step_log: list | None = None  # (end, prefill reqs, prefill tokens, decodes, period) per step
+        # Async scheduling: the step scheduled while the running one runs (vLLM's batch queue
+        # of two), launched when that one ends
+        self.async_scheduling = engine.async_scheduling
+        self._pending: SchedulerOutput | None = None
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -184,6 +188,9 @@ class Instance:
         if self.group is not None:
             self.group.step_done(now)
             return
+        if self.async_scheduling:
+            self._start_async(now)
+            return
         out = self.schedule_step(now)
         if out is None:
             return
@@ -195,6 +202,27 @@ class Instance:
             return
         self.run_step(out, now, dur)
 
+    def _start_async(self, now: float) -> None:
+        """Async scheduling (vLLM's step_with_batch_queue): launch the step scheduled while
+        the last one ran (or, with none, schedule one now), then schedule the next one at
+        once, against this one's placeholders: requests that arrive while it runs wait for
+        the schedule at its end, and join the step after the next. Fast-forward of decode
+        runs is not used with async scheduling."""
+        out = self._pending
+        self._pending = None
+        if out is None:
+            out = self.schedule_step(now)
+            if out is None:
+                return
+        dur = self.price_step(out)
+        if self.waking:
+            dur += self._wake_s
+            self.waking = False
+        self.run_step(out, now, dur)
+        nxt = self.scheduler.schedule(now)
+        if nxt.scheduled:
+            self._pending = nxt
+
     def _on_step_end(self, out: SchedulerOutput, start: float, dur: float) -> None:
         now = self.loop.now
         if self.step_log is not None:
@@ -203,6 +231,9 @@ class Instance:
         self.num_steps += 1
         self.busy_time += dur
         self.num_tokens_computed += out.num_scheduled_tokens
+        if out.samples is not None:
+            self._emit_async(out, start, now)
+            return
         itl_v, itl_w = self.itl
         same = 0
         finished = []
@@ -229,6 +260,29 @@ class Instance:
             itl_v.append(now - start)
             itl_w.append(same)
         for req in finished:
+            self._finish(req, now)
+        self._start_step(now)
+
+    def _emit_async(self, out: SchedulerOutput, start: float, now: float) -> None:
+        """The step's tokens, under async scheduling: every request it scheduled to sample
+        (preempted since or not) gets its token; the scheduler's update, then the finished
+        leave, then the next step."""
+        itl_v, itl_w = self.itl
+        same = 0
+        for req in out.samples:
+            last = req.last_token_time
+            if last == start:
+                same += 1
+            elif req.first_token_time < 0:
+                req.first_token_time = now
+            else:
+                itl_v.append(now - last)
+                itl_w.append(1)
+            req.last_token_time = now
+        if same:
+            itl_v.append(now - start)
+            itl_w.append(same)
+        for req in self.scheduler.update_from_output(out):
             self._finish(req, now)
         self._start_step(now)
 

@@ -224,7 +224,7 @@ class KVCacheManager:
         num_to_allocate = -(-need // bs) - have
         grow = 0
         if self.local:
-            grow = self._move_window(rid, have, num_computed, need)
+            grow = self._move_window(rid, have, num_computed - req.num_in_flight_tokens, need)
             self.win_stale.add(rid)
         if blocks is None:
             if num_to_allocate + self.state_blocks + grow > pool.num_free:
@@ -264,7 +264,8 @@ class KVCacheManager:
         if self.local:
             if room < 0:
                 return self.allocate_slots(req, 1)
-            grow = self._move_window(rid, len(blocks), c, c + 1)
+            # (the window of the tokens processed: with async scheduling, less those in flight)
+            grow = self._move_window(rid, len(blocks), c - req.num_in_flight_tokens, c + 1)
             if (room == 0) + grow > self.pool.num_free:
                 return False
             self.win_stale.discard(rid)
@@ -280,7 +281,9 @@ class KVCacheManager:
                 return False
             blocks.append(pool.get_new_block())
         if self.enable_caching:
-            num_full = (c + 1) // bs
+            # up to the tokens known (c + 1 without async scheduling; with it, fewer by the
+            # tokens still in flight: vLLM caches "finalized" tokens only)
+            num_full = (req.num_prompt_tokens + req.num_output_tokens) // bs
             num_cached = self.num_cached_block
             start = num_cached[rid]
             if num_full == start + 1:  # the token fills a block: cache it
@@ -324,7 +327,7 @@ class KVCacheManager:
                 wg = self.window_groups
                 grow = wg * (-(-need // bs) - max(have + num_hits, self._skipped(num_computed) // bs))
             else:
-                grow = self._move_window(rid, have, num_computed, need)
+                grow = self._move_window(rid, have, num_computed - req.num_in_flight_tokens, need)
             self.win_stale.add(rid)
         if num_to_allocate + state + grow > pool.num_free - evictable:
             return False

@@ -25,7 +25,7 @@ class Request:
         "num_preemptions", "num_cached_tokens", "num_external_tokens", "external_tier_tokens",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "key_base", "prefix_key_base", "prefix_full_blocks", "hash_keys", "instance_id",
-        "load_done_time",
+        "load_done_time", "num_output_placeholders", "num_in_flight_tokens",
     )
 
     def __init__(self, request_id: int, num_prompt_tokens: int, max_tokens: int, arrival_time: float,
@@ -62,6 +62,11 @@ class Request:
         self.hash_keys = hash_keys
         self.instance_id = -1
         self.load_done_time = -1.0
+        # Async scheduling (vLLM's AsyncScheduler): tokens of steps scheduled but not yet
+        # returned, the last one (max_tokens or max_model_len reached) not counted (the
+        # scheduler then sees nothing left to schedule, as vLLM's skip of that step does)
+        self.num_output_placeholders = 0
+        self.num_in_flight_tokens = 0  # tokens of its steps not yet returned (async scheduling)
 
     @property
     def num_tokens(self) -> int:

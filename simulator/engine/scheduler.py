@@ -13,6 +13,15 @@ recompute are one code path.
    that cannot get blocks stops admission (no skipping ahead, no preemption for it).
 3. Every scheduled request's `num_computed_tokens` advances by its scheduled tokens (as it
    is scheduled: nothing later in the step reads it).
+
+Async scheduling (vLLM's AsyncScheduler, on by default on GPUs since late 2025): the engine
+schedules step N+1 while step N runs, before N's tokens are back. A request scheduled to
+sample holds an output placeholder until its token returns (`update_from_output`), and its
+next decode is scheduled against it; the step that samples its last token is not followed
+by another (the placeholder of a last token is not counted, so nothing is left to
+schedule). A request preempted with a token in flight gets that token when the step
+returns (it may be its last: the request then finishes from the waiting queue). Blocks are
+cached up to the tokens known at schedule time, and up to the returned ones at the update.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ class SchedulerOutput:
     model needs (prefill chunks with their context, decode count and context sum)."""
 
     __slots__ = ("scheduled", "preempted", "prefill_chunks", "num_decodes", "decode_ctx_sum",
-                 "decode_ctx_max", "num_scheduled_tokens", "num_sampled")
+                 "decode_ctx_max", "num_scheduled_tokens", "num_sampled", "samples")
 
     def __init__(self):
         self.scheduled: list[tuple[Request, int]] = []
@@ -38,6 +47,7 @@ class SchedulerOutput:
         self.decode_ctx_max = 0
         self.num_scheduled_tokens = 0
         self.num_sampled = 0
+        self.samples: list[Request] | None = None  # async scheduling: the requests that sample
 
     def __bool__(self):
         return bool(self.scheduled)
@@ -47,11 +57,13 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy, enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
                  max_model_len: int = 1 << 40, connector=None, reserve_full_isl: bool = False,
-                 lone_request_full_budget: bool = False):
+                 lone_request_full_budget: bool = False, async_scheduling: bool = False):
         """`reserve_full_isl`: vLLM's scheduler_reserve_full_isl (on by default in vLLM 0.32):
         a waiting request is admitted only if its whole sequence fits the KV cache, not just
         the chunk it is scheduled for. `lone_request_full_budget` (vLLM 0.32): the long-prefill
-        threshold does not apply when one request at most is running or waiting."""
+        threshold does not apply when one request at most is running or waiting.
+        `async_scheduling`: vLLM's AsyncScheduler (see the module docstring)."""
+        self.async_scheduling = async_scheduling
         self.kv = kv
         self.reserve_full_isl = reserve_full_isl
         self.lone_request_full_budget = lone_request_full_budget
@@ -82,7 +94,10 @@ class Scheduler:
         return len(self.waiting) + len(self.kv_holding)
 
     def finish(self, req: Request) -> None:
-        self.running.remove(req)
+        if req.status == RUNNING:
+            self.running.remove(req)
+        else:  # async scheduling: preempted with its last token in flight
+            self.waiting.remove(req)
 
     # -- schedule --------------------------------------------------------------------------
     def schedule(self, now: float) -> SchedulerOutput:
@@ -93,10 +108,53 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget, now)
+        if self.async_scheduling:
+            self._add_placeholders(out)
         return out
 
+    def _add_placeholders(self, out: SchedulerOutput) -> None:
+        """AsyncScheduler._update_after_schedule: each request whose step reaches its token
+        count will sample; it holds a placeholder for that token unless it is its last."""
+        samples = []
+        max_len = self.max_model_len
+        for req, n in out.scheduled:
+            req.num_in_flight_tokens += n
+            k = req.num_output_tokens + req.num_output_placeholders
+            if req.num_computed_tokens >= req.num_prompt_tokens + k:
+                samples.append(req)
+                k += 1  # the token this step samples
+                if k < req.max_tokens and req.num_prompt_tokens + k < max_len:
+                    req.num_output_placeholders += 1
+        out.samples = samples
+
+    def update_from_output(self, out: SchedulerOutput) -> list[Request]:
+        """Async scheduling: the step's tokens are back. Each sampling request gets its token
+        (a preempted one too: vLLM delivers in-flight tokens), running ones cache the blocks
+        the returned tokens fill. Returns the requests whose last token this was."""
+        finished = []
+        max_len = self.max_model_len
+        kv = self.kv
+        caching = kv.enable_caching
+        bs = kv.block_size
+        for req, n in out.scheduled:
+            req.num_in_flight_tokens -= n
+        for req in out.samples:
+            o = req.num_output_tokens + 1
+            req.num_output_tokens = o
+            p = req.num_output_placeholders
+            if p:
+                p -= 1
+                req.num_output_placeholders = p
+            if caching and req.status == RUNNING:
+                known = req.num_computed_tokens - p
+                if known // bs > kv.num_cached_block[req.request_id]:
+                    kv.cache_blocks(req, known)
+            if o >= req.max_tokens or req.num_prompt_tokens + o >= max_len:
+                finished.append(req)
+        return finished
+
     def _num_new_tokens(self, req: Request, budget: int) -> int:
-        n = req.num_tokens - req.num_computed_tokens
+        n = req.num_tokens + req.num_output_placeholders - req.num_computed_tokens
         thr = self._thr
         if 0 < thr < n:
             n = thr
@@ -147,8 +205,9 @@ class Scheduler:
         kv = self.kv
         bs = kv.block_size
         # Sliding windows: also where a block falls behind the window, and after a prefill;
-        # chunked local attention: every decode
-        last_slot = bs - 1 if not kv.chunk else -1
+        # chunked local attention, or sliding windows with async scheduling (the window
+        # follows the tokens returned, behind by a step's tokens): every decode
+        last_slot = bs - 1 if not (kv.chunk or kv.window and self.async_scheduling) else -1
         fr = (kv.window - 1) % bs if kv.window else -1
         stale = kv.win_stale
         max_c = self.max_model_len - 1
@@ -159,7 +218,7 @@ class Scheduler:
         ctx_max = out.decode_ctx_max
         for req in self.running[start:start + limit]:
             c = req.num_computed_tokens
-            o = req.num_output_tokens
+            o = req.num_output_tokens + req.num_output_placeholders
             if not o or req.num_prompt_tokens + o != c + 1 or c >= max_c:
                 break
             r = c % bs
@@ -192,6 +251,7 @@ class Scheduler:
         self.kv.free(victim)
         victim.status = PREEMPTED
         victim.num_computed_tokens = 0
+        victim.num_output_placeholders = 0  # (a token in flight still arrives: update_from_output)
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.prepend(victim)
