@@ -17,6 +17,9 @@ from typing import Any, Callable
 PRIO_STEP_END = 0
 PRIO_TRANSFER = 1000
 PRIO_RELEASE = 2000
+# An async-scheduling engine schedules its next step just after launching one: after the
+# calls that arrive at that instant (vLLM's engine core reads its input queue in between)
+PRIO_SCHEDULE = 2500
 PRIO_TIMER = 3000
 PRIO_SAMPLE = 9000
 

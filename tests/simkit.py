@@ -117,12 +117,12 @@ def h100():
 def make_deployment(num_gpu_blocks: int = 4096, block_size: int = 16, max_num_seqs: int = 256,
                     max_num_batched_tokens: int = 2048, max_model_len: int = 1 << 20, step_s: float = 0.01,
                     latency=None, tiers=(), enable_prefix_caching: bool = True,
-                    long_prefill_token_threshold: int = 0) -> Deployment:
+                    long_prefill_token_threshold: int = 0, async_scheduling: bool = False) -> Deployment:
     engine = ResolvedEngine(block_size=block_size, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks=num_gpu_blocks,
                             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                             enable_chunked_prefill=True, long_prefill_token_threshold=long_prefill_token_threshold,
-                            num_gpu_blocks_source="test")
+                            num_gpu_blocks_source="test", async_scheduling=async_scheduling)
     return Deployment(model=tiny_model(), device=h100(), engine=engine,
                       latency=latency if latency is not None else ConstLatency(step_s), tp=1, tiers=list(tiers))
 

@@ -119,10 +119,11 @@ def _window_peak(progs, mnbt, window) -> int:
 
 
 def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented=True, state_blocks=0,
-              window=None):
-    extra = state_blocks + (_window_peak(progs, mnbt, window) if window else 0)
+              window=None, async_scheduling=False):
+    in_flight = mnbt * (2 if async_scheduling else 1)  # (ResolvedEngine.max_in_flight_tokens)
+    extra = state_blocks + (_window_peak(progs, in_flight, window) if window else 0)
     dep = make_deployment(num_gpu_blocks=blocks + extra, block_size=BS, max_num_batched_tokens=mnbt,
-                          max_num_seqs=8, latency=LATENCY)
+                          max_num_seqs=8, latency=LATENCY, async_scheduling=async_scheduling)
     if state_blocks or window:
         import dataclasses
         win = {}
@@ -202,6 +203,26 @@ def test_random_workloads_with_sliding_windows_conserve_every_block(w, window, f
     _check_complete_and_whole(progs, res, sim, steps)
     other = _simulate(progs, blocks, policy, instances, mnbt, not fast_forward, instrumented=False, window=window)[0]
     assert other.calls == res.calls and other.summary == res.summary
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), st.one_of(st.none(), WINDOWS))
+def test_random_workloads_with_async_scheduling_complete_every_call_once(w, window):
+    """Async scheduling (a step scheduled while the last one runs, output placeholders,
+    tokens delivered to requests preempted with one in flight, windows freed behind the
+    returned tokens): every call completes once with all its output tokens, blocks are
+    conserved at every schedule and the pool ends whole; no call is faster than its own
+    steps allow (first token after its prefill step at the earliest)."""
+    progs, blocks, policy, instances, mnbt = w
+    res, sim, steps = _simulate(progs, blocks, policy, instances, mnbt, True, window=window, async_scheduling=True)
+    _check_complete_and_whole(progs, res, sim, steps)
+    spec = {p.program_id: p for p in progs}
+    for r in res.calls:
+        assert r["output_tokens"] == spec[r["program_id"]].calls[r["call_index"]].output_tokens
+        assert r["arrival_s"] <= r["scheduled_s"] < r["first_token_s"] <= r["finish_s"]
+    for inst in sim.instances:
+        for req in [*inst.scheduler.running, *inst.scheduler.waiting]:
+            raise AssertionError(f"request left behind: {req}")
 
 
 def _itl_sample(res) -> list[float]:

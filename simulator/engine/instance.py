@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from ..events import PRIO_STEP_END, PRIO_TRANSFER, EventLoop
+from ..events import PRIO_SCHEDULE, PRIO_STEP_END, PRIO_TRANSFER, EventLoop
 from ..latency.linear import IDLE_WAKE_AFTER_S
 from .kv_cache_manager import KVCacheManager
 from .request import FINISHED, WAITING_FOR_REMOTE_KVS, Request
@@ -121,6 +121,7 @@ class Instance:
         # of two), launched when that one ends
         self.async_scheduling = engine.async_scheduling
         self._pending: SchedulerOutput | None = None
+        self._pending_handle = -1  # the event that schedules it, until it runs
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -205,9 +206,13 @@ class Instance:
     def _start_async(self, now: float) -> None:
         """Async scheduling (vLLM's step_with_batch_queue): launch the step scheduled while
         the last one ran (or, with none, schedule one now), then schedule the next one at
-        once, against this one's placeholders: requests that arrive while it runs wait for
-        the schedule at its end, and join the step after the next. Fast-forward of decode
+        once, against this one's placeholders (after the calls arriving at the same instant):
+        requests that arrive while it runs wait for the schedule at its end, and join the step
+        after the next. Fast-forward of decode
         runs is not used with async scheduling."""
+        if self._pending_handle >= 0:  # (a step of no duration ended before its successor was scheduled)
+            self.loop.cancel(self._pending_handle)
+            self._schedule_pending()
         out = self._pending
         self._pending = None
         if out is None:
@@ -219,7 +224,12 @@ class Instance:
             dur += self._wake_s
             self.waking = False
         self.run_step(out, now, dur)
-        nxt = self.scheduler.schedule(now)
+        # the next step is scheduled at once, after the calls that arrive at this instant
+        self._pending_handle = self.loop.schedule(now, PRIO_SCHEDULE + self.index, self._schedule_pending)
+
+    def _schedule_pending(self) -> None:
+        self._pending_handle = -1
+        nxt = self.scheduler.schedule(self.loop.now)
         if nxt.scheduled:
             self._pending = nxt
 

@@ -10,7 +10,9 @@ request's blocks, queues, computed tokens.
   is, and again with the vLLM-side knobs that restore the 0.19 behaviours below (the
   simulator then runs with engine.vllm_version 0.19's switches); tiny-gemma3's
   sliding-window layout without prefix caching, on ample and on tight pools, and with
-  prefix caching; the same layout with Llama 4's chunked local attention.
+  prefix caching; the same layout with Llama 4's chunked local attention; async scheduling
+  (vLLM's AsyncScheduler driven as its engine core's batch queue of two drives it) with
+  full attention, sliding windows and chunked local attention.
 - Differences the harness found, each with its minimal reproduction (vLLM is right in each;
   the script's docstring has the details):
 
@@ -117,6 +119,7 @@ def _summary(output: str) -> str:
     pytest.param(["--cases", "250", "--seed", "11", "--long-prefill"], id="vllm-0.32"),
     pytest.param(["--cases", "150", "--seed", "21", "--long-prefill", "--no-reserve-full-isl", "--free-order",
                   "append", "--threshold-always"], id="0.19-behaviours"),
+    pytest.param(["--cases", "200", "--seed", "31", "--long-prefill", "--async-scheduling"], id="async"),
 ])
 def test_full_attention_random_cases_agree(vllm_python, tmp_path, args):
     rc, out, results = _run(vllm_python, args, tmp_path / "full.json")
@@ -131,6 +134,8 @@ def test_full_attention_random_cases_agree(vllm_python, tmp_path, args):
     pytest.param(["--cases", "120", "--seed", "13", "--hybrid", "--no-prefix-caching"], id="tight"),
     pytest.param(["--cases", "120", "--seed", "14", "--hybrid", "--long-prefill"], id="prefix-caching"),
     pytest.param(["--cases", "120", "--seed", "15", "--chunked", "--long-prefill"], id="chunked-local"),
+    pytest.param(["--cases", "120", "--seed", "32", "--hybrid", "--async-scheduling"], id="async-window"),
+    pytest.param(["--cases", "120", "--seed", "33", "--chunked", "--async-scheduling"], id="async-chunked"),
 ])
 def test_sliding_window_random_cases_agree(vllm_python, tmp_path, args):
     rc, out, results = _run(vllm_python, args, tmp_path / "hybrid.json")
