@@ -54,17 +54,23 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="run once under cProfile and print the top functions")
     ap.add_argument("--vllm-version", default=None,
                     help="engine.vllm_version (the scheduler behaviours mirrored; default: the simulator's)")
+    ap.add_argument("--async-scheduling", choices=("default", "on", "off"), default="default",
+                    help="engine.async_scheduling (default: as resolved for the device and vLLM version; "
+                         "on for GPUs; fast-forward of decode runs is not used with it)")
     a = ap.parse_args()
     progs = workload(a.programs, a.calls, a.rate, seed=1)
     n_calls = sum(len(p.calls) for p in progs)
     cfg = build_config({"cluster": {"instances": a.instances},
                         "policy": {"router": a.router, "kv": a.kv},
                         "fast_forward": not a.no_fast_forward,
-                        **({"engine": {"vllm_version": a.vllm_version}} if a.vllm_version else {})})
+                        "engine": {**({"vllm_version": a.vllm_version} if a.vllm_version else {}),
+                                   **({"async_scheduling": a.async_scheduling == "on"}
+                                      if a.async_scheduling != "default" else {})}})
     device, _ = load_device(a.hardware)
     dep = build_deployment(load_model(a.model), device, cfg)
     print(f"workload: {len(progs)} programs, {n_calls} calls, {a.instances} x {a.hardware} / {a.model}, "
-          f"router={a.router}, kv={a.kv}, fast_forward={not a.no_fast_forward}")
+          f"router={a.router}, kv={a.kv}, fast_forward={not a.no_fast_forward}, "
+          f"async_scheduling={dep.engine.async_scheduling}")
     if a.profile:
         import cProfile
         import pstats
