@@ -531,26 +531,20 @@ class SimSide:
         d["admitted_hit"] = admitted
         d["first_cached"] = first
         if self.case.async_scheduling:
-            # Instance._emit_async: step t-1's tokens (Scheduler.update_from_output), then
-            # the finished leave
+            # Instance._emit_async: step t-1's tokens (Scheduler.update_from_output)
             prev, self.in_flight = self.in_flight, out
             finished = s.update_from_output(prev) if prev is not None else []
-            for r in finished:
-                s.finish(r)
-                r.status = FINISHED
-                self.kv.free(r)
-            d["finished"] = sorted(r.request_id for r in finished)
-            return d
-        # Instance._on_step_end: the output token, then the finished requests leave.
-        finished = []
-        max_len = self.case.max_model_len
-        for r, _n in out.scheduled:
-            if r.num_computed_tokens < r.num_tokens:
-                continue
-            r.num_output_tokens += 1
-            if r.num_output_tokens >= r.max_tokens or r.num_tokens >= max_len:
-                finished.append(r)
-        for r in finished:
+        else:
+            # Instance._on_step_end: the output token of each request that reached its end
+            finished = []
+            max_len = self.case.max_model_len
+            for r, _n in out.scheduled:
+                if r.num_computed_tokens < r.num_tokens:
+                    continue
+                r.num_output_tokens += 1
+                if r.num_output_tokens >= r.max_tokens or r.num_tokens >= max_len:
+                    finished.append(r)
+        for r in finished:  # then the finished requests leave
             s.finish(r)
             r.status = FINISHED
             self.kv.free(r)

@@ -276,7 +276,8 @@ class Instance:
     def _emit_async(self, out: SchedulerOutput, start: float, now: float) -> None:
         """The step's tokens, under async scheduling: every request it scheduled to sample
         (preempted since or not) gets its token; the scheduler's update, then the finished
-        leave, then the next step."""
+        leave, then the next step. (The timing loop is _on_step_end's, kept apart from it:
+        there it is fused with the synchronous token count, the hot path.)"""
         itl_v, itl_w = self.itl
         same = 0
         for req in out.samples:
