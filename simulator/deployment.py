@@ -75,6 +75,14 @@ class ResolvedEngine:
 DEFAULT_VLLM_VERSION = "0.32.0"
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a vLLM version string ("0.32.0", "0.19.1+cu128")."""
+    try:
+        return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        raise ConfigError(f"engine.vllm_version must look like 0.32.0, got {version!r}") from None
+
+
 def vllm_after_0_19(version: str) -> bool:
     """Whether a vLLM release has the scheduler and KV-cache behaviours that changed after
     0.19 (vLLM 0.19.0 ran the public GPU measurements; 0.32.0 is installed here): a waiting
@@ -82,11 +90,7 @@ def vllm_after_0_19(version: str) -> bool:
     PR #37307 of March 2026, on by default in 0.32), freed blocks without a cached identity
     reused first (PR #42656, May 2026), and the long-prefill threshold dropped for a lone
     request. The exact release between 0.19 and 0.32 where each changed is not pinned down."""
-    try:
-        parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    except ValueError:
-        raise ConfigError(f"engine.vllm_version must look like 0.32.0, got {version!r}") from None
-    return parts > (0, 19)
+    return _release(version) > (0, 19)
 
 
 def vllm_async_by_default(version: str) -> bool:
@@ -94,8 +98,7 @@ def vllm_async_by_default(version: str) -> bool:
     no pipeline parallelism): the default flipped in late 2025 (vLLM PR #27614, the Q4 2025
     roadmap's "async scheduling on by default"); 0.19.0's recorded runs resolved it on.
     The first release with the new default is taken to be 0.13."""
-    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    return parts >= (0, 13)
+    return _release(version) >= (0, 13)
 
 
 _ZERO_HIDDEN = ("state_blocks_per_seq", "sliding_window", "window_groups", "full_groups",
