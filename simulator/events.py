@@ -27,13 +27,14 @@ PRIO_SAMPLE = 9000
 class EventLoop:
     """A minimal exact event loop. `schedule` returns a handle that `cancel` accepts."""
 
-    __slots__ = ("_heap", "_seq", "now", "_cancelled", "events_processed")
+    __slots__ = ("_heap", "_seq", "now", "prio", "_cancelled", "events_processed")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, Callable[..., Any], tuple]] = []
         self._seq = 0
         self._cancelled: set[int] = set()
         self.now = 0.0
+        self.prio = 0  # the priority of the event running (readers of a fast-forwarded instance need it)
         self.events_processed = 0
 
     def schedule(self, time: float, priority: int, fn: Callable[..., Any], *args: Any) -> int:
@@ -62,11 +63,12 @@ class EventLoop:
         while heap:
             if heap[0][0] > until:
                 break
-            time, _prio, seq, fn, args = pop(heap)
+            time, prio, seq, fn, args = pop(heap)
             if cancelled and seq in cancelled:
                 cancelled.discard(seq)
                 continue
             self.now = time
+            self.prio = prio
             fn(*args)
             n += 1
         self.events_processed += n

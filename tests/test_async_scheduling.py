@@ -82,7 +82,7 @@ def test_a_request_preempted_with_a_token_in_flight_gets_it(b_max_tokens):
     sched.add_request(a)
     sched.add_request(b)
     s0 = sched.schedule(0.0)
-    assert [r.request_id for r in s0.samples] == [0, 1]
+    assert [r.request_id for r, _ in s0.samples] == [0, 1]
     assert b.num_output_placeholders == (1 if b_max_tokens > 1 else 0)  # a last token holds none
     s1 = sched.schedule(0.0)
     assert [r.request_id for r in s1.preempted] == [1] and b.status == PREEMPTED

@@ -3,13 +3,14 @@ block is ever lost or double-owned (checked at every engine step and at the end)
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from simkit import call, make_deployment, program, run_sim, sim_config
+from simkit import ConstLatency, call, make_deployment, program, run_sim, sim_config
 from simulator.cluster import Simulation
 from simulator.engine.request import PREEMPTED, RUNNING, WAITING_FOR_REMOTE_KVS
 from simulator.latency import LinearStepModel
@@ -119,11 +120,11 @@ def _window_peak(progs, mnbt, window) -> int:
 
 
 def _simulate(progs, blocks, policy, instances, mnbt, fast_forward, instrumented=True, state_blocks=0,
-              window=None, async_scheduling=False):
+              window=None, async_scheduling=False, latency=LATENCY):
     in_flight = mnbt * (2 if async_scheduling else 1)  # (ResolvedEngine.max_in_flight_tokens)
     extra = state_blocks + (_window_peak(progs, in_flight, window) if window else 0)
     dep = make_deployment(num_gpu_blocks=blocks + extra, block_size=BS, max_num_batched_tokens=mnbt,
-                          max_num_seqs=8, latency=LATENCY, async_scheduling=async_scheduling)
+                          max_num_seqs=8, latency=latency, async_scheduling=async_scheduling)
     if state_blocks or window:
         import dataclasses
         win = {}
@@ -241,6 +242,33 @@ def test_fast_forward_changes_no_result(w):
     assert on.programs == off.programs
     assert _itl_sample(on) == _itl_sample(off)
     assert on.summary == off.summary
+
+
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), st.sampled_from(["linear", "const"]), st.sampled_from([0.0, 0.25, 1.0]))
+def test_fast_forward_changes_no_result_with_async_scheduling(w, latency, sample_s):
+    """The same under async scheduling, where a decode run is planned one step ahead (each
+    step scheduled at its predecessor's start). With every step 10 ms long ("const") and
+    arrivals, tool gaps and pin expiries on the same 10 ms grid, outside events land exactly
+    on a step's start: an arrival there joins the step scheduled at that instant, a later
+    event (a pin's expiry) the one after. The sampled timeseries (block state read mid-run)
+    is compared too."""
+    progs, blocks, policy, instances, mnbt = w
+    lat = LATENCY if latency == "linear" else ConstLatency(0.01)
+    if latency == "const":
+        progs = [dataclasses.replace(p, arrival_s=round(p.arrival_s, 2)) for p in progs]
+    runs = []
+    for ff in (True, False):
+        dep_kw = dict(instrumented=False, async_scheduling=True, latency=lat)
+        res, sim, _ = _simulate(progs, blocks, {**policy, "sample_interval_s": sample_s} if sample_s else policy,
+                                instances, mnbt, ff, **dep_kw)
+        runs.append(res)
+    on, off = runs
+    assert on.calls == off.calls
+    assert on.programs == off.programs
+    assert _itl_sample(on) == _itl_sample(off)
+    assert on.summary == off.summary
+    assert on.timeseries == off.timeseries
 
 
 def test_tiny_kv_workload_does_preempt():

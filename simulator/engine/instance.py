@@ -21,6 +21,18 @@ additions in the same order. Sliding-window models (one full-attention group) pl
 window blocks too: past the window's first free, each request frees a block per window
 group when one falls behind the window and takes one with each table block; since decodes
 then free blocks, a non-empty waiting queue ends a run's stability.
+
+Under async scheduling a run is planned one step ahead, as the engine schedules: when step
+1 is scheduled (at the launch of step 0) and both are pure decodes of every running request
+in the steady state (two tokens in flight each, blocks and cache at their frontier), step
+j + 1 is scheduled at the start of step j, the returns in between only count tokens, and a
+schedule's block events are those of allocate_decode_slot (a new block and the one filled
+cached, when a slot opens a block). The run ends at the start of its last planned step,
+which the engine then launches and goes on from one step at a time; planning stops before
+the first step that samples a request's last token. An outside event cuts it to the step in
+progress, and the step after it if that was already scheduled: an event at a step's start
+with a priority below the schedule's (an arrival) joins the step scheduled then, as it would.
+Sliding-window and chunked-local models are not fast-forwarded under async scheduling.
 """
 
 from __future__ import annotations
@@ -75,6 +87,38 @@ class _DecodeRun:
         self.freed = 0            # blocks freed by steps 1..M-1
 
 
+class _AsyncRun:
+    """A planned run of pure-decode steps 0..M-1 under async scheduling. Step 0 was running
+    and step 1 just scheduled when it was planned; step j + 1 is scheduled at the start of
+    step j (tick j), so the run's last step, M - 1, is the one scheduled when the run ends
+    at the start of step M - 1 (the end of M - 2), and the engine then goes on one step at
+    a time. `base`: each request's num_computed_tokens after step 1's schedule."""
+
+    __slots__ = ("running", "base", "starts", "durs", "out0", "out1", "ctx1", "max1", "B", "M", "R",
+                 "allocs_mod", "free", "need", "open", "applied", "by_mod", "handle")
+
+    def __init__(self, running, base, t0: float, d0: float, d1: float, out0, out1, allocs_mod,
+                 free: int, R: int):
+        self.running = running
+        self.base = base
+        self.starts = [t0, t0 + d0, t0 + d0 + d1]
+        self.durs = [d0, d1]
+        self.out0 = out0
+        self.out1 = out1
+        self.ctx1 = out1.decode_ctx_sum
+        self.max1 = out1.decode_ctx_max
+        self.B = len(running)
+        self.M = 2
+        self.R = R              # no step from R on (a request's last token)
+        self.allocs_mod = allocs_mod
+        self.free = free        # free blocks after step 1's schedule
+        self.need = 0           # blocks the schedules of steps 2..M-1 take
+        self.open = True
+        self.applied = 0        # block events applied through this tick
+        self.by_mod: list[list[int]] | None = None  # requests with block events at tick j: by_mod[j % bs]
+        self.handle = -1
+
+
 class Instance:
     def __init__(self, index: int, loop: EventLoop, engine, latency, sched_policy, retention,
                  residency=None, on_finished=None, itl_sink=None, fast_forward: bool = True):
@@ -122,6 +166,7 @@ class Instance:
         self.async_scheduling = engine.async_scheduling
         self._pending: SchedulerOutput | None = None
         self._pending_handle = -1  # the event that schedules it, until it runs
+        self._inflight: tuple | None = None  # the step running: (out, start, dur, end handle)
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -181,9 +226,10 @@ class Instance:
         return self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max or None,
                                              ep_tokens)
 
-    def run_step(self, out: SchedulerOutput, start: float, dur: float) -> None:
-        """The planned step ends `dur` after `start` (a lockstep group may stretch it)."""
-        self.loop.schedule(start + dur, self._prio, self._on_step_end, out, start, dur)
+    def run_step(self, out: SchedulerOutput, start: float, dur: float) -> int:
+        """The planned step ends `dur` after `start` (a lockstep group may stretch it); the
+        handle of its end."""
+        return self.loop.schedule(start + dur, self._prio, self._on_step_end, out, start, dur)
 
     def _start_step(self, now: float) -> None:
         if self.group is not None:
@@ -212,7 +258,7 @@ class Instance:
         runs is not used with async scheduling."""
         if self._pending_handle >= 0:  # (a step of no duration ended before its successor was scheduled)
             self.loop.cancel(self._pending_handle)
-            self._schedule_pending()
+            self._schedule_pending(False)
         out = self._pending
         self._pending = None
         if out is None:
@@ -223,15 +269,18 @@ class Instance:
         if self.waking:
             dur += self._wake_s
             self.waking = False
-        self.run_step(out, now, dur)
+        self._inflight = (out, now, dur, self.run_step(out, now, dur))
         # the next step is scheduled at once, after the calls that arrive at this instant
         self._pending_handle = self.loop.schedule(now, PRIO_SCHEDULE + self.index, self._schedule_pending)
 
-    def _schedule_pending(self) -> None:
+    def _schedule_pending(self, plan: bool = True) -> None:
         self._pending_handle = -1
-        nxt = self.scheduler.schedule(self.loop.now)
+        now = self.loop.now
+        nxt = self.scheduler.schedule(now)
         if nxt.scheduled:
             self._pending = nxt
+            if plan and self.fast_forward and not nxt.prefill_chunks and not nxt.preempted:
+                self._plan_async_run(nxt, now)
 
     def _on_step_end(self, out: SchedulerOutput, start: float, dur: float) -> None:
         now = self.loop.now
@@ -275,25 +324,10 @@ class Instance:
 
     def _emit_async(self, out: SchedulerOutput, start: float, now: float) -> None:
         """The step's tokens, under async scheduling: every request it scheduled to sample
-        (preempted since or not) gets its token; the scheduler's update, then the finished
-        leave, then the next step. (The timing loop is _on_step_end's, kept apart from it:
-        there it is fused with the synchronous token count, the hot path.)"""
-        itl_v, itl_w = self.itl
-        same = 0
-        for req in out.samples:
-            last = req.last_token_time
-            if last == start:
-                same += 1
-            elif req.first_token_time < 0:
-                req.first_token_time = now
-            else:
-                itl_v.append(now - last)
-                itl_w.append(1)
-            req.last_token_time = now
-        if same:
-            itl_v.append(now - start)
-            itl_w.append(same)
-        for req in self.scheduler.update_from_output(out):
+        (preempted since or not) gets its token, timed in the scheduler's update (one pass:
+        the token count, the blocks it fills and its timing); then the finished leave, then
+        the next step."""
+        for req in self.scheduler.update_from_output(out, start, now, self.itl):
             self._finish(req, now)
         self._start_step(now)
 
@@ -503,12 +537,18 @@ class Instance:
         """Bring block state up to `now` inside a decode run (for readers)."""
         run = self._run
         if run is not None:
-            self._apply_run_events(run, self._step_at(run, now))
+            if run.__class__ is _AsyncRun:
+                self._apply_async_events(run, self._async_at(run, now)[1])
+            else:
+                self._apply_run_events(run, self._step_at(run, now))
 
     def _cut_run(self, now: float) -> None:
         """Something from outside arrives: the run ends with the step in progress."""
         run = self._run
         if run is None:
+            return
+        if run.__class__ is _AsyncRun:
+            self._cut_async_run(run, now)
             return
         s = self._step_at(run, now)
         run.open = False
@@ -571,6 +611,224 @@ class Instance:
         for req in finished:
             self._finish(req, now)
         self._start_step(now)
+
+    # -- fast-forward of pure-decode runs under async scheduling -------------------------
+    def _plan_async_run(self, out1: SchedulerOutput, now: float) -> None:
+        """Step 0 (launched at `now`) and step 1 (just scheduled) are pure decodes of every
+        running request: if the batch is stable and every request is in the steady state of
+        async decoding (two tokens in flight, blocks and cache at their frontier), plan the
+        following steps as a run. A run needs a third step to save anything."""
+        inflight = self._inflight
+        if inflight is None or inflight[1] != now or inflight[2] <= 0.0:
+            return
+        out0 = inflight[0]
+        kv = self.kv
+        if out0.prefill_chunks or out0.preempted or kv.local or self.group is not None:
+            return
+        running = self.scheduler.running
+        B = len(running)
+        if out0.num_decodes != B or len(out0.scheduled) != B or not self._batch_is_stable(out1):
+            return
+        bs = kv.block_size
+        caching = kv.enable_caching
+        num_cached = kv.num_cached_block
+        tables = kv.req_to_blocks
+        max_len = self.engine.max_model_len
+        base = []
+        R = _MAX_RUN
+        for (r0, _), req in zip(out0.scheduled, running):
+            c = req.num_computed_tokens
+            o = req.num_output_tokens
+            P = req.num_prompt_tokens
+            if (r0 is not req or req.num_output_placeholders != 2 or req.num_in_flight_tokens != 2
+                    or c != P + o + 1 or len(tables[req.request_id]) != -(-c // bs)
+                    or (caching and num_cached[req.request_id] != (c - 1) // bs)):
+                return
+            # step j samples token o + j + 1; steps are planned up to the first last token
+            left = req.max_tokens - o - 1
+            if left < R:
+                R = left
+            left = max_len - P - o - 1
+            if left < R:
+                R = left
+            base.append(c)
+        if R < 3:
+            return
+        allocs_mod = [0] * bs  # the schedule of step j allocates for each request with c + j - 2 = 0 (mod bs)
+        for c in base:
+            allocs_mod[(2 - c) % bs] += 1
+        t0, d0 = inflight[1], inflight[2]
+        d1 = self.price_step(out1)
+        if d1 <= 0.0:
+            return
+        run = _AsyncRun(list(running), base, t0, d0, d1, out0, out1, allocs_mod, kv.pool.num_free, R)
+        self._plan_more_async(run, _FIRST_CHUNK)
+        if run.M < 3:
+            return
+        self.loop.cancel(inflight[3])  # step 0's end is the run's now
+        self._pending = None
+        self._inflight = None
+        run.handle = self.loop.schedule(run.starts[run.M - 1], self._prio, self._end_async_run)
+        self._run = run
+
+    def _plan_more_async(self, run: _AsyncRun, n: int) -> None:
+        """Plan up to n more steps of an open run: step j is scheduled at the start of step
+        j - 1 (allocating blocks), starts when j - 1 ends. Planning stops for good before the
+        first step that samples a request's last token (run.R: it runs normally, its
+        placeholder is not counted), before a schedule that needs more blocks than are free,
+        or at a step of no duration (its end would come before the next schedule)."""
+        j = run.M
+        stop = min(run.R, j + n)
+        bs = self.kv.block_size
+        allocs_mod = run.allocs_mod
+        free, need = run.free, run.need
+        B, ctx1, max1 = run.B, run.ctx1, run.max1
+        step_time = self.latency.decode_step_time
+        starts, durs = run.starts, run.durs
+        t = starts[j]
+        while j < stop:
+            a = allocs_mod[j % bs]
+            if need + a > free:
+                run.open = False
+                break
+            d = step_time(B, ctx1 + (j - 1) * B, max1 + (j - 1) if max1 else None)
+            if d <= 0.0:
+                run.open = False
+                break
+            need += a
+            durs.append(d)
+            t = t + d
+            starts.append(t)
+            j += 1
+        if j >= run.R:
+            run.open = False
+        run.need = need
+        run.M = j
+
+    def _async_at(self, run: _AsyncRun, now: float) -> tuple[int, int]:
+        """(s, T) for an outside event at `now`: step s is running, and the schedules of
+        steps 2..T+1 (ticks 1..T) have happened: a step's successor is scheduled at its
+        start, after the events of lower priority at that instant (arrivals: they join it)."""
+        while run.open and run.starts[run.M - 1] <= now:
+            self._extend_async(run)
+        s = bisect_right(run.starts, now, 0, run.M) - 1
+        if s < 0:
+            s = 0
+        if run.starts[s] == now and self.loop.prio < PRIO_SCHEDULE + self.index:
+            return s, s - 1
+        return s, s
+
+    def _extend_async(self, run: _AsyncRun, pending: bool = True) -> None:
+        M = run.M
+        self._plan_more_async(run, M)
+        if run.M > M:
+            if pending:
+                self.loop.cancel(run.handle)
+            run.handle = self.loop.schedule(run.starts[run.M - 1], self._prio, self._end_async_run)
+
+    def _apply_async_events(self, run: _AsyncRun, upto: int) -> None:
+        """The block events of ticks applied+1..upto: at tick j (the schedule of step j + 1)
+        each request whose slot opens a block (c + j - 1 = 0 mod bs) takes a new block and
+        caches the one it filled, in running order, as allocate_decode_slot does. (The
+        returns in between cache nothing: the schedules got there first.)"""
+        if upto <= run.applied:
+            return
+        kv = self.kv
+        pool = kv.pool
+        bs = kv.block_size
+        caching = kv.enable_caching
+        tables = kv.req_to_blocks
+        num_cached = kv.num_cached_block
+        running, base = run.running, run.base
+        by_mod = run.by_mod
+        if by_mod is None:
+            by_mod = run.by_mod = [[] for _ in range(bs)]
+            for i, c in enumerate(base):
+                by_mod[(1 - c) % bs].append(i)
+        for j in range(run.applied + 1, upto + 1):
+            for i in by_mod[j % bs]:
+                req = running[i]
+                rid = req.request_id
+                table = tables[rid]
+                table.append(pool.get_new_block())
+                if caching:
+                    idx = (base[i] + j - 1) // bs - 1
+                    num_cached[rid] = idx + 1
+                    pool.cache_block(table[idx], req.block_key(idx))
+        run.applied = upto
+
+    def _decode_out(self, run: _AsyncRun, j: int) -> SchedulerOutput:
+        """The scheduler's output for step j of the run."""
+        if j == 0:
+            return run.out0
+        if j == 1:
+            return run.out1
+        out = SchedulerOutput()
+        B = run.B
+        out.scheduled = out.samples = [(r, 1) for r in run.running]
+        out.partial = []
+        out.num_decodes = out.num_scheduled_tokens = out.num_sampled = B
+        out.decode_ctx_sum = run.ctx1 + (j - 1) * B
+        out.decode_ctx_max = run.max1 + (j - 1) if run.max1 else 0
+        return out
+
+    def _materialise(self, run: _AsyncRun, s: int, T: int) -> SchedulerOutput:
+        """The state of stepping one at a time, with steps 0..s-1 returned, step s running
+        and steps up to T + 1 scheduled: tokens, timing, counters and block events. Sets the
+        scheduled step after s (T == s) as pending; returns step s's output."""
+        self._run = None
+        self._apply_async_events(run, T)
+        starts, durs = run.starts, run.durs
+        running, base = run.running, run.base
+        B = run.B
+        if s >= 1:
+            # step 0 returns as it would have (its update is that of stepping one at a time)
+            self.scheduler.update_from_output(run.out0, starts[0], starts[1], self.itl)
+            itl_v, itl_w = self.itl
+            for j in range(1, s):  # every request's previous token came at the step's start
+                itl_v.append(starts[j + 1] - starts[j])
+                itl_w.append(B)
+            last = starts[s]
+            for i, req in enumerate(running):
+                req.num_output_tokens = base[i] - req.num_prompt_tokens - 1 + s
+                req.last_token_time = last
+        k = T + 2 - s  # tokens in flight: steps s..T+1
+        for i, req in enumerate(running):
+            req.num_computed_tokens = base[i] + T
+            req.num_output_placeholders = k
+            req.num_in_flight_tokens = k
+        if self.step_log is not None:
+            self.step_log.extend((starts[j + 1], 0, 0, B, durs[j]) for j in range(s))
+        busy = self.busy_time
+        for j in range(s):
+            busy += durs[j]
+        self.busy_time = busy
+        self.num_steps += s
+        self.num_tokens_computed += B * s
+        if T == s:
+            self._pending = self._decode_out(run, s + 1)
+        return self._decode_out(run, s)
+
+    def _cut_async_run(self, run: _AsyncRun, now: float) -> None:
+        """Something from outside arrives: the steps scheduled so far stand, and the engine
+        goes on one step at a time from the state it would be in."""
+        s, T = self._async_at(run, now)
+        self.loop.cancel(run.handle)
+        out = self._materialise(run, s, T)
+        start, dur = run.starts[s], run.durs[s]
+        self._inflight = (out, start, dur, self.run_step(out, start, dur))
+        if T < s:  # (at step s's start, before its successor was scheduled)
+            self._pending_handle = self.loop.schedule(now, PRIO_SCHEDULE + self.index, self._schedule_pending)
+
+    def _end_async_run(self) -> None:
+        run = self._run
+        if run.open:
+            self._extend_async(run, pending=False)
+            if self.loop.now < run.starts[run.M - 1]:
+                return  # planned further: the run goes on
+        s = run.M - 2  # step s ends now; s + 1 (the last planned) is scheduled
+        out = self._materialise(run, s, s)
+        self._on_step_end(out, run.starts[s], run.durs[s])
 
     # -- observation ---------------------------------------------------------------------
     def num_running(self) -> int:

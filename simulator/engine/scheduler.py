@@ -36,7 +36,7 @@ class SchedulerOutput:
     model needs (prefill chunks with their context, decode count and context sum)."""
 
     __slots__ = ("scheduled", "preempted", "prefill_chunks", "num_decodes", "decode_ctx_sum",
-                 "decode_ctx_max", "num_scheduled_tokens", "num_sampled", "samples")
+                 "decode_ctx_max", "num_scheduled_tokens", "num_sampled", "samples", "partial")
 
     def __init__(self):
         self.scheduled: list[tuple[Request, int]] = []
@@ -47,7 +47,10 @@ class SchedulerOutput:
         self.decode_ctx_max = 0
         self.num_scheduled_tokens = 0
         self.num_sampled = 0
-        self.samples: list[Request] | None = None  # async scheduling: the requests that sample
+        # Async scheduling: the (request, tokens) entries of `scheduled` that sample, and those
+        # that do not (a prefill chunk short of the prompt's end), in scheduled order
+        self.samples: list[tuple[Request, int]] | None = None
+        self.partial: list[tuple[Request, int]] | None = None
 
     def __bool__(self):
         return bool(self.scheduled)
@@ -105,40 +108,64 @@ class Scheduler:
         thr = self._thr = self.long_prefill_token_threshold
         if thr and self.lone_request_full_budget and len(self.running) + self.num_waiting() <= 1:
             self._thr = 0  # nobody to starve (vLLM 0.32's Scheduler.schedule)
+        if self.async_scheduling:
+            out.samples = []
+            out.partial = []
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget, now)
-        if self.async_scheduling:
-            self._add_placeholders(out)
         return out
 
-    def _add_placeholders(self, out: SchedulerOutput) -> None:
-        """AsyncScheduler._update_after_schedule: each request whose step reaches its token
-        count will sample; it holds a placeholder for that token unless it is its last."""
-        samples = []
-        max_len = self.max_model_len
-        for req, n in out.scheduled:
-            req.num_in_flight_tokens += n
-            k = req.num_output_tokens + req.num_output_placeholders
-            if req.num_computed_tokens >= req.num_prompt_tokens + k:
-                samples.append(req)
-                k += 1  # the token this step samples
-                if k < req.max_tokens and req.num_prompt_tokens + k < max_len:
-                    req.num_output_placeholders += 1
-        out.samples = samples
+    def _hold(self, out: SchedulerOutput, entry: tuple[Request, int]) -> None:
+        """AsyncScheduler._update_after_schedule, for a request just scheduled (and advanced):
+        its tokens are in flight; if its step reaches its token count it will sample, and it
+        holds a placeholder for that token unless it is its last. (The decode loop does the
+        same inline.)"""
+        req, n = entry
+        req.num_in_flight_tokens += n
+        k = req.num_output_tokens + req.num_output_placeholders
+        if req.num_computed_tokens >= req.num_prompt_tokens + k:
+            out.samples.append(entry)
+            k += 1  # the token this step samples
+            if k < req.max_tokens and req.num_prompt_tokens + k < self.max_model_len:
+                req.num_output_placeholders += 1
+        else:
+            out.partial.append(entry)
 
-    def update_from_output(self, out: SchedulerOutput) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, start: float = 0.0, now: float = 0.0,
+                           itl: tuple[list, list] | None = None) -> list[Request]:
         """Async scheduling: the step's tokens are back. Each sampling request gets its token
         (a preempted one too: vLLM delivers in-flight tokens), running ones cache the blocks
-        the returned tokens fill. Returns the requests whose last token this was."""
+        the returned tokens fill. Returns the requests whose last token this was. With `itl`
+        (the instance's sink of inter-token latencies), the step's timing too: it ran from
+        `start` to `now`; each token's request records its first or last token time and the
+        gap since its previous token (the tokens of requests whose previous one came at
+        `start` as one weighted entry), in the same pass. (The synchronous engine's step end,
+        Instance._on_step_end, times its tokens by the same rule, fused with its own token
+        count: both are the hot path of their mode.)"""
         finished = []
         max_len = self.max_model_len
         kv = self.kv
         caching = kv.enable_caching
         bs = kv.block_size
-        for req, n in out.scheduled:
+        for req, n in out.partial:
             req.num_in_flight_tokens -= n
-        for req in out.samples:
+        timing = itl is not None
+        if timing:
+            itl_v, itl_w = itl
+            same = 0
+        for req, n in out.samples:
+            req.num_in_flight_tokens -= n
+            if timing:
+                last = req.last_token_time
+                if last == start:
+                    same += 1
+                elif req.first_token_time < 0:
+                    req.first_token_time = now
+                else:
+                    itl_v.append(now - last)
+                    itl_w.append(1)
+                req.last_token_time = now
             o = req.num_output_tokens + 1
             req.num_output_tokens = o
             p = req.num_output_placeholders
@@ -151,6 +178,9 @@ class Scheduler:
                     kv.cache_blocks(req, known)
             if o >= req.max_tokens or req.num_prompt_tokens + o >= max_len:
                 finished.append(req)
+        if timing and same:
+            itl_v.append(now - start)
+            itl_w.append(same)
         return finished
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
@@ -189,8 +219,11 @@ class Scheduler:
                     break
             if req.status == PREEMPTED:
                 break  # the request itself was preempted
-            out.scheduled.append((req, n))
+            entry = (req, n)
+            out.scheduled.append(entry)
             self._advance(out, req, n)
+            if self.async_scheduling:
+                self._hold(out, entry)
             budget -= n
             i += 1
         if recount:
@@ -216,6 +249,10 @@ class Scheduler:
         n0 = len(scheduled)
         ctx = 0
         ctx_max = out.decode_ctx_max
+        hold = out.samples is not None  # async scheduling: _hold, inline (a decode samples)
+        if hold:
+            sample = out.samples.append
+            max_len = self.max_model_len
         for req in self.running[start:start + limit]:
             c = req.num_computed_tokens
             o = req.num_output_tokens + req.num_output_placeholders
@@ -225,12 +262,20 @@ class Scheduler:
             if (not 0 < r < last_slot or r == fr or (stale and req.request_id in stale)) \
                     and not kv.allocate_decode_slot(req):
                 break  # no free block: the general path preempts
-            append((req, 1))
+            entry = (req, 1)
+            append(entry)
             c += 1
             req.num_computed_tokens = c
             ctx += c
             if c > ctx_max:
                 ctx_max = c
+            if hold:
+                sample(entry)
+                req.num_in_flight_tokens += 1
+                # a placeholder for the token this step samples (the o + 1-th, at position
+                # c + 1) unless it is the last
+                if o + 1 < req.max_tokens and c + 1 < max_len:
+                    req.num_output_placeholders += 1
         k = len(scheduled) - n0
         out.num_decodes += k
         out.decode_ctx_sum += ctx
@@ -244,8 +289,13 @@ class Scheduler:
         given_back = 0
         for j, (r, n) in enumerate(out.scheduled):
             if r is victim:  # only possible with priority victims
-                del out.scheduled[j]
+                entry = out.scheduled.pop(j)
                 given_back = n
+                if out.samples is not None:  # async: its tokens of this step are not in flight
+                    victim.num_in_flight_tokens -= n
+                    for held in (out.samples, out.partial):
+                        if entry in held:
+                            held.remove(entry)
                 break
         self.running.remove(victim)
         self.kv.free(victim)
@@ -323,8 +373,11 @@ class Scheduler:
             if req.scheduled_time < 0:
                 req.scheduled_time = now
             req.status = RUNNING
-            out.scheduled.append((req, n))
+            entry = (req, n)
+            out.scheduled.append(entry)
             self._advance(out, req, n)
+            if self.async_scheduling:
+                self._hold(out, entry)
             budget -= n
             if self.on_admitted is not None:
                 self.on_admitted(req)
