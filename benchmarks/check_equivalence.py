@@ -17,7 +17,9 @@ config key only one side has, a knob added at its default, since both sides run 
 `against` runs every case in another checkout (e.g. `git worktree add /tmp/ref-checkout
 HEAD`, the code before the change) and in this one, side by side, and compares them: use it
 when other files change while you work, so that a stored reference would go stale.
-Exit code 1 if any case fails. `--jobs N` runs cases in parallel; `--only SUBSTR` filters.
+Exit code 1 if any case fails. `--jobs N` runs cases in parallel; `--only SUBSTR` filters;
+`--set KEY=VALUE` adds a --set to every case on both sides (e.g. engine.async_scheduling=false
+to compare the synchronous engine), `--new-set` to the new side only.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ def main() -> int:
     ap.add_argument("workdir", type=Path, nargs="?", help="against: where both sides' outputs go")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--set", dest="both_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a --set for every case on both sides (record, compare's new side, against)")
     ap.add_argument("--new-set", action="append", default=[], metavar="KEY=VALUE",
                     help="against/compare: a --set for the new side only (e.g. a knob that selects the "
                          "old behaviour: engine.vllm_version=0.19.0)")
@@ -170,16 +174,16 @@ def main() -> int:
         label = f"{trace.stem}/{name}"
         ref = a.refdir / trace.stem / name
         if a.mode == "record":
-            err = run_case(trace, name, ref)
+            err = run_case(trace, name, ref, extra=tuple(a.both_set))
             return label, ("RECORDED" if not err else f"ERROR {err}")
         if other is not None:
-            err = run_case(trace, name, ref, other)
+            err = run_case(trace, name, ref, other, extra=tuple(a.both_set))
             if err:
                 return label, f"FAIL reference run: {err}"
         elif not ref.exists():
             return label, "FAIL (no reference)"
         new = scratch / trace.stem / name
-        err = run_case(trace, name, new, extra=tuple(a.new_set))
+        err = run_case(trace, name, new, extra=(*a.both_set, *a.new_set))
         if err:
             return label, f"FAIL {err}"
         bad = compare_dirs(ref, new)

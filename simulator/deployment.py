@@ -192,12 +192,17 @@ def _attention_tiles(spec: dict, lat):
         raise ConfigError(f"profile attention_tiles: {e}") from None
 
 
-def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict) -> LatencyModel:
+def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict,
+                  async_overlap: bool = False) -> LatencyModel:
+    """`async_overlap` (the resolved engine's async_scheduling): the roofline's and the operator
+    model's per-step host overhead overlaps the device's step, a step takes max(device, host)."""
     lat = cfg.latency
     spec = profile.get("latency_model") if profile else None
     if spec:
         kind = spec.get("kind")
         if kind == "linear":
+            # No overlap here: the intercept is a fitted step period from synchronous vLLM-CPU
+            # runs (host work included, as measured), not a host term to hide behind the device.
             m = LinearStepModel(spec["intercept"], spec.get("coefficients", {}), source=spec.get("fit", {}))
             if lat.host_overhead_s is not None:
                 m.intercept = lat.host_overhead_s
@@ -210,20 +215,21 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                                  memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                                  host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
                                  host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"),
-                                 attention_tiles=_attention_tiles(spec, lat))
+                                 attention_tiles=_attention_tiles(spec, lat), async_overlap=async_overlap)
         if kind == "operators":
             try:
                 return OperatorModel.from_profile(
                     spec, model, tp, link=device.intra_node_link, profile=profile,
                     host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
                     max_tokens=max(cfg.engine.max_num_batched_tokens or 0, 8192),
-                    max_seqs=max(cfg.engine.max_num_seqs or 0, 1024))
+                    max_seqs=max(cfg.engine.max_num_seqs or 0, 1024), async_overlap=async_overlap)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"profile {profile.get('name', '')}: {e}") from None
         raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline, operators)")
     return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency,
                          attention_efficiency=lat.attention_efficiency, memory_efficiency=lat.memory_efficiency,
-                         host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s)
+                         host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
+                         async_overlap=async_overlap)
 
 
 def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profile: dict | None = None) -> Deployment:
@@ -285,7 +291,7 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             vllm_version=version, reserve_full_isl=bool(reserve), free_uncached_first=newer,
                             lone_request_full_budget=newer, async_scheduling=bool(async_sched))
     try:
-        latency = build_latency(model, device, tp, cfg, profile)
+        latency = build_latency(model, device, tp, cfg, profile, async_overlap=engine.async_scheduling)
     except HardwareError as err:
         raise _unmodelled_quantization(err) from None
     scale, dscale = cfg.latency.step_time_scale, cfg.latency.decode_step_time_scale

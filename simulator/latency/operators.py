@@ -18,7 +18,10 @@ GPU for one decoder layer at the per-rank shapes of a tensor-parallel degree:
 - tensor-parallel all-reduce (two per layer: after o_proj and down_proj, tokens·hidden·dtype
   bytes each) and expert-parallel all-gather / reduce-scatter from a collective size->time
   curve fitted on measured collectives, or from the interconnect's spec when none is measured;
-- a per-step host overhead, an explicit term whose source the profile states.
+- a per-step host overhead, an explicit term whose source the profile states. With
+  `async_overlap` (vLLM's async scheduling) it overlaps the device's step: a step takes
+  max(device, host) instead of their sum (the imported GPU profiles carry no host overhead,
+  so for them the two agree).
 
 Hybrid models (Qwen3-Next / Qwen3.5 / Qwen3.6: Gated DeltaNet linear attention in most
 layers, full attention every few; `ModelArch.attention_layers`): attention and the ops of the
@@ -489,8 +492,10 @@ class OperatorModel(LatencyModel):
                  dense_linear_layer: dict[str, Curve] | None = None,
                  dense_linear_count: dict[str, float] | None = None,
                  sliding_layers: int = 0, sliding_window: int = 0, chunked: bool = False,
-                 moe_layers: int | None = None):
+                 moe_layers: int | None = None, async_overlap: bool = False):
         self.L = int(num_layers)
+        # the host work of a step runs while the device runs the previous one (async scheduling)
+        self.async_overlap = bool(async_overlap)
         # MoE models: the layers whose MLP is the MoE block (DeepSeek's first dense layers,
         # Llama 4's interleaved ones have none; a profile prices no dense MLP for them)
         self.Lm = int(moe_layers) if moe_layers is not None else self.L
@@ -651,6 +656,10 @@ class OperatorModel(LatencyModel):
         if self.Lw:
             a += self._window_attn_s((), B, kd, None if decode_ctx_max is None else decode_ctx_max - 1.0)[1]
         tok = self._tok_s(B) if ep_tokens is None else self._tok_ep_s(B, ep_tokens)
+        if self.async_overlap:
+            dev = tok + self._seq_s(B) + a
+            host = self.host_s + self.host_seq_s * B
+            return host if host > dev else dev
         return tok + self._seq_s(B) + a + self.host_s + self.host_seq_s * B
 
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
@@ -668,6 +677,12 @@ class OperatorModel(LatencyModel):
         kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
         pa, da = self.attn.step(prefill_chunks, num_decodes, kd, kmax, self.skew_alpha)
         tok = self._tok_s(T) if ep_tokens is None else self._tok_ep_s(T, ep_tokens)
+        if self.async_overlap:
+            dev = tok + self._seq_s(S) + (pa + da) * self.Lf * US
+            if self.Lw:
+                dev += sum(self._window_attn_s(prefill_chunks, num_decodes, kd, kmax))
+            host = self.host_s + self.host_seq_s * S
+            return host if host > dev else dev
         t = (tok + self._seq_s(S) + (pa + da) * self.Lf * US
              + self.host_s + self.host_seq_s * S)
         if self.Lw:
@@ -705,7 +720,13 @@ class OperatorModel(LatencyModel):
                 parts[op] = c(S) * US
             if self.logits_gather is not None:
                 parts["logits_all_gather"] = self.logits_gather.time_s(S * self.vocab * self.dtype_bytes)
-        parts["host"] = self.host_s + self.host_seq_s * S
+        host = self.host_s + self.host_seq_s * S
+        if self.async_overlap:  # only the host time the device's step does not hide shows
+            dev = sum(parts.values())
+            parts["host"] = host - dev if host > dev else 0.0
+            parts["total"] = host if host > dev else dev
+            return parts
+        parts["host"] = host
         parts["total"] = sum(parts.values())
         return parts
 
@@ -720,6 +741,7 @@ class OperatorModel(LatencyModel):
     def describe(self) -> dict:
         d = {"kind": self.kind, "tp": self.tp, "num_layers": self.L, "host_overhead_s": self.host_s,
              "host_overhead_per_seq_s": self.host_seq_s, "skew_alpha": self.skew_alpha,
+             **({"async_overlap": True} if self.async_overlap else {}),  # (only when on, as the roofline's)
              "dense_ops": {op: c.interp for op, c in {**self.dense_layer, **self.dense_attn, **self.dense_lin,
                                                       **self.dense_step}.items()}}
         if self.La != self.L:
@@ -744,10 +766,11 @@ class OperatorModel(LatencyModel):
     def from_profile(cls, spec: dict, model, tp: int = 1, link=None, profile: dict | None = None,
                      base_dir: str | os.PathLike | None = None, host_overhead_s: float | None = None,
                      host_overhead_per_seq_s: float | None = None, max_tokens: int = 8192,
-                     max_seqs: int = 1024) -> "OperatorModel":
+                     max_seqs: int = 1024, async_overlap: bool = False) -> "OperatorModel":
         """Build from a profile's `latency_model:` mapping (kind operators) for the served
         `model` (a ModelArch) at tensor-parallel degree `tp`; `link` is the device's
-        intra-node link, used where no collective curve was measured."""
+        intra-node link, used where no collective curve was measured; `async_overlap`: the host
+        overhead overlaps the device's step (see the module doc)."""
         check_model(spec, model)
         degrees = [int(x) for x in spec.get("tp_degrees", [1])]
         if tp not in degrees:
@@ -825,7 +848,7 @@ class OperatorModel(LatencyModel):
                    dense_attention_count=attn_counts, dense_linear_layer=dense_lin, dense_linear_count=lin_counts,
                    sliding_layers=model.local_layers, sliding_window=model.local_span,
                    chunked=bool(model.local_layers and not model.sliding_window),
-                   moe_layers=model.moe_layers if model.is_moe else None)
+                   moe_layers=model.moe_layers if model.is_moe else None, async_overlap=async_overlap)
 
 
 def _padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:
