@@ -33,8 +33,11 @@ def _stats(prefix: str, values, weights=None, scale: float = 1000.0, unit: str =
         order = np.argsort(v, kind="stable")
         v, w = v[order], w[order]
         total = w.sum()
-        mean = float((v * w).sum() / total)
-        var = float((w * (v - mean) ** 2).sum() / total)
+        # exactly rounded sums: the same entries give the same figures in any order (a
+        # fast-forwarded instance records a run's gaps at once, interleaved otherwise with
+        # the other instances' than stepping would)
+        mean = math.fsum((v * w).tolist()) / total
+        var = math.fsum((w * (v - mean) ** 2).tolist()) / total
         cw = np.cumsum(w)
 
         def pct(p):  # numpy "linear" percentile on the expanded sample
