@@ -125,3 +125,33 @@ def test_linear_profile_is_not_overlapped():
     dep = build_deployment(model, device, build_config(None, {"engine.async_scheduling": True}), prof)
     assert isinstance(dep.latency, LinearStepModel)
     assert dep.latency.decode_step_time(3, 300) == pytest.approx(0.002 + 3e-4)
+
+
+def test_a_step_scheduled_at_its_launch_hides_no_host_work():
+    """A lone call on an idle engine: its prefill step is scheduled when it arrives, with no
+    step running to hide the host work behind, so it costs device + host as in the
+    synchronous engine (the same first token); its decode steps are each scheduled while the
+    one before runs and take max(device, host). With Llama-3.2-1B on an H100 a decode is
+    faster than the host work: every decode step after the first takes the host time."""
+    from simkit import call, program, run_sim
+    from simulator.latency.base import without_overlap
+
+    progs = [program("a", 0.0, [call(200, 20)])]
+    rows = {}
+    for mode in ("true", "false"):
+        cfg = build_config({}, _parse_set([f"engine.async_scheduling={mode}", f"latency.host_overhead_s={HOST}",
+                                           "latency.host_overhead_per_seq_s=0"]))
+        dep = build_deployment(load_model(MODEL), load_device("h100-sxm")[0], cfg)
+        res, sim = run_sim(progs, dep)
+        rows[mode] = res.calls[0]
+    sync, asyn = rows["false"], rows["true"]
+    assert asyn["first_token_s"] == sync["first_token_s"]
+    # tokens 2..20 come from 19 decode steps; the first of them was scheduled while the
+    # prefill ran, as every later one while its predecessor ran
+    assert asyn["finish_s"] - asyn["first_token_s"] == pytest.approx(19 * HOST, rel=1e-9)
+    assert sync["finish_s"] - sync["first_token_s"] > 19 * HOST * 1.4  # device + host each
+    over = RooflineModel(load_model(MODEL), load_device("h100-sxm")[0], 1, host_overhead_s=HOST,
+                         async_overlap=True)
+    serial = without_overlap(over)
+    assert serial is not over and not serial.async_overlap and over.async_overlap
+    assert serial.decode_step_time(1, 100) > over.decode_step_time(1, 100) == HOST

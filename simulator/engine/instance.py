@@ -40,6 +40,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 from ..events import PRIO_SCHEDULE, PRIO_STEP_END, PRIO_TRANSFER, EventLoop
+from ..latency.base import without_overlap
 from ..latency.linear import IDLE_WAKE_AFTER_S
 from .kv_cache_manager import KVCacheManager
 from .request import FINISHED, WAITING_FOR_REMOTE_KVS, Request
@@ -167,6 +168,9 @@ class Instance:
         self._pending: SchedulerOutput | None = None
         self._pending_handle = -1  # the event that schedules it, until it runs
         self._inflight: tuple | None = None  # the step running: (out, start, dur, end handle)
+        # a step scheduled at its own launch (nothing ran while it was scheduled) hides no
+        # host work: device + host
+        self._fresh_latency = without_overlap(latency) if self.async_scheduling else latency
 
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -218,13 +222,15 @@ class Instance:
         self.idle_since = None
         return out
 
-    def price_step(self, out: SchedulerOutput, ep_tokens: int | None = None) -> float:
-        """The step's duration on this instance (`ep_tokens`: see LatencyModel.step_time)."""
+    def price_step(self, out: SchedulerOutput, ep_tokens: int | None = None, fresh: bool = False) -> float:
+        """The step's duration on this instance (`ep_tokens`: see LatencyModel.step_time;
+        `fresh`: under async scheduling, a step scheduled at its launch, whose host work
+        nothing hid)."""
+        lat = self._fresh_latency if fresh else self.latency
         if out.prefill_chunks:
-            return self.latency.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum,
-                                          out.num_sampled, out.decode_ctx_max or None, ep_tokens)
-        return self.latency.decode_step_time(out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max or None,
-                                             ep_tokens)
+            return lat.step_time(out.prefill_chunks, out.num_decodes, out.decode_ctx_sum,
+                                 out.num_sampled, out.decode_ctx_max or None, ep_tokens)
+        return lat.decode_step_time(out.num_decodes, out.decode_ctx_sum, out.decode_ctx_max or None, ep_tokens)
 
     def run_step(self, out: SchedulerOutput, start: float, dur: float) -> int:
         """The planned step ends `dur` after `start` (a lockstep group may stretch it); the
@@ -251,12 +257,13 @@ class Instance:
 
     def _start_async(self, now: float) -> None:
         """Async scheduling (vLLM's step_with_batch_queue): launch the step scheduled while
-        the last one ran (or, with none, schedule one now), then schedule the next one at
+        the last one ran (or, with none, schedule one now: its host work is then not hidden
+        behind a running step, and it is priced device + host), then schedule the next one at
         once, against this one's placeholders (after the calls arriving at the same instant):
         requests that arrive while it runs wait for the schedule at its end, and join the step
-        after the next. Fast-forward of decode
-        runs is not used with async scheduling."""
-        if self._pending_handle >= 0:  # (a step of no duration ended before its successor was scheduled)
+        after the next."""
+        fresh = self._pending_handle >= 0
+        if fresh:  # (a step of no duration ended before its successor was scheduled)
             self.loop.cancel(self._pending_handle)
             self._schedule_pending(False)
         out = self._pending
@@ -265,7 +272,8 @@ class Instance:
             out = self.schedule_step(now)
             if out is None:
                 return
-        dur = self.price_step(out)
+            fresh = True
+        dur = self.price_step(out, fresh=fresh)
         if self.waking:
             dur += self._wake_s
             self.waking = False

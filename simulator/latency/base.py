@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 
@@ -110,6 +111,25 @@ class ScaledLatency(LatencyModel):
         if self.decode_scale != self.scale:
             d["decode_step_time_scale"] = self.decode_scale
         return d
+
+
+def without_overlap(model: LatencyModel) -> LatencyModel:
+    """The same model with its host work not hidden behind the device's step: what a step
+    costs under async scheduling when nothing ran while it was scheduled (the engine was idle,
+    or had nothing to schedule ahead), device + host as in the synchronous engine. Models
+    without an `async_overlap` option are returned as they are."""
+    if isinstance(model, ScaledLatency):
+        inner = without_overlap(model.inner)
+        if inner is model.inner:
+            return model
+        twin = copy.copy(model)
+        twin.inner = inner
+        return twin
+    if getattr(model, "async_overlap", False):
+        twin = copy.copy(model)
+        twin.async_overlap = False
+        return twin
+    return model
 
 
 def window_pairs(n: float, c: float, window: int) -> float:

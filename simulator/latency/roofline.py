@@ -6,8 +6,9 @@ layer over the intra-node link (ring: 2·(tp-1)/tp of the bytes). A per-step hos
 (scheduling, launch, sampling on the CPU) is added on top. With `async_overlap` (vLLM's async
 scheduling, `engine.async_scheduling`) the host work of the next step runs on the CPU while the
 device runs this one, so a step lasts max(device time, host time) instead of their sum; the
-breakdown then reports only the exposed host time, max(0, host - device). (Not modelled: the
-first step after an idle engine has no step to hide its host work behind.)
+breakdown then reports only the exposed host time, max(0, host - device). A step scheduled at
+its own launch (an idle engine's first) has no step to hide its host work behind: the instance
+prices it with the overlap off (base.without_overlap).
 
 A quantized checkpoint (ModelArch.quant_*) reads its linear weights at their stored size
 (scales and zero points included); the GEMMs of a W8A8 FP8 model run at the device's
