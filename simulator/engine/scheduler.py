@@ -147,6 +147,7 @@ class Scheduler:
         max_len = self.max_model_len
         kv = self.kv
         caching = kv.enable_caching
+        num_cached = kv.num_cached_block
         bs = kv.block_size
         for req, n in out.partial:
             req.num_in_flight_tokens -= n
@@ -174,7 +175,7 @@ class Scheduler:
                 req.num_output_placeholders = p
             if caching and req.status == RUNNING:
                 known = req.num_computed_tokens - p
-                if known // bs > kv.num_cached_block[req.request_id]:
+                if known // bs > num_cached[req.request_id]:
                     kv.cache_blocks(req, known)
             if o >= req.max_tokens or req.num_prompt_tokens + o >= max_len:
                 finished.append(req)
@@ -253,14 +254,20 @@ class Scheduler:
         if hold:
             sample = out.samples.append
             max_len = self.max_model_len
+        # Async scheduling, full attention: the slot at a block's end caches that block only if
+        # the token it holds has returned. With p tokens in flight the tokens returned end at
+        # c + 1 - p (the decode condition), a block's end only when p is a multiple of bs; and
+        # the last return cached up to c - p already. Such slots need no call.
+        skip_end = hold and last_slot == bs - 1
         for req in self.running[start:start + limit]:
             c = req.num_computed_tokens
-            o = req.num_output_tokens + req.num_output_placeholders
+            p = req.num_output_placeholders
+            o = req.num_output_tokens + p
             if not o or req.num_prompt_tokens + o != c + 1 or c >= max_c:
                 break
             r = c % bs
-            if (not 0 < r < last_slot or r == fr or (stale and req.request_id in stale)) \
-                    and not kv.allocate_decode_slot(req):
+            if ((not 0 < r < last_slot and not (skip_end and r and p % bs)) or r == fr
+                    or (stale and req.request_id in stale)) and not kv.allocate_decode_slot(req):
                 break  # no free block: the general path preempts
             entry = (req, 1)
             append(entry)
