@@ -137,7 +137,8 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
     sim = Simulation(programs, dep, cfg)
     if decode_max:
         for inst in sim.instances:
-            inst.latency = _WithDecodeMax(dep.latency, inst.scheduler)
+            # (fresh async steps too: the imported profiles carry no host work to overlap)
+            inst.set_latency(_WithDecodeMax(dep.latency, inst.scheduler))
     res = sim.run()
     return {"label": label, "measured": measured_stats(df), "sim": simulated_stats(res.calls),
             "llmservingsim": llmservingsim_diffs(run_dir / summary), "blocks": dep.engine.num_gpu_blocks,

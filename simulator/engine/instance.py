@@ -172,6 +172,11 @@ class Instance:
         # host work: device + host
         self._fresh_latency = without_overlap(latency) if self.async_scheduling else latency
 
+    def set_latency(self, latency) -> None:
+        """Price this instance's steps with another latency model (a wrapper, a what-if)."""
+        self.latency = latency
+        self._fresh_latency = without_overlap(latency) if self.async_scheduling else latency
+
     # -- inputs --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         req.instance_id = self.index
