@@ -56,7 +56,7 @@ def main() -> None:
                     help="engine.vllm_version (the scheduler behaviours mirrored; default: the simulator's)")
     ap.add_argument("--async-scheduling", choices=("default", "on", "off"), default="default",
                     help="engine.async_scheduling (default: as resolved for the device and vLLM version; "
-                         "on for GPUs; fast-forward of decode runs is not used with it)")
+                         "on for GPUs)")
     a = ap.parse_args()
     progs = workload(a.programs, a.calls, a.rate, seed=1)
     n_calls = sum(len(p.calls) for p in progs)
