@@ -80,12 +80,16 @@ def main() -> None:
     walls = []
     for _ in range(a.repeat):
         t0 = time.perf_counter()
-        res = Simulation(progs, dep, cfg).run()
+        sim = Simulation(progs, dep, cfg)
+        res = sim.run()
         walls.append(time.perf_counter() - t0)
     w = min(walls)
     steps = sum(i["steps"] for i in res.instances)
     print(f"simulated {res.sim_time_s:.1f} s, {steps} engine steps, {res.events} events, "
           f"{res.summary['preemptions']} preemptions")
+    bulk = sum(i.num_bulk_steps for i in sim.instances)
+    print(f"fast-forward: {sum(i.num_runs for i in sim.instances)} decode runs, their {bulk} steps "
+          f"({100.0 * bulk / max(steps, 1):.0f} % of all) ended in bulk")
     print(f"wall (best of {a.repeat}): {w:.2f} s   [{', '.join(f'{x:.2f}' for x in walls)}]")
     print(f"calls per wall second:            {n_calls / w:,.0f}")
     print(f"simulated seconds per wall second: {res.sim_time_s / w:,.0f}")

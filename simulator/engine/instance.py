@@ -156,6 +156,8 @@ class Instance:
         self._wake_s = latency.idle_start_s
         self.num_pinned_blocks = 0
         self.num_steps = 0
+        self.num_bulk_steps = 0  # steps whose end a fast-forwarded run handled in bulk (of num_steps)
+        self.num_runs = 0  # fast-forwarded runs
         self.busy_time = 0.0
         self.num_tokens_computed = 0
         self._prio = PRIO_STEP_END + index
@@ -620,6 +622,8 @@ class Instance:
             busy += durs[j]
         self.busy_time = busy
         self.num_steps += M
+        self.num_bulk_steps += M
+        self.num_runs += 1
         self.num_tokens_computed += B * M
         for req in finished:
             self._finish(req, now)
@@ -817,6 +821,8 @@ class Instance:
             busy += durs[j]
         self.busy_time = busy
         self.num_steps += s
+        self.num_bulk_steps += s
+        self.num_runs += 1
         self.num_tokens_computed += B * s
         if T == s:
             self._pending = self._decode_out(run, s + 1)
