@@ -69,12 +69,19 @@ CONFIGS: dict[str, list[str]] = {
     "small-nochunk": [SMALL_KV, "engine.enable_chunked_prefill=false"],
     "ops": [],
     "small-ops-plas": [SMALL_KV, "policy.scheduler=plas"],
+    # sliding-window models (vLLM's KV cache groups; gpt-oss also MoE)
+    "gptoss": ["cluster.instances=2"],
+    "small-gemma-pin-ttl": ["engine.num_gpu_blocks_override=4000", "policy.kv=pin-ttl"],
+    "small-gemma-sync": ["engine.num_gpu_blocks_override=4000", "engine.async_scheduling=false"],
 }
 # Cases run on other hardware than h100-sxm / llama-3.1-8b: name -> (--hardware, --model).
 # h100-sxm-llama-2-7b is a per-operator profile (OperatorModel); the rest use the roofline.
 HARDWARE: dict[str, tuple[str, str]] = {
     "ops": ("h100-sxm-llama-2-7b", "llama-2-7b"),
     "small-ops-plas": ("h100-sxm-llama-2-7b", "llama-2-7b"),
+    "gptoss": ("h100-sxm", "gpt-oss-20b"),
+    "small-gemma-pin-ttl": ("h100-sxm", "gemma-3-12b"),
+    "small-gemma-sync": ("h100-sxm", "gemma-3-12b"),
 }
 DEFAULT_HARDWARE = ("h100-sxm", "llama-3.1-8b")
 

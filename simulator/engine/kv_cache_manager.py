@@ -31,10 +31,20 @@ _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhe
 _NONE = np.zeros(0, np.intp)  # no blocks (shared: never written)
 
 
+_WINDOW_KEY_SHIFT = 56
+
+
 def _window_key(key: int, group: int) -> int:
     """The identity of a sliding-window group's block at the position whose full-attention
-    block has `key` (vLLM keys blocks by hash and group id): a 63-bit mix, never NO_KEY."""
-    return ((key * 0x9E3779B97F4A7C15) ^ ((group + 1) * 0xC2B2AE3D27D4EB4F)) & 0x7FFFFFFFFFFFFFFF
+    block has `key` (vLLM keys blocks by hash and group id): the key moved by (group + 1)·2^56.
+    Full-attention keys are a program's (below 2^52 for up to 2^20 programs: cluster.py), a
+    shared prefix's (negative, above -2^52) or an interned hash chain's (2^62 + n), so each
+    group's window keys are a range of their own, and a run of consecutive positions keeps
+    consecutive keys (the key index stores runs of keys in shared pages: hashed keys took a
+    page each)."""
+    if group >= 63:
+        raise ValueError("more than 63 sliding-window KV cache groups")
+    return key + ((group + 1) << _WINDOW_KEY_SHIFT)
 
 
 class KVCacheManager:
@@ -487,10 +497,14 @@ class KVCacheManager:
             return
         self.num_cached_block[rid] = num_full
         if self.win_cache:
-            n = len(blocks)
-            key = req.block_key
-            for i in range(start, num_full):
-                self.cache_window_block(rid, i, key(i), n)
+            win = self.req_to_window.get(rid)
+            if win:
+                # only the blocks whose window blocks are still held (the last len(win) / wg
+                # positions of the table): the others fell behind the window, nothing to cache
+                n = len(blocks)
+                key = req.block_key
+                for i in range(max(start, n - len(win) // self.window_groups), num_full):
+                    self.cache_window_block(rid, i, key(i), n)
         lo = new_lo if have <= start < new_lo else start
         if num_full - lo < _SMALL:
             pool = self.pool
