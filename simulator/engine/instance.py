@@ -88,36 +88,24 @@ class _DecodeRun:
         self.freed = 0            # blocks freed by steps 1..M-1
 
 
-class _AsyncRun:
+class _AsyncRun(_DecodeRun):
     """A planned run of pure-decode steps 0..M-1 under async scheduling. Step 0 was running
     and step 1 just scheduled when it was planned; step j + 1 is scheduled at the start of
     step j (tick j), so the run's last step, M - 1, is the one scheduled when the run ends
     at the start of step M - 1 (the end of M - 2), and the engine then goes on one step at
-    a time. `base`: each request's num_computed_tokens after step 1's schedule."""
+    a time. `base`: each request's num_computed_tokens after step 1's schedule; `allocs_mod`:
+    blocks the schedule of step j takes; `applied`: the tick through which block events are
+    applied; `by_mod[j % bs]`: the requests with block events at tick j."""
 
-    __slots__ = ("running", "base", "starts", "durs", "out0", "out1", "ctx1", "max1", "B", "M", "R",
-                 "allocs_mod", "free", "need", "open", "applied", "by_mod", "handle")
+    __slots__ = ("out1",)
 
     def __init__(self, running, base, t0: float, d0: float, d1: float, out0, out1, allocs_mod,
                  free: int, R: int):
-        self.running = running
-        self.base = base
-        self.starts = [t0, t0 + d0, t0 + d0 + d1]
-        self.durs = [d0, d1]
-        self.out0 = out0
+        super().__init__(running, base, t0, d0, out0, allocs_mod, free, R)
         self.out1 = out1
-        self.ctx1 = out1.decode_ctx_sum
-        self.max1 = out1.decode_ctx_max
-        self.B = len(running)
+        self.starts.append(self.starts[1] + d1)
+        self.durs.append(d1)
         self.M = 2
-        self.R = R              # no step from R on (a request's last token)
-        self.allocs_mod = allocs_mod
-        self.free = free        # free blocks after step 1's schedule
-        self.need = 0           # blocks the schedules of steps 2..M-1 take
-        self.open = True
-        self.applied = 0        # block events applied through this tick
-        self.by_mod: list[list[int]] | None = None  # requests with block events at tick j: by_mod[j % bs]
-        self.handle = -1
 
 
 class Instance:
@@ -170,12 +158,12 @@ class Instance:
         self._pending: SchedulerOutput | None = None
         self._pending_handle = -1  # the event that schedules it, until it runs
         self._inflight: tuple | None = None  # the step running: (out, start, dur, end handle)
-        # a step scheduled at its own launch (nothing ran while it was scheduled) hides no
-        # host work: device + host
-        self._fresh_latency = without_overlap(latency) if self.async_scheduling else latency
+        self.set_latency(latency)
 
     def set_latency(self, latency) -> None:
-        """Price this instance's steps with another latency model (a wrapper, a what-if)."""
+        """Price this instance's steps with another latency model (a wrapper, a what-if). Under
+        async scheduling a step scheduled at its own launch (nothing ran while it was
+        scheduled) hid no host work: it is priced without the overlap, device + host."""
         self.latency = latency
         self._fresh_latency = without_overlap(latency) if self.async_scheduling else latency
 
@@ -427,8 +415,12 @@ class Instance:
 
     def _plan_more(self, run: _DecodeRun, n: int) -> None:
         """Plan up to n more steps of an open run. Planning stops for good before the first
-        step that would finish a request's output (run.R) or need more blocks than are free
-        (that step would preempt): both run normally."""
+        step that would finish a request's output (run.R; under async scheduling, sample its
+        last token, whose placeholder is not counted), need more blocks than are free (that
+        step would preempt): both run normally; or take no time (under async scheduling its
+        end would come before the next schedule). Step j's batch is step 0's, contexts j
+        longer; under async scheduling its blocks are taken by its schedule, at step j - 1's
+        start."""
         j = run.M
         stop = min(run.R, j + n)
         bs = self.kv.block_size
@@ -453,6 +445,9 @@ class Instance:
                 # one step early, never late)
                 freed += frees_mod[j % bs]
             d = step_time(B, ctx0 + j * B, max0 + j if max0 else None)
+            if d <= 0.0:
+                run.open = False
+                break
             durs.append(d)
             t = t + d
             starts.append(t)
@@ -679,7 +674,7 @@ class Instance:
         if d1 <= 0.0:
             return
         run = _AsyncRun(list(running), base, t0, d0, d1, out0, out1, allocs_mod, kv.pool.num_free, R)
-        self._plan_more_async(run, _FIRST_CHUNK)
+        self._plan_more(run, _FIRST_CHUNK)
         if run.M < 3:
             return
         self.loop.cancel(inflight[3])  # step 0's end is the run's now
@@ -687,40 +682,6 @@ class Instance:
         self._inflight = None
         run.handle = self.loop.schedule(run.starts[run.M - 1], self._prio, self._end_async_run)
         self._run = run
-
-    def _plan_more_async(self, run: _AsyncRun, n: int) -> None:
-        """Plan up to n more steps of an open run: step j is scheduled at the start of step
-        j - 1 (allocating blocks), starts when j - 1 ends. Planning stops for good before the
-        first step that samples a request's last token (run.R: it runs normally, its
-        placeholder is not counted), before a schedule that needs more blocks than are free,
-        or at a step of no duration (its end would come before the next schedule)."""
-        j = run.M
-        stop = min(run.R, j + n)
-        bs = self.kv.block_size
-        allocs_mod = run.allocs_mod
-        free, need = run.free, run.need
-        B, ctx1, max1 = run.B, run.ctx1, run.max1
-        step_time = self.latency.decode_step_time
-        starts, durs = run.starts, run.durs
-        t = starts[j]
-        while j < stop:
-            a = allocs_mod[j % bs]
-            if need + a > free:
-                run.open = False
-                break
-            d = step_time(B, ctx1 + (j - 1) * B, max1 + (j - 1) if max1 else None)
-            if d <= 0.0:
-                run.open = False
-                break
-            need += a
-            durs.append(d)
-            t = t + d
-            starts.append(t)
-            j += 1
-        if j >= run.R:
-            run.open = False
-        run.need = need
-        run.M = j
 
     def _async_at(self, run: _AsyncRun, now: float) -> tuple[int, int]:
         """(s, T) for an outside event at `now`: step s is running, and the schedules of
@@ -737,7 +698,7 @@ class Instance:
 
     def _extend_async(self, run: _AsyncRun, pending: bool = True) -> None:
         M = run.M
-        self._plan_more_async(run, M)
+        self._plan_more(run, M)
         if run.M > M:
             if pending:
                 self.loop.cancel(run.handle)
@@ -785,8 +746,8 @@ class Instance:
         out.scheduled = out.samples = [(r, 1) for r in run.running]
         out.partial = []
         out.num_decodes = out.num_scheduled_tokens = out.num_sampled = B
-        out.decode_ctx_sum = run.ctx1 + (j - 1) * B
-        out.decode_ctx_max = run.max1 + (j - 1) if run.max1 else 0
+        out.decode_ctx_sum = run.ctx0 + j * B
+        out.decode_ctx_max = run.max0 + j if run.max0 else 0
         return out
 
     def _materialise(self, run: _AsyncRun, s: int, T: int) -> SchedulerOutput:
