@@ -319,3 +319,51 @@ def test_roofline_prices_experts_in_moe_layers_and_dense_mlps_elsewhere():
         assert r._lin_bytes_time * dev.memory_bandwidth_Bps * r.mem_eff == pytest.approx(
             (g["attn"] * m.bytes_per_param("attn") + g["mlp"] * m.bytes_per_param("mlp")) / 8)
         assert g["mlp"] > 0
+
+
+@pytest.mark.parametrize("model_name, window, blocks", [("gemma-3-12b", 0, 8000), ("gpt-oss-20b", 0, 2500),
+                                                        ("gpt-oss-20b", 100, 2000), ("gemma-3-12b", 1000, 8000)])
+def test_async_decodes_skip_window_calls_only_when_they_would_do_nothing(monkeypatch, model_name, window, blocks):
+    """Under async scheduling the decode loop calls allocate_decode_slot for a windowed request
+    only at a block's end or where the positions it left (req.win_next, req.cache_next) say a
+    window block falls behind or a block fills. Forcing a call at every decode (the positions
+    reset to 0 after each call) must change nothing, with evictions and preemptions on (a
+    small KV cache), and must make many more calls. (Windows that are not a multiple of the
+    block size move at other positions than a block's end.)"""
+    from pathlib import Path
+
+    from replay.trace import load_trace
+    from simulator.cluster import Simulation
+
+    progs = load_trace(Path(__file__).parent.parent / "sample_traces" / "swe_agent_small.jsonl")
+    dev = load_device("h100-sxm")[0]
+    cfg = build_config(overrides={"metrics.sample_interval_s": 0.25, "engine.num_gpu_blocks_override": blocks,
+                                  "engine.async_scheduling": True})
+    model = load_model(model_name)
+    if window:
+        model = dataclasses.replace(model, sliding_window=window)
+    dep = build_deployment(model, dev, cfg)
+    assert dep.engine.async_scheduling and dep.engine.sliding_window == (window or model.sliding_window)
+
+    n_calls = [0]
+    real = KVCacheManager.allocate_decode_slot
+
+    def counted(self, req):
+        n_calls[0] += 1
+        return real(self, req)
+
+    def forced(self, req):
+        ok = counted(self, req)
+        req.win_next = req.cache_next = 0
+        return ok
+
+    results, counts = [], []
+    for fn in (counted, forced):
+        n_calls[0] = 0
+        monkeypatch.setattr(KVCacheManager, "allocate_decode_slot", fn)
+        res = Simulation(progs, dep, cfg).run()
+        results.append((res.calls, res.timeseries, res.summary))
+        counts.append(n_calls[0])
+    assert results[0] == results[1]
+    assert results[0][2]["preemptions"] > 0
+    assert counts[1] > 3 * counts[0]

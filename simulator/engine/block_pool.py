@@ -29,7 +29,7 @@ from collections import deque
 
 import numpy as np
 
-from .key_index import KeyIndex
+from .key_index import PAGE_BITS, PAGE_MASK, KeyIndex
 
 NO_KEY = int(np.iinfo(np.int64).min)  # "no identity" in the key arrays; never a real key
 _SMALL = 8  # below this many blocks, plain Python beats numpy's per-call overhead
@@ -378,6 +378,34 @@ class BlockPool:
             self._has_dup[b] = self._has_dup[main] = True
         else:
             self._main_key[b] = key
+
+    def cache_list(self, blocks, keys) -> None:
+        """cache_block(b, key) for each pair of two short sequences, in order: the loop of
+        cache_block and KeyIndex.put_if_absent, inline (a sliding-window position's blocks,
+        one per window group)."""
+        if not self.enable_caching:
+            return
+        karr, mk = self._key, self._main_key
+        index = self._index
+        page_row, rows = index.page_row, index.rows
+        for b, key in zip(blocks, keys):
+            if karr.item(b) != NO_KEY:
+                continue
+            karr[b] = key
+            r = page_row.get(key >> PAGE_BITS)
+            if r is None:
+                index.put_if_absent(key, b)  # (a new page)
+                rows = index.rows
+                mk[b] = key
+                continue
+            slot = key & PAGE_MASK
+            e = rows.item(r, slot)
+            if e >= 0 and mk.item(e) == key:
+                self._dups.setdefault(key, []).append(b)
+                self._has_dup[b] = self._has_dup[e] = True
+            else:
+                rows[r, slot] = b
+                mk[b] = key
 
     def cache_many(self, blocks: np.ndarray, keys: np.ndarray, runs=None, fresh: bool = False) -> None:
         """cache_block(b, key) for each pair, in order. `runs`: the keys as arithmetic runs.

@@ -169,6 +169,21 @@ class KVCacheManager:
             self._win_hits = (req, hit)
             return arr, end * self.block_size
         need = -(-(self.window - 1) // self.block_size)
+        lo = h - need if h > need else 0
+        if h - lo >= _SMALL:
+            # The common case first: the last `need` positions of the hit (or all of them) have
+            # their window blocks cached in every group, and the hit stands as it is
+            index, mk = pool._index, pool._main_key
+            cols = []
+            for g in range(wg):
+                keys, wruns = self._window_keys(req, lo, h, g)
+                b = index.get_many(keys) if wruns is None else index.get_runs(wruns)
+                if np.count_nonzero(mk[b] == keys) < h - lo:
+                    break
+                cols.append(b)
+            else:
+                self._win_hits = (req, np.stack(cols, axis=1).ravel().tolist())
+                return arr, h * self.block_size
         run: list[list[int]] = []  # window blocks of the run, right to left
         end = 0
         for i in range(h - 1, -1, -1):
@@ -283,6 +298,15 @@ class KVCacheManager:
                 self._grow_window(rid, grow)
             if room == 0:
                 blocks.append(self.pool.get_new_block())
+            if self.window and self.full_groups == 1:
+                # When the next call can do something (the scheduler's async decode loop calls
+                # only then, or at a block's end): the window's first held position moves when
+                # c - in_flight - window + 1 reaches the next block; the next block to cache is
+                # full when the known tokens reach its end (below, if it is this one).
+                win = self.req_to_window.get(rid)
+                held = len(win) // self.window_groups if win else 0
+                req.win_next = (len(blocks) - held + 1) * bs + self.window - 1
+                req.cache_next = (self.num_cached_block[rid] + 1) * bs if self.enable_caching else 1 << 62
         elif room <= 0:
             if room < 0:  # more than one block short
                 return self.allocate_slots(req, 1)
@@ -304,6 +328,10 @@ class KVCacheManager:
                 self.pool.cache_block(blocks[start], key)
             elif num_full > start:
                 self._cache_full_blocks(req, blocks, num_full)
+            else:
+                return True
+            if self.window:
+                req.cache_next = (num_cached[rid] + 1) * bs
         return True
 
     def _allocate_with_hits(self, req: Request, num_new_tokens: int, num_new_computed_tokens: int,
@@ -326,8 +354,11 @@ class KVCacheManager:
             memo = self._win_hits
             if memo is not None and memo[0] is req and blocks is None:
                 whits = memo[1]  # the hit's window blocks (lookup), shared like its table blocks
-                rc = pool.ref_cnt
-                evictable += sum(1 for b in whits if not rc.item(b))
+                if len(whits) < _SMALL:
+                    rc = pool.ref_cnt
+                    evictable += sum(1 for b in whits if not rc.item(b))
+                else:
+                    evictable += len(whits) - int(np.count_nonzero(pool.ref_cnt[whits]))
         if full_tokens and not self.fits_whole(req, full_tokens, num_computed, num_hits, evictable):
             return False
         state = self.state_blocks if blocks is None else 0
@@ -441,9 +472,34 @@ class KVCacheManager:
         wg = self.window_groups
         k = i - (table_len - len(win) // wg)
         if k >= 0:
-            cache = self.pool.cache_block
-            for g in range(wg):
-                cache(win[k * wg + g], _window_key(key, g))
+            if wg >= 63:
+                _window_key(key, wg - 1)  # (raises)
+            # _window_key(key, g) for each group, inline
+            self.pool.cache_list(win[k * wg:(k + 1) * wg],
+                                 range(key + (1 << _WINDOW_KEY_SHIFT), key + ((wg + 1) << _WINDOW_KEY_SHIFT),
+                                       1 << _WINDOW_KEY_SHIFT))
+
+    def _window_keys(self, req: Request, lo: int, hi: int, g: int):
+        """(keys, runs) of group g's window blocks at positions lo..hi-1 (runs None for
+        hash-keyed requests): _window_key of the positions' keys."""
+        shift = (g + 1) << _WINDOW_KEY_SHIFT
+        runs = req.key_runs(lo, hi)
+        if runs is not None:
+            runs = [(k + shift, step, m) for k, step, m in runs]
+        return req.block_keys(lo, hi) + shift, runs
+
+    def _cache_window_run(self, req: Request, win: list[int], lo: int, hi: int, table_len: int) -> None:
+        """cache_window_block for positions lo..hi-1 (all still held by the window), a group
+        at a time as whole runs. The keys are distinct, so the order of the pairs within
+        the call does not matter (a key's first cached block is the one a lookup returns)."""
+        wg = self.window_groups
+        if wg >= 63:
+            _window_key(0, wg - 1)  # (raises)
+        k0 = lo - (table_len - len(win) // wg)
+        held = np.array(win[k0 * wg:(k0 + hi - lo) * wg], dtype=np.intp).reshape(hi - lo, wg)
+        for g in range(wg):
+            keys, runs = self._window_keys(req, lo, hi, g)
+            self.pool.cache_many(held[:, g], keys, runs)
 
     def _shrink_window(self, rid: int, n: int) -> None:
         """Free the window's n oldest blocks (they fell behind the window): group by group,
@@ -502,9 +558,13 @@ class KVCacheManager:
                 # only the blocks whose window blocks are still held (the last len(win) / wg
                 # positions of the table): the others fell behind the window, nothing to cache
                 n = len(blocks)
-                key = req.block_key
-                for i in range(max(start, n - len(win) // self.window_groups), num_full):
-                    self.cache_window_block(rid, i, key(i), n)
+                wlo = max(start, n - len(win) // self.window_groups)
+                if num_full - wlo < _SMALL:
+                    key = req.block_key
+                    for i in range(wlo, num_full):
+                        self.cache_window_block(rid, i, key(i), n)
+                else:
+                    self._cache_window_run(req, win, wlo, num_full, n)
         lo = new_lo if have <= start < new_lo else start
         if num_full - lo < _SMALL:
             pool = self.pool

@@ -25,7 +25,7 @@ class Request:
         "num_preemptions", "num_cached_tokens", "num_external_tokens", "external_tier_tokens",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "key_base", "prefix_key_base", "prefix_full_blocks", "hash_keys", "instance_id",
-        "load_done_time", "num_output_placeholders", "num_in_flight_tokens",
+        "load_done_time", "num_output_placeholders", "num_in_flight_tokens", "win_next", "cache_next",
     )
 
     def __init__(self, request_id: int, num_prompt_tokens: int, max_tokens: int, arrival_time: float,
@@ -67,6 +67,11 @@ class Request:
         # scheduler then sees nothing left to schedule, as vLLM's skip of that step does)
         self.num_output_placeholders = 0
         self.num_in_flight_tokens = 0  # tokens of its steps not yet returned (async scheduling)
+        # Sliding-window models under async scheduling (KVCacheManager.allocate_decode_slot sets
+        # them, 0 asks for a call): the computed-less-in-flight tokens at which the window next
+        # drops a block, and the known tokens at which the next block is full and cached
+        self.win_next = 0
+        self.cache_next = 0
 
     @property
     def num_tokens(self) -> int:

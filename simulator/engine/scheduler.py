@@ -241,8 +241,16 @@ class Scheduler:
         # Sliding windows: also where a block falls behind the window, and after a prefill;
         # chunked local attention, or sliding windows with async scheduling (the window
         # follows the tokens returned, behind by a step's tokens): every decode
-        last_slot = bs - 1 if not (kv.chunk or kv.window and self.async_scheduling) else -1
+        last_slot = bs - 1 if not kv.chunk else -1
         fr = (kv.window - 1) % bs if kv.window else -1
+        # With async scheduling the window follows the tokens returned, and the block to cache
+        # the tokens known: allocate_decode_slot leaves the positions of its next work in
+        # req.win_next / req.cache_next (one full-attention group; with more, every decode)
+        win_async = bool(kv.window and self.async_scheduling)
+        if win_async:
+            fr = -1
+            if kv.full_groups != 1:
+                last_slot = -1
         stale = kv.win_stale
         max_c = self.max_model_len - 1
         scheduled = out.scheduled
@@ -267,6 +275,8 @@ class Scheduler:
                 break
             r = c % bs
             if ((not 0 < r < last_slot and not (skip_end and r and p % bs)) or r == fr
+                    or (win_async and (c - req.num_in_flight_tokens >= req.win_next
+                                       or req.num_prompt_tokens + req.num_output_tokens >= req.cache_next))
                     or (stale and req.request_id in stale)) and not kv.allocate_decode_slot(req):
                 break  # no free block: the general path preempts
             entry = (req, 1)
