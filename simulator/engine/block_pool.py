@@ -306,6 +306,9 @@ class BlockPool:
         appears at most once."""
         if isinstance(ordered_blocks, np.ndarray):
             arr = ordered_blocks
+        elif isinstance(ordered_blocks, list) and len(ordered_blocks) < _SMALL:
+            self._free_few(ordered_blocks)
+            return
         else:
             arr = np.fromiter(ordered_blocks, np.intp)
         if not len(arr):
@@ -329,6 +332,33 @@ class BlockPool:
                 self._push(zero)
             if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
                 self._compact()
+
+    def _free_few(self, blocks: list[int]) -> None:
+        """free_blocks for a short list (a sliding window's blocks falling behind it), with
+        scalar reads: the same checks, counts and queue order."""
+        rc = self.ref_cnt
+        zero = []
+        for b in blocks:
+            r = rc.item(b) - 1
+            if r < 0:
+                raise RuntimeError(f"block {b} freed more often than allocated")
+            rc[b] = r
+            if not r:
+                zero.append(b)
+        if not zero:
+            return
+        self.num_free += len(zero)
+        if self.uncached_first:
+            keys = self._key
+            front = [b for b in zero if keys.item(b) == NO_KEY]
+            if front:
+                self._push_front(np.array(front, np.intp))
+            if len(front) < len(zero):
+                self._push(np.array(zero if not front else [b for b in zero if keys.item(b) != NO_KEY], np.intp))
+        else:
+            self._push(np.array(zero, np.intp))
+        if self._qlen > 2 * self.num_free + _COMPACT_SLACK:
+            self._compact()
 
     def free_block(self, b: int) -> None:
         """free_blocks([b]), kept scalar (a sliding window's block falling behind it)."""

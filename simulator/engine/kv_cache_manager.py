@@ -511,7 +511,7 @@ class KVCacheManager:
         gone = win[:n]
         del win[:n]
         wg = self.window_groups
-        if self.full_groups == 1 and n % wg == 0:
+        if self.full_groups == 1 and n % wg == 0 and n > wg:  # (one position: already in group order)
             gone = [b for g in range(wg) for b in gone[g::wg][::-1]]
         self.pool.free_blocks(gone)
 
