@@ -144,11 +144,23 @@ class KVCacheManager:
         hit ends with that run (or is the run that reaches block 0), and the table's hit is
         cut to it. The window blocks of the run are kept for the allocation."""
         pool = self.pool
+        memo = self._lookup
+        if memo is not None and memo[0] is req and memo[1] == max_blocks and len(memo) == 7:
+            # The same request looked up again (refused blocks): a hit whose last run had all
+            # its window blocks cached stands while the full-attention hit does (as in
+            # lookup) and those window blocks still hold their keys.
+            _, _, arr, miss_key, wblocks, wkeys, whits = memo
+            if (pool.hold_keys(arr, req.block_keys(0, len(arr))) and pool.hold_keys(wblocks, wkeys)
+                    and (miss_key is None or pool.get_cached_block(miss_key) is None)):
+                self._win_hits = (req, whits)
+                return arr, len(arr) * self.block_size
         runs = req.key_runs(0, max_blocks)
         if runs is not None:
-            arr, _ = pool.match_runs(runs)
+            arr, miss_key = pool.match_runs(runs)
         else:
-            arr = pool.match_prefix(req.block_keys(0, max_blocks))
+            keys = req.block_keys(0, max_blocks)
+            arr = pool.match_prefix(keys)
+            miss_key = keys.item(len(arr)) if len(arr) < max_blocks else None
         h = len(arr)
         wg = self.window_groups
         get = pool.get_cached_block
@@ -174,15 +186,19 @@ class KVCacheManager:
             # The common case first: the last `need` positions of the hit (or all of them) have
             # their window blocks cached in every group, and the hit stands as it is
             index, mk = pool._index, pool._main_key
-            cols = []
+            cols, kcols = [], []
             for g in range(wg):
                 keys, wruns = self._window_keys(req, lo, h, g)
                 b = index.get_many(keys) if wruns is None else index.get_runs(wruns)
                 if np.count_nonzero(mk[b] == keys) < h - lo:
                     break
                 cols.append(b)
+                kcols.append(keys)
             else:
-                self._win_hits = (req, np.stack(cols, axis=1).ravel().tolist())
+                wblocks = np.stack(cols, axis=1).ravel()
+                whits = wblocks.tolist()
+                self._lookup = (req, max_blocks, arr, miss_key, wblocks, np.stack(kcols, axis=1).ravel(), whits)
+                self._win_hits = (req, whits)
                 return arr, h * self.block_size
         run: list[list[int]] = []  # window blocks of the run, right to left
         end = 0
@@ -454,11 +470,15 @@ class KVCacheManager:
         """Take n window blocks: vLLM fills each group's new slots in turn (group-major); the
         window holds them by position, a position's groups together (one full-attention group)."""
         win = self.req_to_window.setdefault(rid, [])
-        if n == 1:
-            win.append(self.pool.get_new_block())
+        wg = self.window_groups
+        if n == 1 or n == wg and n < _SMALL:
+            # one position (its groups' blocks in group order): popped one at a time, the same
+            # blocks in the same order as take_new_blocks, with scalar reads
+            get = self.pool.get_new_block
+            for _ in range(n):
+                win.append(get())
             return
         new = self.pool.take_new_blocks(n)
-        wg = self.window_groups
         if wg > 1 and self.full_groups == 1 and n % wg == 0:
             new = new.reshape(wg, n // wg).T.ravel()
         win.extend(new.tolist())
