@@ -1,6 +1,7 @@
 """Learn RooflineModel's efficiencies (GEMM, attention, memory) and its tile model of attention
 from the measured devices' operator times, print the leave-one-device-out table, and (with
---write) write the spec-only profiles hardware/profiles/{h200,b200,mi300x,l40s}-roofline-learned.yaml.
+--write) write the spec-only profiles hardware/profiles/{h200,b200,mi300x,l40s}-roofline-learned.yaml and
+hardware/roofline-learned.yaml (what a run given a device name, no profile, uses).
 
     python scripts/learn_roofline.py [--reference DIR] [--write]
 
@@ -18,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from calibrate.importers.common import write_profile  # noqa: E402
-from calibrate.importers.roofline import FAMILIES, SPEC_ONLY, learn, loo_table, spec_only_profile  # noqa: E402
+from calibrate.importers.roofline import (FAMILIES, SPEC_ONLY, learn, learned_defaults, loo_table,  # noqa: E402
+                                          spec_only_profile)
 from simulator.hardware import HARDWARE_DIR  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
         for dev in SPEC_ONLY:
             p = write_profile(spec_only_profile(dev, learned), HARDWARE_DIR / "profiles" / f"{dev}-roofline-learned.yaml")
             print(f"wrote {p}")
+        p = write_profile(learned_defaults(learned), HARDWARE_DIR / "roofline-learned.yaml")
+        print(f"wrote {p}")
     return 0
 
 

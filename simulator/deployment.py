@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import KV_CACHE_DTYPE_BYTES, ConfigError, SimConfig
-from .hardware import DeviceSpec, HardwareError, ModelArch, load_memory_tier
+from .hardware import HARDWARE_DIR, DeviceSpec, HardwareError, ModelArch, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
 from .latency.roofline import AttentionTiles
 
@@ -226,10 +226,33 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
             except (ValueError, OSError) as e:
                 raise ConfigError(f"profile {profile.get('name', '')}: {e}") from None
         raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline, operators)")
-    return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency,
-                         attention_efficiency=lat.attention_efficiency, memory_efficiency=lat.memory_efficiency,
+    # A device by name: the efficiencies and attention tile model learned from the measured
+    # devices' operator times (hardware/roofline-learned.yaml), the host overhead the default
+    learned = learned_roofline()
+    eff = learned.get("efficiencies", {})
+    return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency or eff.get("gemm"),
+                         attention_efficiency=lat.attention_efficiency or eff.get("attention"),
+                         memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                          host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
-                         async_overlap=async_overlap)
+                         attention_tiles=_attention_tiles(learned, lat), async_overlap=async_overlap)
+
+
+_LEARNED_ROOFLINE: dict | None = None
+
+
+def learned_roofline() -> dict:
+    """The `latency_model` of hardware/roofline-learned.yaml (scripts/learn_roofline.py --write):
+    what a run given a device name prices its steps with; {} without the file (the roofline's
+    assumed starting points then)."""
+    global _LEARNED_ROOFLINE
+    if _LEARNED_ROOFLINE is None:
+        import yaml
+        path = HARDWARE_DIR / "roofline-learned.yaml"
+        try:
+            _LEARNED_ROOFLINE = (yaml.safe_load(path.read_text()) or {}).get("latency_model") or {}
+        except FileNotFoundError:
+            _LEARNED_ROOFLINE = {}
+    return _LEARNED_ROOFLINE
 
 
 def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profile: dict | None = None) -> Deployment:

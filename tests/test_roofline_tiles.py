@@ -106,6 +106,29 @@ def test_spec_profile_tiles_reach_the_model_unless_config_overrides():
     assert lat2.tiles is None
 
 
+def test_a_device_by_name_prices_with_the_learned_roofline():
+    """--hardware DEVICE (no profile): the efficiencies and tile model of
+    hardware/roofline-learned.yaml (learned from the measured devices), not the roofline's
+    assumed starting points; the config's efficiencies still override them, and the host
+    overhead stays the default."""
+    import yaml
+
+    from simulator.hardware import HARDWARE_DIR
+    from simulator.latency.roofline import DEFAULT_HOST_OVERHEAD_S
+    learned = yaml.safe_load((HARDWARE_DIR / "roofline-learned.yaml").read_text())["latency_model"]
+    assert learned["fit"]["devices"] and learned["fit"]["in_sample"]["gemm"]["points"] > 1000
+    dev, m = load_device("h100-sxm")[0], load_model("llama-3.1-8b")
+    lat = build_deployment(m, dev, build_config({})).latency
+    eff = learned["efficiencies"]
+    assert (lat.gemm_eff, lat.attn_eff, lat.mem_eff) == (eff["gemm"], eff["attention"], eff["memory"])
+    t = learned["attention_tiles"]
+    assert lat.tiles is not None and lat.tiles.compute_efficiency == t["compute_efficiency"]
+    assert lat.tiles.floor_s == pytest.approx(t["floor_us"] * 1e-6)
+    assert lat.host_s == DEFAULT_HOST_OVERHEAD_S
+    lat2 = build_deployment(m, dev, build_config({"latency": {"gemm_efficiency": 0.5, "attention_efficiency": 0.4}})).latency
+    assert (lat2.gemm_eff, lat2.attn_eff, lat2.mem_eff, lat2.tiles) == (0.5, 0.4, eff["memory"], None)
+
+
 def _synthetic_attention(specs, tiles):
     rows = []
     for dev in specs:

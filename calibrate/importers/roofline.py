@@ -373,9 +373,30 @@ def learn(ref: Path) -> dict:
             "sources": sorted(df.source.unique()), "points": int((df.us >= MIN_US).sum())}
 
 
-def spec_only_profile(device: str, learned: dict) -> dict:
+def learned_defaults(learned: dict) -> dict:
+    """hardware/roofline-learned.yaml: the learned efficiencies and attention tile model that a
+    run given a device name (no profile) uses in place of RooflineModel's assumed starting
+    points; the per-step host overhead stays the simulator's default (nothing measured it)."""
     from .common import agentservesim_version, utc_today
-    dev = yaml.safe_load((HARDWARE_DIR / "devices" / f"{device}.yaml").read_text())
+    prof = spec_only_profile(None, learned)
+    lm = prof["latency_model"]
+    for k in ("host_overhead_s", "host_overhead_per_seq_s", "host_overhead_source", "learned"):
+        lm.pop(k, None)
+    return {
+        "_header": ("# The roofline's parameters for a device given by name (asim-replay --hardware DEVICE):\n"
+                    "# efficiencies and the attention tile model learned from the measured devices' operator\n"
+                    "# times (scripts/learn_roofline.py --write). `--set latency.gemm_efficiency=...` etc.\n"
+                    "# override them; a profile replaces them.\n"),
+        "name": "roofline-learned",
+        "kind": "learned-roofline",
+        "latency_model": lm,
+        "provenance": {**prof["provenance"], "written_at": utc_today(), "agentservesim_version": agentservesim_version()},
+    }
+
+
+def spec_only_profile(device: str | None, learned: dict) -> dict:
+    from .common import agentservesim_version, utc_today
+    dev = yaml.safe_load((HARDWARE_DIR / "devices" / f"{device}.yaml").read_text()) if device else None
     eff = learned["efficiencies"]
     loo = {r["device"]: {"efficiencies": r["efficiencies"], "attention_tiles": r["attention_tiles"],
                          "errors": r["errors"], "flat_attention_errors": {

@@ -16,7 +16,9 @@ A quantized checkpoint (ModelArch.quant_*) reads its linear weights at their sto
 lm_head and attention itself stay in the model dtype; the KV cache in engine.kv_cache_dtype's.
 
 The efficiencies are inputs: defaults below are conservative starting points, not measured
-facts; calibrated profiles (and `calibrate import`) replace them with fitted values.
+facts. A run given a device by name takes the values learned from the measured GPUs'
+operator times instead (hardware/roofline-learned.yaml, deployment.learned_roofline);
+calibrated profiles (and `calibrate import`) replace them with fitted values.
 
 Attention, when the device spec names its SM count and the profile carries `AttentionTiles`,
 is priced as FlashAttention runs it rather than as one flat efficiency: the kernel launches
