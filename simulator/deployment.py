@@ -13,7 +13,7 @@ from typing import Any
 from .config import KV_CACHE_DTYPE_BYTES, ConfigError, SimConfig
 from .hardware import HARDWARE_DIR, DeviceSpec, HardwareError, ModelArch, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
-from .latency.roofline import AttentionTiles
+from .latency.roofline import AttentionTiles, Elementwise
 
 GiB = 1 << 30
 
@@ -192,6 +192,17 @@ def _attention_tiles(spec: dict, lat):
         raise ConfigError(f"profile attention_tiles: {e}") from None
 
 
+def _elementwise(spec: dict):
+    """The profile's learned element-wise kernel cost, or None (not priced)."""
+    d = spec.get("elementwise")
+    if not d:
+        return None
+    try:
+        return Elementwise.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"profile elementwise: {e}") from None
+
+
 def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict,
                   async_overlap: bool = False) -> LatencyModel:
     """`async_overlap` (the resolved engine's async_scheduling): the roofline's and the operator
@@ -215,7 +226,8 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                                  memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                                  host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
                                  host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"),
-                                 attention_tiles=_attention_tiles(spec, lat), async_overlap=async_overlap)
+                                 attention_tiles=_attention_tiles(spec, lat), async_overlap=async_overlap,
+                                 elementwise=_elementwise(spec))
         if kind == "operators":
             try:
                 return OperatorModel.from_profile(
@@ -234,7 +246,8 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                          attention_efficiency=lat.attention_efficiency or eff.get("attention"),
                          memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                          host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
-                         attention_tiles=_attention_tiles(learned, lat), async_overlap=async_overlap)
+                         attention_tiles=_attention_tiles(learned, lat), async_overlap=async_overlap,
+                         elementwise=_elementwise(learned))
 
 
 _LEARNED_ROOFLINE: dict | None = None

@@ -125,6 +125,9 @@ def test_a_device_by_name_prices_with_the_learned_roofline():
     assert lat.tiles is not None and lat.tiles.compute_efficiency == t["compute_efficiency"]
     assert lat.tiles.floor_s == pytest.approx(t["floor_us"] * 1e-6)
     assert lat.host_s == DEFAULT_HOST_OVERHEAD_S
+    ew = learned["elementwise"]
+    assert lat.elementwise.floor_s == pytest.approx(ew["floor_us"] * 1e-6)
+    assert lat.elementwise.efficiency == ew["efficiency"]
     lat2 = build_deployment(m, dev, build_config({"latency": {"gemm_efficiency": 0.5, "attention_efficiency": 0.4}})).latency
     assert (lat2.gemm_eff, lat2.attn_eff, lat2.mem_eff, lat2.tiles) == (0.5, 0.4, eff["memory"], None)
 
@@ -159,3 +162,27 @@ def test_tile_fit_recovers_constants_and_predicts_held_out_devices():
     for r in leave_one_device_out(df, specs):
         for fam in ("attn_prefill", "attn_decode"):
             assert r["errors"][fam]["time_weighted_ape_pct"] < 1.0
+
+
+def test_elementwise_kernels_cost_a_floor_each_plus_their_bytes():
+    """Llama-3.1-8B: 2 norms per layer + RoPE + activation per layer + final norm + embedding
+    = 4·32 + 2 kernels; per token the norms' 4·hidden·2 bytes (65 of them), RoPE's 2·(q+kv)·2
+    per layer, the activation's 3·intermediate·2 per layer and the embedding's 2·hidden·2."""
+    from simulator.latency.roofline import Elementwise, elementwise_ops
+    m = load_model("llama-3.1-8b")
+    kernels, per_tok = elementwise_ops(m)
+    h, q_kv, inter = 4096, (32 + 8) * 128, 14336
+    assert kernels == 4 * 32 + 2
+    assert per_tok == 65 * 4 * h * 2 + 32 * 2 * q_kv * 2 + 32 * 3 * inter * 2 + 2 * h * 2
+    dev = load_device("h100-sxm")[0]
+    ew = Elementwise(3e-6, 0.5)
+    base = RooflineModel(m, dev, host_overhead_s=0.0)
+    with_ew = RooflineModel(m, dev, host_overhead_s=0.0, elementwise=ew)
+    for T in (1, 64, 1024):
+        extra = kernels * 3e-6 + T * per_tok / (dev.memory_bandwidth_Bps * 0.5)
+        assert with_ew.decode_step_time(T, T * 1000) - base.decode_step_time(T, T * 1000) == pytest.approx(extra)
+        f = step_features([(T, 100)], 0, 0, 1)
+        assert with_ew.breakdown(f)["elementwise"] == pytest.approx(extra)
+        assert with_ew.time_of(f) - base.time_of(f) == pytest.approx(extra)
+    with pytest.raises(ValueError):
+        Elementwise(-1e-6, 0.5)

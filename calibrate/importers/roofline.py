@@ -34,8 +34,9 @@ from simulator.latency.roofline import FLASH_Q_TILE, AttentionTiles, decode_atte
 
 MIN_US = 20.0
 FAMILIES = ("gemm", "attn_prefill", "attn_decode", "elementwise", "moe")
-# RooflineModel prices no elementwise operator (norms, activation, rotary): they are reported,
-# not fitted, so their rough byte counts and launch-bound times cannot pull the memory efficiency.
+# Element-wise kernels (norms, activation, rotary) are fitted apart (fit_elementwise: a floor
+# per kernel and bytes at their own efficiency), so their rough byte counts and launch-bound
+# times do not pull the efficiencies of the weight-streaming operators.
 FIT_FAMILIES = ("gemm", "attn_prefill", "attn_decode", "moe")
 DEFAULT_EFF = {"gemm": 0.7, "attention": 0.5, "memory": 0.8}  # simulator/latency/roofline.py defaults
 
@@ -284,11 +285,41 @@ def fit_efficiencies(df: pd.DataFrame, specs: dict) -> dict[str, float]:
     return eff
 
 
-def family_errors(df: pd.DataFrame, eff: dict, specs: dict, tiles: dict | None = None) -> dict[str, dict]:
+def predict_elementwise_us(df: pd.DataFrame, ew: dict, specs: dict) -> np.ndarray:
+    """RooflineModel's element-wise kernels: a floor each, bytes at the learned efficiency."""
+    bw = df.device.map(lambda d: specs[d][1]).to_numpy()
+    return ew["floor_us"] + df.bytes.to_numpy() / (bw * ew["efficiency"]) * 1e6
+
+
+def fit_elementwise(df: pd.DataFrame, specs: dict) -> dict[str, float] | None:
+    """(floor_us, efficiency) of the element-wise kernels, minimising the squared log error
+    over all their measured points (small ones too: the floor is what decode steps see), each
+    device weighing the same and its points alike."""
+    d = df[df.family == "elementwise"]
+    if not len(d):
+        return None
+    w = 1.0 / d.groupby("device").us.transform("count").to_numpy()
+    logm = np.log(d.us.to_numpy())
+
+    def loss(x):
+        return float(np.sum(w * (np.log(predict_elementwise_us(d, {"floor_us": x[0], "efficiency": x[1]}, specs))
+                                 - logm) ** 2))
+
+    r = minimize(loss, x0=[2.0, 0.6], bounds=[(0.0, 50.0), (0.02, 1.5)], method="L-BFGS-B")
+    return {"floor_us": float(r.x[0]), "efficiency": float(r.x[1])}
+
+
+def family_errors(df: pd.DataFrame, eff: dict, specs: dict, tiles: dict | None = None,
+                  elementwise: dict | None = None) -> dict[str, dict]:
     """Per-family errors; attention by the tile model when `tiles` is given (and the device
-    has an SM count), else by the flat efficiencies."""
+    has an SM count), else by the flat efficiencies; element-wise kernels by `elementwise`
+    when given, else as bytes at the memory efficiency."""
     d = df[df.us >= MIN_US]
     pred = predict_us(d, eff, specs)
+    if elementwise is not None:
+        m = (d.family == "elementwise").to_numpy()
+        if m.any():
+            pred[m] = predict_elementwise_us(d[m], elementwise, specs)
     if tiles is not None:
         m = (d.family.isin(ATTN_FAMILIES) & d.device.map(lambda x: _has_sms(specs, x))).to_numpy()
         if m.any():
@@ -318,7 +349,7 @@ def leave_one_device_out(df: pd.DataFrame, specs: dict) -> list[dict]:
         train, test = df[df.device != dev], df[df.device == dev]
         eff = fit_efficiencies(train, specs)
         tiles = fit_attention_tiles(train, specs)
-        errs = family_errors(test, eff, specs, tiles)
+        errs = family_errors(test, eff, specs, tiles, fit_elementwise(train, specs))
         flat = family_errors(test, eff, specs)
         base = family_errors(test, DEFAULT_EFF, specs)
         rows.append({"device": dev, "efficiencies": eff, "attention_tiles": tiles, "errors": errs,
@@ -366,9 +397,16 @@ def learn(ref: Path) -> dict:
     specs = device_specs(df.device.unique())
     eff = fit_efficiencies(df, specs)
     tiles = fit_attention_tiles(df, specs)
+    ew = fit_elementwise(df, specs)
     loo = leave_one_device_out(df, specs)
-    return {"efficiencies": eff, "attention_tiles": tiles, "attention_fixed_us": attention_fixed_us(df),
-            "in_sample": family_errors(df, eff, specs, tiles), "in_sample_flat": family_errors(df, eff, specs),
+    small = df[(df.family == "elementwise") & (df.us < MIN_US)]
+    ew_small = None
+    if ew is not None and len(small):
+        rel = np.abs(predict_elementwise_us(small, ew, specs) / small.us.to_numpy() - 1) * 100
+        ew_small = {"points": int(len(small)), "mape_pct": float(rel.mean()), "median_abs_pct": float(np.median(rel))}
+    return {"efficiencies": eff, "attention_tiles": tiles, "elementwise": ew, "elementwise_small_points": ew_small,
+            "attention_fixed_us": attention_fixed_us(df),
+            "in_sample": family_errors(df, eff, specs, tiles, ew), "in_sample_flat": family_errors(df, eff, specs),
             "leave_one_device_out": loo, "devices": sorted(df.device.unique()),
             "sources": sorted(df.source.unique()), "points": int((df.us >= MIN_US).sum())}
 
@@ -415,14 +453,19 @@ def spec_only_profile(device: str | None, learned: dict) -> dict:
             # Attention by the tile model (simulator/latency/roofline.py) when the device has an
             # SM count; `efficiencies.attention` (the flat roofline) otherwise.
             "attention_tiles": tiles,
+            # Element-wise kernels (norms, RoPE, activation, embedding): a floor each and their
+            # bytes at a learned fraction of the bandwidth
+            "elementwise": learned.get("elementwise"),
             "host_overhead_s": 0.0,
             "host_overhead_per_seq_s": 0.0,
             "host_overhead_source": HOST_NOTE,
             "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"], "attention_tiles": tiles},
             "fit": {"method": ("squared log error over operator times >= %g us of the measured devices, each "
                                "(device, family) group weighted equally and points by time; elementwise ops "
-                               "reported, not fitted (RooflineModel has none); attention_tiles fitted the same way on the "
+                               "fitted apart (a floor per kernel and bytes at an efficiency, over all their points, small "
+                               "ones too, each device weighing the same); attention_tiles fitted the same way on the "
                                "attention points alone") % MIN_US,
+                    "elementwise_points_under_%g_us" % MIN_US: learned.get("elementwise_small_points"),
                     "devices": learned["devices"], "points": learned["points"], "in_sample": learned["in_sample"],
                     "in_sample_flat_attention": {f: learned["in_sample_flat"][f] for f in ATTN_FAMILIES
                                                  if f in learned["in_sample_flat"]},

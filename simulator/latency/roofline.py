@@ -81,6 +81,44 @@ class AttentionTiles:
                    int(d.get("q_tile", FLASH_Q_TILE)))
 
 
+@dataclass(frozen=True)
+class Elementwise:
+    """Learned cost of the element-wise kernels (RMSNorm with its fused residual add, RoPE,
+    the gated activation, the embedding gather): each kernel at least `floor_s` (small
+    batches are launch- and latency-bound), its bytes read and written at `efficiency` of the
+    memory bandwidth."""
+
+    floor_s: float
+    efficiency: float
+
+    def __post_init__(self):
+        if self.floor_s < 0 or not 0 < self.efficiency <= 1.5:
+            raise ValueError(f"element-wise costs out of range: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Elementwise":
+        return cls(float(d["floor_us"]) * 1e-6, float(d["efficiency"]))
+
+
+def elementwise_ops(model: ModelArch, tp: int = 1) -> tuple[int, float]:
+    """(kernels per step, bytes per token) of a step's element-wise operators on one rank,
+    with the byte counts the learned fit used (calibrate.importers.roofline.dense_rows): two
+    RMSNorms per layer (4·hidden·2 bytes a token each: input and residual in, both out), RoPE
+    on q and k in the attention layers (2·(q + kv) widths), the gated activation of the dense
+    MLP layers (3·intermediate: gate and up in, product out; MoE experts fuse theirs), the
+    final norm and the embedding gather (2·hidden)."""
+    m = model
+    b = m.dtype_bytes
+    h = m.hidden_size
+    La = m.attention_layers
+    dense_mlp = m.num_layers - (m.moe_layers if m.is_moe else 0)
+    qkv = (m.num_heads + m.num_kv_heads) * m.head_dim / tp
+    kernels = 2 * m.num_layers + La + dense_mlp + 2
+    per_tok = (2 * m.num_layers + 1) * 4 * h * b + La * 2 * qkv * b + dense_mlp * 3 * m.intermediate_size / tp * b \
+        + 2 * h * b
+    return kernels, per_tok
+
+
 def prefill_attention_s(n, c, heads, head_dim, sms, peak, p: AttentionTiles, num_seqs=1):
     """One layer's prefill attention of `num_seqs` chunks of n new tokens over c cached ones
     (seconds, without the kernel floor); numpy arrays or floats."""
@@ -105,9 +143,10 @@ class RooflineModel(LatencyModel):
                  gemm_efficiency: float | None = None, attention_efficiency: float | None = None,
                  memory_efficiency: float | None = None, host_overhead_s: float | None = None,
                  host_overhead_per_seq_s: float | None = None, attention_tiles: AttentionTiles | None = None,
-                 async_overlap: bool = False):
+                 async_overlap: bool = False, elementwise: Elementwise | None = None):
         """`async_overlap`: the per-step host work overlaps the device's step (async scheduling),
-        a step takes max(device, host) rather than device + host (see the module doc)."""
+        a step takes max(device, host) rather than device + host (see the module doc).
+        `elementwise`: the learned cost of the element-wise kernels (None: not priced)."""
         self.model = model
         self.async_overlap = bool(async_overlap)
         self.device = device
@@ -169,6 +208,13 @@ class RooflineModel(LatencyModel):
         if Lw:
             self._attn_flop_per_pair_w = 4.0 * m.num_heads * m.head_dim * Lw / tp / (peak * self.attn_eff)
             self._kv_bytes_time_per_pos_w = m.kv_bytes_per_token() // La * Lw / tp / bw
+        # Element-wise kernels: a floor each, their bytes at the learned efficiency.
+        self.elementwise = elementwise
+        self._ew_fixed = self._ew_per_tok = 0.0
+        if elementwise is not None:
+            kernels, per_tok = elementwise_ops(m, tp)
+            self._ew_fixed = kernels * elementwise.floor_s
+            self._ew_per_tok = per_tok / (device.memory_bandwidth_Bps * elementwise.efficiency)
         # Tile model of attention: needs the SM count from the device spec.
         sms = device.extra.get("sm_count")
         self.tiles = attention_tiles if (attention_tiles is not None and sms) else None
@@ -203,6 +249,7 @@ class RooflineModel(LatencyModel):
         if T == 0:
             return {"host": self.host_s, "total": self.host_s}
         lin = max(T * self._lin_flop_per_tok, self._lin_bytes_time)
+        ew = self._ew_fixed + T * self._ew_per_tok if self.elementwise is not None else 0.0
         moe = 0.0
         if self._moe:
             m = self.model
@@ -238,8 +285,10 @@ class RooflineModel(LatencyModel):
         host = self.host_s + self.host_seq_s * f.num_seqs
         parts = {"linear": lin, "moe": moe, "attn_prefill": attn_p, "attn_decode": attn_d,
                  "lm_head": lm, "allreduce": ar, "host": host}
+        if self.elementwise is not None:
+            parts["elementwise"] = ew
         if self.async_overlap:  # the host work hides behind the device's step: only its excess shows
-            device = lin + moe + attn_p + attn_d + lm + ar
+            device = lin + moe + attn_p + attn_d + lm + ar + ew
             parts["host"] = host - device if host > device else 0.0
             parts["total"] = host if host > device else device
             return parts
@@ -282,6 +331,8 @@ class RooflineModel(LatencyModel):
                          ep_tokens: int | None = None) -> float:
         T = num_decodes
         t = max(T * self._lin_flop_per_tok, self._lin_bytes_time)
+        if self.elementwise is not None:
+            t += self._ew_fixed + T * self._ew_per_tok
         if self._moe:
             m = self.model
             E, k = m.num_experts, m.num_experts_per_tok
@@ -310,6 +361,8 @@ class RooflineModel(LatencyModel):
                 "host_overhead_per_seq_s": self.host_seq_s,
                 # (only when on: a synchronous run's summary reads as it did before the option)
                 **({"async_overlap": True} if self.async_overlap else {}),
+                **({"elementwise": {"floor_us": self.elementwise.floor_s * 1e6,
+                                    "efficiency": self.elementwise.efficiency}} if self.elementwise else {}),
                 "attention_tiles": None if self.tiles is None else {
                     "compute_efficiency": self.tiles.compute_efficiency, "memory_efficiency": self.tiles.memory_efficiency,
                     "floor_us": self.tiles.floor_s * 1e6, "prefill_tile_us": self.tiles.prefill_tile_s * 1e6,
