@@ -240,7 +240,7 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
         raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline, operators)")
     # A device by name: the efficiencies and attention tile model learned from the measured
     # devices' operator times (hardware/roofline-learned.yaml), the host overhead the default
-    learned = learned_roofline()
+    learned = learned_roofline(device.name)
     eff = learned.get("efficiencies", {})
     return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency or eff.get("gemm"),
                          attention_efficiency=lat.attention_efficiency or eff.get("attention"),
@@ -253,10 +253,10 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
 _LEARNED_ROOFLINE: dict | None = None
 
 
-def learned_roofline() -> dict:
-    """The `latency_model` of hardware/roofline-learned.yaml (scripts/learn_roofline.py --write):
-    what a run given a device name prices its steps with; {} without the file (the roofline's
-    assumed starting points then)."""
+def learned_roofline(device_name: str | None = None) -> dict:
+    """The roofline parameters of hardware/roofline-learned.yaml (scripts/learn_roofline.py
+    --write) that a run given a device by name prices its steps with: a measured device's own
+    fit, else the pooled one; {} without the file (the roofline's assumed starting points)."""
     global _LEARNED_ROOFLINE
     if _LEARNED_ROOFLINE is None:
         import yaml
@@ -265,7 +265,8 @@ def learned_roofline() -> dict:
             _LEARNED_ROOFLINE = (yaml.safe_load(path.read_text()) or {}).get("latency_model") or {}
         except FileNotFoundError:
             _LEARNED_ROOFLINE = {}
-    return _LEARNED_ROOFLINE
+    own = (_LEARNED_ROOFLINE.get("devices") or {}).get(device_name)
+    return own if own else _LEARNED_ROOFLINE
 
 
 def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profile: dict | None = None) -> Deployment:

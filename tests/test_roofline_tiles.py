@@ -107,16 +107,22 @@ def test_spec_profile_tiles_reach_the_model_unless_config_overrides():
 
 
 def test_a_device_by_name_prices_with_the_learned_roofline():
-    """--hardware DEVICE (no profile): the efficiencies and tile model of
-    hardware/roofline-learned.yaml (learned from the measured devices), not the roofline's
-    assumed starting points; the config's efficiencies still override them, and the host
-    overhead stays the default."""
+    """--hardware DEVICE (no profile): the efficiencies, tile model and element-wise costs of
+    hardware/roofline-learned.yaml (learned from the measured devices' operator times: a
+    measured device's own fit, else the pooled one), not the roofline's assumed starting
+    points; the config's efficiencies still override them, and the host overhead stays the
+    default."""
     import yaml
 
     from simulator.hardware import HARDWARE_DIR
     from simulator.latency.roofline import DEFAULT_HOST_OVERHEAD_S
-    learned = yaml.safe_load((HARDWARE_DIR / "roofline-learned.yaml").read_text())["latency_model"]
-    assert learned["fit"]["devices"] and learned["fit"]["in_sample"]["gemm"]["points"] > 1000
+    pooled = yaml.safe_load((HARDWARE_DIR / "roofline-learned.yaml").read_text())["latency_model"]
+    assert pooled["fit"]["devices"] and pooled["fit"]["in_sample"]["gemm"]["points"] > 1000
+    # a measured device takes its own fit, any other the pooled one
+    learned = pooled["devices"]["h100-sxm"]
+    assert "attn_decode" in learned["fitted_on"] and learned["efficiencies"] != pooled["efficiencies"]
+    h200 = build_deployment(load_model("llama-3.1-8b"), load_device("h200")[0], build_config({})).latency
+    assert h200.gemm_eff == pooled["efficiencies"]["gemm"]
     dev, m = load_device("h100-sxm")[0], load_model("llama-3.1-8b")
     lat = build_deployment(m, dev, build_config({})).latency
     eff = learned["efficiencies"]

@@ -399,12 +399,26 @@ def learn(ref: Path) -> dict:
     tiles = fit_attention_tiles(df, specs)
     ew = fit_elementwise(df, specs)
     loo = leave_one_device_out(df, specs)
+    per_device = {}
+    for dev in sorted(df.device.unique()):
+        # A measured device's own parameters (what a spec sheet does not say: the offset of
+        # its kernels from the datasheet peaks); the tiles and element-wise costs from its own
+        # points where it has them, else the pooled ones.
+        d = df[df.device == dev]
+        de = fit_efficiencies(d, specs)
+        dt = fit_attention_tiles(d, specs) if d.family.isin(ATTN_FAMILIES).any() else None
+        dw = fit_elementwise(d, specs)
+        per_device[dev] = {"efficiencies": de, "attention_tiles": dt or tiles, "elementwise": dw or ew,
+                           "own": sorted(set(d.family.unique())),
+                           "errors": family_errors(d, de, specs, dt or tiles, dw or ew),
+                           "errors_pooled": family_errors(d, eff, specs, tiles, ew)}
     small = df[(df.family == "elementwise") & (df.us < MIN_US)]
     ew_small = None
     if ew is not None and len(small):
         rel = np.abs(predict_elementwise_us(small, ew, specs) / small.us.to_numpy() - 1) * 100
         ew_small = {"points": int(len(small)), "mape_pct": float(rel.mean()), "median_abs_pct": float(np.median(rel))}
     return {"efficiencies": eff, "attention_tiles": tiles, "elementwise": ew, "elementwise_small_points": ew_small,
+            "per_device": per_device,
             "attention_fixed_us": attention_fixed_us(df),
             "in_sample": family_errors(df, eff, specs, tiles, ew), "in_sample_flat": family_errors(df, eff, specs),
             "leave_one_device_out": loo, "devices": sorted(df.device.unique()),
@@ -420,10 +434,17 @@ def learned_defaults(learned: dict) -> dict:
     lm = prof["latency_model"]
     for k in ("host_overhead_s", "host_overhead_per_seq_s", "host_overhead_source", "learned"):
         lm.pop(k, None)
+    # The measured devices by name: their own fit (the pooled one is for the others)
+    lm["devices"] = {dev: {"efficiencies": r["efficiencies"],
+                           "attention_tiles": {**r["attention_tiles"], "q_tile": FLASH_Q_TILE} if r["attention_tiles"] else None,
+                           "elementwise": r["elementwise"], "fitted_on": r["own"],
+                           "errors": r["errors"], "errors_with_pooled_parameters": r["errors_pooled"]}
+                     for dev, r in learned["per_device"].items()}
     return {
         "_header": ("# The roofline's parameters for a device given by name (asim-replay --hardware DEVICE):\n"
-                    "# efficiencies and the attention tile model learned from the measured devices' operator\n"
-                    "# times (scripts/learn_roofline.py --write). `--set latency.gemm_efficiency=...` etc.\n"
+                    "# efficiencies, attention tile model and element-wise costs learned from the measured\n"
+                    "# devices' operator times (scripts/learn_roofline.py --write): a measured device (devices:)\n"
+                    "# takes its own fit, any other the pooled one. `--set latency.gemm_efficiency=...` etc.\n"
                     "# override them; a profile replaces them.\n"),
         "name": "roofline-learned",
         "kind": "learned-roofline",
