@@ -4,6 +4,7 @@ the arithmetic, on a hand-made profile; the live run is in tests/integration."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import yaml
@@ -86,6 +87,27 @@ def test_matrix_reference_steps_setting(tmp_path):
     assert load_matrix(p)[2]["reference_steps"] is False
     p.write_text(yaml.safe_dump({**base, "reference_steps": "yes"}))
     with pytest.raises(MatrixError, match="reference_steps must be true or false"):
+        load_matrix(p)
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda m: m["cases"][0].update(overrides={"latency.host_overhead_s": 0}), "case rec: unknown keys ['overrides']"),
+    (lambda m: m["models"]["tiny"].update(profil="calibrate"), "models.tiny: unknown keys ['profil']"),
+    (lambda m: m.update(variants={"v": {"sets": {}}}), "variants.v: unknown keys ['sets']"),
+])
+def test_matrix_rejects_unknown_keys_of_cases_models_and_variants(tmp_path, edit, where):
+    """A misspelt key is an error, not silently ignored (a case's simulator overrides are `set`)."""
+    from validation.matrix import MatrixError, load_matrix
+    m = {"name": "m", "models": {"tiny": {"dir": "hardware/models/tiny-llama"}},
+         "traces": {"t": "sample_traces/tiny_cpu.jsonl"},
+         "cases": [{"name": "rec", "recorded": {"format": "llmservingsim", "dir": "x"}, "hardware": "rtx4090",
+                    "set": {"latency.host_overhead_s": 0}}]}
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(m))
+    assert any(c.overrides == {"latency.host_overhead_s": 0} for c in load_matrix(p)[1])
+    edit(m)
+    p.write_text(yaml.safe_dump(m))
+    with pytest.raises(MatrixError, match=re.escape(where)):
         load_matrix(p)
 
 

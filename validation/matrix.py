@@ -171,9 +171,22 @@ def load_matrix(path: str | Path) -> tuple[str, list[Case], dict]:
                         engine_args=model_args + [str(a) for a in vspec.get("engine_args") or []],
                         overrides=dict(vspec.get("set") or {}), rank_group=f"{mname}-{tname}-{lname}", variant=vname,
                         calibrate_args=model_args if calib else None, calibrate_name=f"cpu-{mname}" if calib else ""))
+    case_keys = {"name", "recorded", "model", "hardware", "trace", "load", "engine_args", "set", "rank_group",
+                 "variant"}
+    for mname, mspec in models.items():
+        bad = set(mspec) - {"dir", "profile", "engine_args"} if isinstance(mspec, dict) else set()
+        if bad:
+            raise MatrixError(f"{p}: models.{mname}: unknown keys {sorted(bad)} (known: dir, engine_args, profile)")
+    for vname, vspec in variants.items():
+        bad = set(vspec or {}) - {"engine_args", "set"}
+        if bad:
+            raise MatrixError(f"{p}: variants.{vname}: unknown keys {sorted(bad)} (known: engine_args, set)")
     for c in m.get("cases") or []:
         if not isinstance(c, dict) or "name" not in c:
             raise MatrixError(f"{p}: every case needs a name")
+        bad = set(c) - case_keys
+        if bad:
+            raise MatrixError(f"{p}: case {c['name']}: unknown keys {sorted(bad)} (known: {sorted(case_keys)})")
         if "recorded" in c:
             rec = c["recorded"]
             if not isinstance(rec, dict) or "dir" not in rec:
