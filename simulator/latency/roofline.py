@@ -33,6 +33,7 @@ Chunks of up to Br·SMs/heads tokens thus cost the same, as the measured tables 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,17 +124,22 @@ def elementwise_ops(model: ModelArch, tp: int = 1) -> tuple[int, float]:
 def prefill_attention_s(n, c, heads, head_dim, sms, peak, p: AttentionTiles, num_seqs=1):
     """One layer's prefill attention of `num_seqs` chunks of n new tokens over c cached ones
     (seconds, without the kernel floor); numpy arrays or floats."""
-    ctas = np.ceil(n / p.q_tile) * heads * num_seqs
-    waves = np.ceil(ctas / sms)
+    if isinstance(n, np.ndarray) or isinstance(c, np.ndarray):
+        ceil, least = np.ceil, np.minimum
+    else:  # one step's shape (the simulator's hot path): the same values, without numpy scalars
+        ceil, least = math.ceil, min
+    ctas = ceil(n / p.q_tile) * heads * num_seqs
+    waves = ceil(ctas / sms)
     # A block's causal work: Br queries over the cached keys and, on average, half the chunk.
-    block_flops = 4.0 * head_dim * p.q_tile * (c + (n + np.minimum(n, p.q_tile)) / 2)
+    block_flops = 4.0 * head_dim * p.q_tile * (c + (n + least(n, p.q_tile)) / 2)
     return waves * (block_flops / (p.compute_efficiency * peak / sms) + p.prefill_tile_s)
 
 
 def decode_attention_s(num_decodes, kv_bytes, kv_heads, sms, bandwidth, p: AttentionTiles):
     """One layer's decode attention over `kv_bytes` of KV (seconds, without the floor): one
     block per (sequence, KV head), the query heads of a group packed into it."""
-    waves = np.ceil(num_decodes * kv_heads / sms)
+    ceil = np.ceil if isinstance(num_decodes, np.ndarray) else math.ceil
+    waves = ceil(num_decodes * kv_heads / sms)
     return kv_bytes / (p.memory_efficiency * bandwidth) + waves * p.decode_tile_s
 
 
