@@ -238,8 +238,9 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
             except (ValueError, OSError) as e:
                 raise ConfigError(f"profile {profile.get('name', '')}: {e}") from None
         raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline, operators)")
-    # A device by name: the efficiencies and attention tile model learned from the measured
-    # devices' operator times (hardware/roofline-learned.yaml), the host overhead the default
+    # A device by name: the efficiencies, attention tile model and element-wise costs learned
+    # from the measured devices' operator times (hardware/roofline-learned.yaml: a measured
+    # device's own fit, else the pooled one); the host overhead the default
     learned = learned_roofline(device.name)
     eff = learned.get("efficiencies", {})
     return RooflineModel(model, device, tp, gemm_efficiency=lat.gemm_efficiency or eff.get("gemm"),
