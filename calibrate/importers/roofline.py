@@ -419,17 +419,17 @@ def learn(ref: Path) -> dict:
                            "own": sorted(set(d.family.unique())),
                            "errors": family_errors(d, de, specs, dt or tiles, ew),
                            "errors_pooled": family_errors(d, eff, specs, tiles, ew)}
-    ew_small = None  # the element-wise fit's error per source, all its points (small ones too)
+    ew_by_source = None  # the element-wise fit's error per source, all its points (small ones too)
     if ew is not None:
-        ew_small = {}
+        ew_by_source = {}
         for name, part in (("LLMServingSim (fitted on)", df.source.str.startswith("LLMServingSim")),
                            ("vidur (not fitted on)", df.source.str.startswith("vidur"))):
             d = df[(df.family == "elementwise") & part]
             if len(d):
                 rel = predict_elementwise_us(d, ew, specs) / d.us.to_numpy() - 1
-                ew_small[name] = {"points": int(len(d)), "median_abs_pct": float(np.median(np.abs(rel)) * 100),
+                ew_by_source[name] = {"points": int(len(d)), "median_abs_pct": float(np.median(np.abs(rel)) * 100),
                                   "bias_pct": float(np.median(rel) * 100)}
-    return {"efficiencies": eff, "attention_tiles": tiles, "elementwise": ew, "elementwise_small_points": ew_small,
+    return {"efficiencies": eff, "attention_tiles": tiles, "elementwise": ew, "elementwise_by_source": ew_by_source,
             "per_device": per_device,
             "attention_fixed_us": attention_fixed_us(df),
             "in_sample": family_errors(df, eff, specs, tiles, ew), "in_sample_flat": family_errors(df, eff, specs),
@@ -499,7 +499,7 @@ def spec_only_profile(device: str | None, learned: dict) -> dict:
                                "points, small ones too, each device weighing the same; elementwise_by_source); "
                                "attention_tiles fitted the same way on the "
                                "attention points alone") % MIN_US,
-                    "elementwise_by_source": learned.get("elementwise_small_points"),
+                    "elementwise_by_source": learned.get("elementwise_by_source"),
                     "devices": learned["devices"], "points": learned["points"], "in_sample": learned["in_sample"],
                     "in_sample_flat_attention": {f: learned["in_sample_flat"][f] for f in ATTN_FAMILIES
                                                  if f in learned["in_sample_flat"]},

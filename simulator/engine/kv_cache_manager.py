@@ -51,7 +51,7 @@ class KVCacheManager:
     __slots__ = ("block_size", "pool", "enable_caching", "req_to_blocks", "num_cached_block",
                  "max_model_len", "prefix_cache_queries", "prefix_cache_hits", "_lookup", "state_blocks",
                  "req_to_state", "window", "window_groups", "full_groups", "req_to_window", "win_stale", "chunk",
-                 "local", "admission_cap", "win_cache", "_win_hits")
+                 "local", "admission_cap", "win_cache", "_win_hits", "win_positions")
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True,
                  max_model_len: int = 1 << 40, state_blocks: int = 0, window: int = 0,
@@ -96,7 +96,12 @@ class KVCacheManager:
         # them (one full-attention group): a window block gets the identity of its position in
         # its group when that block is full, and a prefix hit needs the window's blocks
         # (lookup). (_win_hits: the last lookup's window blocks, for the allocation after it.)
+        if self.local and window_groups >= 63:
+            raise ValueError("more than 63 sliding-window KV cache groups")  # (their keys' range: _window_key)
         self.win_cache = bool(self.local and enable_caching and self.full_groups == 1)
+        # Set by an async scheduler (sliding windows, one full-attention group): each decode
+        # slot leaves in req.win_next / req.cache_next where its next call has work to do
+        self.win_positions = False
         self._win_hits: tuple | None = None
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -117,24 +122,32 @@ class KVCacheManager:
             return _NONE, 0
         if self.win_cache:
             return self._lookup_with_windows(req, max_blocks)
-        pool = self.pool
         memo = self._lookup
         if memo is not None and memo[0] is req and memo[1] == max_blocks:
-            # The same request looked up again (it was refused blocks): the answer stands
-            # while its hit blocks still hold their keys and its first miss is still a miss.
+            # The same request looked up again (it was refused blocks)
             _, _, arr, miss_key = memo
-            if (not len(arr) or pool.hold_keys(arr, req.block_keys(0, len(arr)))) and (
-                    miss_key is None or pool.get_cached_block(miss_key) is None):
+            if self._hit_stands(req, arr, miss_key):
                 return arr, len(arr) * self.block_size
-        runs = req.key_runs(0, max_blocks)
-        if runs is not None:
-            arr, miss_key = pool.match_runs(runs)
-        else:
-            keys = req.block_keys(0, max_blocks)
-            arr = pool.match_prefix(keys)
-            miss_key = keys.item(len(arr)) if len(arr) < max_blocks else None
+        arr, miss_key = self._full_hit(req, max_blocks)
         self._lookup = (req, max_blocks, arr, miss_key)
         return arr, len(arr) * self.block_size
+
+    def _full_hit(self, req: Request, max_blocks: int) -> tuple[np.ndarray, int | None]:
+        """The cached blocks of the request's first `max_blocks` keys up to the first miss, and
+        the key that missed (None if none did)."""
+        runs = req.key_runs(0, max_blocks)
+        if runs is not None:
+            return self.pool.match_runs(runs)
+        keys = req.block_keys(0, max_blocks)
+        arr = self.pool.match_prefix(keys)
+        return arr, (keys.item(len(arr)) if len(arr) < max_blocks else None)
+
+    def _hit_stands(self, req: Request, arr: np.ndarray, miss_key: int | None) -> bool:
+        """Would a fresh _full_hit give `arr` and `miss_key` again? Yes while the hit blocks
+        still hold their keys and the first miss is still a miss."""
+        pool = self.pool
+        return (not len(arr) or pool.hold_keys(arr, req.block_keys(0, len(arr)))) and (
+            miss_key is None or pool.get_cached_block(miss_key) is None)
 
     def _lookup_with_windows(self, req: Request, max_blocks: int) -> tuple[np.ndarray, int]:
         """vLLM's hybrid hit (HybridKVCacheCoordinator.find_longest_cache_hit, one full and one
@@ -150,17 +163,10 @@ class KVCacheManager:
             # its window blocks cached stands while the full-attention hit does (as in
             # lookup) and those window blocks still hold their keys.
             _, _, arr, miss_key, wblocks, wkeys, whits = memo
-            if (pool.hold_keys(arr, req.block_keys(0, len(arr))) and pool.hold_keys(wblocks, wkeys)
-                    and (miss_key is None or pool.get_cached_block(miss_key) is None)):
+            if self._hit_stands(req, arr, miss_key) and pool.hold_keys(wblocks, wkeys):
                 self._win_hits = (req, whits)
                 return arr, len(arr) * self.block_size
-        runs = req.key_runs(0, max_blocks)
-        if runs is not None:
-            arr, miss_key = pool.match_runs(runs)
-        else:
-            keys = req.block_keys(0, max_blocks)
-            arr = pool.match_prefix(keys)
-            miss_key = keys.item(len(arr)) if len(arr) < max_blocks else None
+        arr, miss_key = self._full_hit(req, max_blocks)
         h = len(arr)
         wg = self.window_groups
         get = pool.get_cached_block
@@ -314,15 +320,13 @@ class KVCacheManager:
                 self._grow_window(rid, grow)
             if room == 0:
                 blocks.append(self.pool.get_new_block())
-            if self.window and self.full_groups == 1:
-                # When the next call can do something (the scheduler's async decode loop calls
-                # only then, or at a block's end): the window's first held position moves when
-                # c - in_flight - window + 1 reaches the next block; the next block to cache is
-                # full when the known tokens reach its end (below, if it is this one).
+            if self.win_positions:
+                # When the next call can do something (the async decode loop calls only then,
+                # or at a block's end): the window's first held position moves when
+                # c - in_flight - window + 1 reaches the next block
                 win = self.req_to_window.get(rid)
                 held = len(win) // self.window_groups if win else 0
                 req.win_next = (len(blocks) - held + 1) * bs + self.window - 1
-                req.cache_next = (self.num_cached_block[rid] + 1) * bs if self.enable_caching else 1 << 62
         elif room <= 0:
             if room < 0:  # more than one block short
                 return self.allocate_slots(req, 1)
@@ -344,10 +348,10 @@ class KVCacheManager:
                 self.pool.cache_block(blocks[start], key)
             elif num_full > start:
                 self._cache_full_blocks(req, blocks, num_full)
-            else:
-                return True
-            if self.window:
+            if self.win_positions:  # ... and the next block to cache fills when the known tokens reach its end
                 req.cache_next = (num_cached[rid] + 1) * bs
+        elif self.win_positions:
+            req.cache_next = 1 << 62
         return True
 
     def _allocate_with_hits(self, req: Request, num_new_tokens: int, num_new_computed_tokens: int,
@@ -492,9 +496,7 @@ class KVCacheManager:
         wg = self.window_groups
         k = i - (table_len - len(win) // wg)
         if k >= 0:
-            if wg >= 63:
-                _window_key(key, wg - 1)  # (raises)
-            # _window_key(key, g) for each group, inline
+            # _window_key(key, g) for each group, inline (the group count is checked at construction)
             self.pool.cache_list(win[k * wg:(k + 1) * wg],
                                  range(key + (1 << _WINDOW_KEY_SHIFT), key + ((wg + 1) << _WINDOW_KEY_SHIFT),
                                        1 << _WINDOW_KEY_SHIFT))
@@ -513,8 +515,6 @@ class KVCacheManager:
         at a time as whole runs. The keys are distinct, so the order of the pairs within
         the call does not matter (a key's first cached block is the one a lookup returns)."""
         wg = self.window_groups
-        if wg >= 63:
-            _window_key(0, wg - 1)  # (raises)
         k0 = lo - (table_len - len(win) // wg)
         held = np.array(win[k0 * wg:(k0 + hi - lo) * wg], dtype=np.intp).reshape(hi - lo, wg)
         for g in range(wg):

@@ -68,6 +68,7 @@ class Scheduler:
         `async_scheduling`: vLLM's AsyncScheduler (see the module docstring)."""
         self.async_scheduling = async_scheduling
         self.kv = kv
+        kv.win_positions = bool(async_scheduling and kv.window and kv.full_groups == 1)
         self.reserve_full_isl = reserve_full_isl
         self.lone_request_full_budget = lone_request_full_budget
         self.max_num_seqs = max_num_seqs
@@ -238,19 +239,14 @@ class Scheduler:
         scheduled (advanced, as `_advance` does)."""
         kv = self.kv
         bs = kv.block_size
-        # Sliding windows: also where a block falls behind the window, and after a prefill;
-        # chunked local attention, or sliding windows with async scheduling (the window
-        # follows the tokens returned, behind by a step's tokens): every decode
-        last_slot = bs - 1 if not kv.chunk else -1
-        fr = (kv.window - 1) % bs if kv.window else -1
+        # Sliding windows: also where a block falls behind the window, and after a prefill.
         # With async scheduling the window follows the tokens returned, and the block to cache
         # the tokens known: allocate_decode_slot leaves the positions of its next work in
-        # req.win_next / req.cache_next (one full-attention group; with more, every decode)
-        win_async = bool(kv.window and self.async_scheduling)
-        if win_async:
-            fr = -1
-            if kv.full_groups != 1:
-                last_slot = -1
+        # req.win_next / req.cache_next (kv.win_positions: one full-attention group). Chunked
+        # local attention, or windows with more groups under async scheduling: every decode.
+        win_async = kv.win_positions
+        last_slot = -1 if kv.chunk or (kv.window and self.async_scheduling and not win_async) else bs - 1
+        fr = (kv.window - 1) % bs if kv.window and not self.async_scheduling else -1
         stale = kv.win_stale
         max_c = self.max_model_len - 1
         scheduled = out.scheduled
