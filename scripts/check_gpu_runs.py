@@ -105,11 +105,13 @@ class _WithDecodeMax:
 
 
 def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = False,
-             fast_forward: bool = False) -> dict:
+             fast_forward: bool = False, by_name: bool = False) -> dict:
     label, sub, profile_name, model_name, summary = case
     run_dir = ref / "LLMServingSim" / "bench" / sub
     run, df, _ = read_llmservingsim_run(run_dir)
     device, profile = load_device(profile_name)
+    if by_name:  # the device as a user names it: the learned roofline, not the run's operator profile
+        profile = None
     model = load_model(model_name)
     engine = dict(run.engine)
     dp = int(run.meta.get("data_parallel_size") or 1)
@@ -172,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-max", action="store_true",
                     help="diagnostic: feed the latency model each step's longest decode context (skew correction)")
     ap.add_argument("--fast-forward", action="store_true", help="advance pure-decode runs together (exact, faster)")
+    ap.add_argument("--by-name", action="store_true",
+                    help="price steps as for a device given by name (the learned roofline) instead of the operator profile")
     ap.add_argument("--no-prompt-blocks", action="store_true",
                     help="replay lengths only (no prompt sharing between requests)")
     a = ap.parse_args(argv)
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
         if a.only and a.only not in case[0]:
             continue
         r = run_case(a.reference, case, prompt_blocks=not a.no_prompt_blocks, decode_max=a.decode_max,
-                     fast_forward=a.fast_forward)
+                     fast_forward=a.fast_forward, by_name=a.by_name)
         rows.append(r)
         m, s = r["measured"], r["sim"]
         print(f"{r['label']}: measured mean TTFT/TPOT/E2E {m['mean_ttft']:.0f}/{m['mean_tpot']:.1f}/{m['mean_e2el']:.0f} ms, "

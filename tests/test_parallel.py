@@ -229,3 +229,37 @@ def test_lockstep_runs_multi_call_programs_with_pinned_kv_to_completion():
     assert len(res.calls) == 24 and all(r["status"] == "ok" for r in res.calls)
     assert sim.lockstep.num_steps > 0
     assert run()[0].calls == res.calls
+
+
+def test_roofline_tp_prices_the_collectives_an_operator_profile_prices():
+    """A device given by name at TP 2 pays what the operator model pays over the same link:
+    2 all-reduces per layer + 1 per step (NCCL's model over a link file that has one) and the
+    logits all-gather; a link with P2P (no nccl section) keeps the ring formula."""
+    from simulator.config import build_config
+    from simulator.deployment import build_deployment
+    from simulator.hardware import load_device, load_model
+    from simulator.latency.base import step_features
+
+    model = load_model("qwen3-32b")
+    cfg = build_config(None, {"cluster.tensor_parallel_size": 2, "engine.async_scheduling": False})
+    device, profile = load_device("rtx-pro-6000-qwen3-32b")  # its intra-node link: pcie5-x16-no-p2p
+    roof = build_deployment(model, device, cfg, None).latency
+    ops = build_deployment(model, device, cfg, profile).latency
+    assert roof.kind == "roofline" and ops.kind == "operators"
+    for T in (1, 64, 512, 2048):
+        nbytes = T * model.hidden_size * model.dtype_bytes
+        assert roof.allreduce.time_s(nbytes) == pytest.approx(ops.allreduce.time_s(nbytes), rel=1e-12)
+        assert roof.allreduce.time_s(nbytes) == pytest.approx(
+            nccl_ring_time_s("all_reduce", 2, nbytes, device.intra_node_link.nccl.bus_bandwidth_Bps)[0])
+    parts = roof.breakdown(step_features([], 64, 64 * 1000, 64))
+    o = ops.breakdown_step([], 64, 64 * 1000)
+    assert parts["allreduce"] == pytest.approx(o["allreduce"], rel=1e-12)
+    assert parts["logits_all_gather"] == pytest.approx(o["logits_all_gather"], rel=1e-12)
+    assert roof.decode_step_time(64, 64 * 1000) == pytest.approx(parts["total"], rel=1e-12)
+    # the card as named (pcie5-x16: P2P, no nccl section): the link's ring formula
+    p2p = build_deployment(model, load_device("rtx-pro-6000")[0], cfg, None).latency
+    lk = p2p.link
+    nbytes = 512 * model.hidden_size * model.dtype_bytes
+    assert lk.nccl is None
+    assert p2p.allreduce.time_s(nbytes) == pytest.approx(2 * lk.latency_s + nbytes / (lk.bandwidth_Bps * lk.allreduce_efficiency))
+    assert p2p.allreduce.time_s(nbytes) < roof.allreduce.time_s(nbytes)

@@ -1,8 +1,9 @@
 """Roofline latency model from a device spec and a model architecture.
 
 Each operator family takes max(FLOPs / (peak · efficiency), bytes / (bandwidth · efficiency)),
-summed over layers; tensor parallelism divides work by `tp` and adds two all-reduces per
-layer over the intra-node link (ring: 2·(tp-1)/tp of the bytes). A per-step host overhead
+summed over layers; tensor parallelism divides work by `tp` and adds the collectives an
+operator profile prices (two all-reduces per layer and one per step, the logits all-gather),
+timed as operators.Collective times them over the intra-node link. A per-step host overhead
 (scheduling, launch, sampling on the CPU) is added on top. With `async_overlap` (vLLM's async
 scheduling, `engine.async_scheduling`) the host work of the next step runs on the CPU while the
 device runs this one, so a step lasts max(device time, host time) instead of their sum; the
@@ -233,15 +234,26 @@ class RooflineModel(LatencyModel):
         # LM head for each sampled token; its weights read once.
         self._lm_flop_per_tok = 2.0 * m.hidden_size * m.vocab_size / tp / (peak * self.gemm_eff)
         self._lm_bytes_time = m.hidden_size * m.vocab_size * dt / tp / bw
-        # All-reduce: two per layer of (tokens · hidden · dtype) bytes.
+        # Tensor parallelism: the collectives an operator profile prices, the same way
+        # (operators.collective_from_spec: the link file's fitted curve where it has one, else
+        # NCCL's cost model where it describes NCCL over the link, else the link's ring
+        # formula): two all-reduces of (tokens · hidden) activations per layer (after o_proj and
+        # down_proj) plus one per step (the vocab-parallel embedding), and the all-gather of
+        # each sampled sequence's logits shard.
+        self.allreduce = self.logits_gather = None
         if tp > 1:
-            lk = self.link
-            eff_bw = lk.bandwidth_Bps * lk.allreduce_efficiency
-            self._ar_time_per_tok = 2 * L * (2.0 * (tp - 1) / tp) * m.hidden_size * dt / eff_bw
-            self._ar_fixed = 2 * L * lk.latency_s * 2 * (tp - 1)
-        else:
-            self._ar_time_per_tok = 0.0
-            self._ar_fixed = 0.0
+            from .operators import _padded_vocab, collective_from_spec
+            self.allreduce = collective_from_spec("all_reduce", tp, None, self.link)
+            self.logits_gather = collective_from_spec("all_gather", tp, None, self.link)
+            self._n_allreduce = 2 * L + 1
+            self._ar_bytes_per_tok = m.hidden_size * dt
+            self._logit_bytes_per_seq = _padded_vocab(m.vocab_size, tp) * dt
+
+    def _collectives_s(self, tokens: int, sampled: int) -> float:
+        """Tensor-parallel communication of a step: the all-reduces of its tokens'
+        activations and the all-gather of its sampled sequences' logits."""
+        t = self._n_allreduce * self.allreduce.time_s(tokens * self._ar_bytes_per_tok)
+        return t + self.logits_gather.time_s(sampled * self._logit_bytes_per_seq) if sampled else t
 
     def _gemm_s_per_flop(self, part: str) -> float:
         """Seconds per FLOP of the GEMMs over one parameter group of a quantized model: its
@@ -288,14 +300,20 @@ class RooflineModel(LatencyModel):
             attn_p += f.prefill_tokens * self._delta_flop_per_tok
             attn_d += max(f.num_decodes * self._delta_flop_per_tok, f.num_decodes * self._state_time_per_seq)
         lm = max(f.num_sampled * self._lm_flop_per_tok, self._lm_bytes_time) if f.num_sampled else 0.0
-        ar = (T * self._ar_time_per_tok + self._ar_fixed) if self.tp > 1 else 0.0
+        ar = gather = 0.0
+        if self.tp > 1:
+            ar = self._n_allreduce * self.allreduce.time_s(T * self._ar_bytes_per_tok)
+            if f.num_sampled:
+                gather = self.logits_gather.time_s(f.num_sampled * self._logit_bytes_per_seq)
         host = self.host_s + self.host_seq_s * f.num_seqs
         parts = {"linear": lin, "moe": moe, "attn_prefill": attn_p, "attn_decode": attn_d,
                  "lm_head": lm, "allreduce": ar, "host": host}
+        if self.tp > 1:
+            parts["logits_all_gather"] = gather
         if self.elementwise is not None:
             parts["elementwise"] = ew
         if self.async_overlap:  # the host work hides behind the device's step: only its excess shows
-            device = lin + moe + attn_p + attn_d + lm + ar + ew
+            device = lin + moe + attn_p + attn_d + lm + ar + gather + ew
             parts["host"] = host - device if host > device else 0.0
             parts["total"] = host if host > device else device
             return parts
@@ -355,7 +373,7 @@ class RooflineModel(LatencyModel):
             t += max(T * self._delta_flop_per_tok, T * self._state_time_per_seq)
         t += max(T * self._lm_flop_per_tok, self._lm_bytes_time)
         if self.tp > 1:
-            t += T * self._ar_time_per_tok + self._ar_fixed
+            t += self._collectives_s(T, T)
         if self.async_overlap:
             host = self.host_s + self.host_seq_s * T
             return host if host > t else t
