@@ -110,7 +110,9 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
     run_dir = ref / "LLMServingSim" / "bench" / sub
     run, df, _ = read_llmservingsim_run(run_dir)
     device, profile = load_device(profile_name)
-    if by_name:  # the device as a user names it: the learned roofline, not the run's operator profile
+    if by_name:  # the device as a user names it (its spec file, the learned roofline), not the run's
+        # operator profile; with the recorded machine's GPU-to-GPU link (the profile's)
+        device = dataclasses.replace(load_device(device.name)[0], intra_node_link=device.intra_node_link)
         profile = None
     model = load_model(model_name)
     engine = dict(run.engine)

@@ -30,6 +30,16 @@ wave lasts one block's work, 4·d·Br·(keys it sees) FLOPs at the SM's share of
 wave adds a fixed tile cost (loading Q and the page table, the softmax epilogue, writing O:
 latency, not throughput) and the kernel a fixed floor (launch, KV-cache write, metadata).
 Chunks of up to Br·SMs/heads tokens thus cost the same, as the measured tables show.
+
+The decodes of a step that also has prefill work run differently under FlashAttention 2
+(vLLM's kernel on every NVIDIA GPU but Hopper, which runs FA3, and SM100 Blackwell, FA4: see
+`flash_attention_version`). FA2 packs a GQA group's query heads into one block only when
+every query of the batch is one token (a pure decode step); in a mixed batch each decode gets
+a query tile per query head and walks its whole context at the tile's cost, like a 1-token
+prefill chunk, so it is priced as one. Out of sample (the mixed rows of LLMServingSim's
+attention tables, which no fit uses), a decode's share of a mixed step is a median 3-8 % under
+the measurement that way on the RTX 4090 and RTX PRO 6000 tables, and 46-71 % under priced as
+a pure decode; the H100 (FA3) table's mixed steps cost what its pure decodes do (0.85-0.9x).
 """
 
 from __future__ import annotations
@@ -144,6 +154,17 @@ def decode_attention_s(num_decodes, kv_bytes, kv_heads, sms, bandwidth, p: Atten
     return kv_bytes / (p.memory_efficiency * bandwidth) + waves * p.decode_tile_s
 
 
+def flash_attention_version(device: DeviceSpec) -> int | None:
+    """The FlashAttention version vLLM runs on an NVIDIA device, from its compute capability
+    (vllm/v1/attention/backends/fa_utils.py, get_flash_attn_version: 3 on 9.x, 4 on 10.x,
+    else 2); None where the spec does not say (or not NVIDIA)."""
+    cc = device.extra.get("compute_capability")
+    if cc is None or str(device.extra.get("vendor", "nvidia")).lower() != "nvidia":
+        return None
+    major = int(str(cc).split(".")[0])
+    return 3 if major == 9 else 4 if major == 10 else 2
+
+
 class RooflineModel(LatencyModel):
     kind = "roofline"
 
@@ -231,6 +252,8 @@ class RooflineModel(LatencyModel):
             self._heads = max(m.num_heads // tp, 1)
             self._kv_heads = max(m.num_kv_heads // tp, 1)
             self._kv_bytes_per_pos = m.kv_bytes_per_token() / La / tp
+        # FA2: a mixed step's decodes run as query tiles per query head (see the module doc)
+        self._mixed_decode_tiles = self.tiles is not None and flash_attention_version(device) == 2
         # LM head for each sampled token; its weights read once.
         self._lm_flop_per_tok = 2.0 * m.hidden_size * m.vocab_size / tp / (peak * self.gemm_eff)
         self._lm_bytes_time = m.hidden_size * m.vocab_size * dt / tp / bw
@@ -335,7 +358,14 @@ class RooflineModel(LatencyModel):
             attn_p = L * one
             if Lw:  # the windowed share of the causal work
                 attn_p += Lw * one * local_pairs(n, c, W, self._chunked) / (n * (c + (n + 1) * 0.5))
-        if num_decodes:
+        if num_decodes and num_prefills and self._mixed_decode_tiles:
+            # each decode a 1-token chunk over its context (the mean one: the step carries sums)
+            c = decode_ctx_sum / num_decodes - 1.0
+            heads, d, sms, peak = self._heads, self.model.head_dim, self._sms, self.device.peak_flops
+            attn_d = L * prefill_attention_s(1, c, heads, d, sms, peak, p, num_decodes)
+            if Lw:
+                attn_d += Lw * prefill_attention_s(1, min(c, W - 1.0), heads, d, sms, peak, p, num_decodes)
+        elif num_decodes:
             attn_d = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos,
                                                   self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
             if Lw:
@@ -388,6 +418,7 @@ class RooflineModel(LatencyModel):
                 **({"async_overlap": True} if self.async_overlap else {}),
                 **({"elementwise": {"floor_us": self.elementwise.floor_s * 1e6,
                                     "efficiency": self.elementwise.efficiency}} if self.elementwise else {}),
+                **({"mixed_step_decodes": "query tiles (FlashAttention 2)"} if self._mixed_decode_tiles else {}),
                 "attention_tiles": None if self.tiles is None else {
                     "compute_efficiency": self.tiles.compute_efficiency, "memory_efficiency": self.tiles.memory_efficiency,
                     "floor_us": self.tiles.floor_s * 1e6, "prefill_tile_us": self.tiles.prefill_tile_s * 1e6,
