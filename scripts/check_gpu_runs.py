@@ -118,6 +118,8 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
     engine = dict(run.engine)
     dp = int(run.meta.get("data_parallel_size") or 1)
     ep = dp if run.meta.get("enable_expert_parallel") else 1
+    if by_name and ep > 1:  # (the operator profile says it in its moe section)
+        engine["enable_expert_parallel"] = True
     note = "recorded" if "num_gpu_blocks_override" in engine else "estimated"
     if ep > 1 and "num_gpu_blocks_override" not in engine:
         d = vllm_defaults(device)

@@ -60,6 +60,13 @@ class EngineConfig:
                                              "next. Unset: on for GPUs from vLLM 0.13 (its default there), off on "
                                              "the CPU backend (vLLM-CPU turns it off), off for lockstepped "
                                              "data-parallel ranks (not modelled); a profile's recorded value wins.")
+    enable_expert_parallel: bool = _f(False, "vLLM's --enable-expert-parallel: a MoE model's experts are sharded "
+                                             "over the data-parallel ranks (cluster.data_parallel, one rank per "
+                                             "instance), each holding num_experts / ranks and running the tokens of "
+                                             "all ranks, all-gathered and reduce-scattered over the intra-node link. "
+                                             "Priced by the roofline (a device by name) with tensor_parallel_size 1; "
+                                             "an operator profile prices its own moe.expert_parallel. No effect on "
+                                             "dense models, as in vLLM.")
     kv_cache_dtype: str = _f("auto", "KV cache element type, as vLLM's --kv-cache-dtype: auto (the model dtype), "
                                      "float16, bfloat16, fp8, fp8_e4m3, fp8_e5m2, fp8_inc. Sets the KV bytes per "
                                      "token of the capacity estimate, the offload tiers and the roofline.")
@@ -71,7 +78,7 @@ class EngineConfig:
                 raise ConfigError(f"engine.{name} must be a positive integer, got {v!r}")
         if not _is_number(self.gpu_memory_utilization) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"engine.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 0:

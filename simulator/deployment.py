@@ -203,10 +203,26 @@ def _elementwise(spec: dict):
         raise ConfigError(f"profile elementwise: {e}") from None
 
 
+def expert_parallel_size(model: ModelArch, cfg: SimConfig, profile: dict | None) -> int:
+    """The expert-parallel degree the roofline prices: engine.enable_expert_parallel on a MoE
+    model shards its experts over the data-parallel ranks (vLLM: EP size = DP x TP; TP 1 here).
+    1 for dense models (vLLM ignores the flag there) and for an operator profile, which prices
+    its own moe.expert_parallel."""
+    if not (cfg.engine.enable_expert_parallel and model.is_moe):
+        return 1
+    if ((profile or {}).get("latency_model") or {}).get("kind") == "operators":
+        return 1
+    if cfg.cluster.tensor_parallel_size > 1:
+        raise ConfigError("engine.enable_expert_parallel with cluster.tensor_parallel_size > 1 is not modelled "
+                          "(expert parallelism over data-parallel ranks of one GPU each is)")
+    return cfg.cluster.instances if cfg.cluster.data_parallel else 1
+
+
 def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig, profile: dict,
-                  async_overlap: bool = False) -> LatencyModel:
+                  async_overlap: bool = False, ep: int = 1) -> LatencyModel:
     """`async_overlap` (the resolved engine's async_scheduling): the roofline's and the operator
-    model's per-step host overhead overlaps the device's step, a step takes max(device, host)."""
+    model's per-step host overhead overlaps the device's step, a step takes max(device, host).
+    `ep`: the roofline's expert-parallel degree (expert_parallel_size)."""
     lat = cfg.latency
     spec = profile.get("latency_model") if profile else None
     if spec:
@@ -227,7 +243,7 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                                  host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
                                  host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"),
                                  attention_tiles=_attention_tiles(spec, lat), async_overlap=async_overlap,
-                                 elementwise=_elementwise(spec))
+                                 elementwise=_elementwise(spec), expert_parallel=ep)
         if kind == "operators":
             try:
                 return OperatorModel.from_profile(
@@ -248,7 +264,7 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                          memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                          host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
                          attention_tiles=_attention_tiles(learned, lat), async_overlap=async_overlap,
-                         elementwise=_elementwise(learned))
+                         elementwise=_elementwise(learned), expert_parallel=ep)
 
 
 _LEARNED_ROOFLINE: dict | None = None
@@ -292,11 +308,17 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
     # sequence's table here holds one of each full-attention group (the estimate counts those)
     _, full_groups, window_groups = model.sliding_kv_groups()
     per_table_block = full_groups or 1
+    ep = expert_parallel_size(model, cfg, profile)
     if e.num_gpu_blocks_override:
         nblocks, src = e.num_gpu_blocks_override // per_table_block, "engine.num_gpu_blocks_override"
     elif (facts.get("num_gpu_blocks") and facts.get("block_size", block_size) == block_size
           and KV_CACHE_DTYPE_BYTES.get(facts.get("kv_cache_dtype", "auto")) == KV_CACHE_DTYPE_BYTES[e.kv_cache_dtype]):
         nblocks, src = int(facts["num_gpu_blocks"]) // per_table_block, "profile (reported by the engine)"
+    elif ep > 1:
+        nblocks = expert_parallel_blocks(model, device, ep, block_size, e.gpu_memory_utilization, mnbt, max_num_seqs,
+                                         e.kv_cache_dtype)
+        src = (f"estimated from memory (gpu_memory_utilization={e.gpu_memory_utilization}; 1/{ep} of the experts "
+               "per expert-parallel rank)")
     else:
         if device.kind == "cpu":
             raise ConfigError("a CPU device needs engine.num_gpu_blocks_override or a calibrated profile "
@@ -329,7 +351,7 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
                             vllm_version=version, reserve_full_isl=bool(reserve), free_uncached_first=newer,
                             lone_request_full_budget=newer, async_scheduling=bool(async_sched))
     try:
-        latency = build_latency(model, device, tp, cfg, profile, async_overlap=engine.async_scheduling)
+        latency = build_latency(model, device, tp, cfg, profile, async_overlap=engine.async_scheduling, ep=ep)
     except HardwareError as err:
         raise _unmodelled_quantization(err) from None
     scale, dscale = cfg.latency.step_time_scale, cfg.latency.decode_step_time_scale

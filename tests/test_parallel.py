@@ -263,3 +263,44 @@ def test_roofline_tp_prices_the_collectives_an_operator_profile_prices():
     assert lk.nccl is None
     assert p2p.allreduce.time_s(nbytes) == pytest.approx(2 * lk.latency_s + nbytes / (lk.bandwidth_Bps * lk.allreduce_efficiency))
     assert p2p.allreduce.time_s(nbytes) < roof.allreduce.time_s(nbytes)
+
+
+def test_roofline_expert_parallel_over_data_parallel_ranks():
+    """engine.enable_expert_parallel with data-parallel instances of a MoE model, a device by
+    name: each rank holds half the experts (more KV blocks), runs the tokens of both ranks
+    through them, and pays the all-gather and reduce-scatter of each MoE layer over its link."""
+    from simulator.config import build_config
+    from simulator.deployment import build_deployment
+    from simulator.hardware import load_model
+    from simulator.latency.base import step_features
+
+    moe = load_model("qwen3-30b-a3b-instruct-2507")
+    dev = load_device("rtx-pro-6000")[0]
+    base = {"cluster.instances": 2, "cluster.data_parallel": True}
+    plain = build_deployment(moe, dev, build_config(None, base))
+    ep = build_deployment(moe, dev, build_config(None, {**base, "engine.enable_expert_parallel": True}))
+    assert plain.latency.ep == 1 and ep.latency.ep == 2 and ep.dp_lockstep
+    assert ep.engine.num_gpu_blocks > plain.engine.num_gpu_blocks
+    assert "expert-parallel" in ep.engine.num_gpu_blocks_source
+    lat = ep.latency
+    E, k, L = moe.num_experts, moe.num_experts_per_tok, moe.moe_layers
+    T, N = 64, 96  # 64 tokens here, 32 on the other rank
+    f = step_features([], T, T * 1000, T)
+    parts = lat.breakdown(f, ep_tokens=N)
+    active = E * (1 - (1 - k / E) ** N) / 2
+    assert parts["moe"] == pytest.approx(max(N / 2 * lat._moe_flop_per_tok, active * lat._moe_expert_bytes_time), rel=1e-12)
+    states = N * moe.hidden_size * moe.dtype_bytes
+    comm = (lat._ep_gather.time_s(states + N * E * 4) + lat._ep_scatter.time_s(states)) * L
+    assert parts["ep_comm"] == pytest.approx(comm, rel=1e-12) and comm > 0
+    assert lat.decode_step_time(T, T * 1000, None, N) == pytest.approx(parts["total"], rel=1e-12)
+    assert lat.step_time([], T, T * 1000, T, None, N) == pytest.approx(parts["total"], rel=1e-12)
+    # without ep_tokens: as many tokens on the other rank
+    assert lat.decode_step_time(T, T * 1000) == pytest.approx(lat.breakdown(f, ep_tokens=2 * T)["total"], rel=1e-12)
+    # dense models ignore the flag (as vLLM does); tensor parallelism with it is refused
+    dense = build_deployment(load_model("llama-3.1-8b"), dev, build_config(None, {**base, "engine.enable_expert_parallel": True}))
+    assert dense.latency.ep == 1
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        build_deployment(moe, dev, build_config(None, {**base, "engine.enable_expert_parallel": True,
+                                                       "cluster.tensor_parallel_size": 2}))
+    with pytest.raises(ConfigError, match="enable_expert_parallel"):
+        build_config(None, {"engine.enable_expert_parallel": "yes"})

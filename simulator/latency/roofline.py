@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hardware import DeviceSpec, LinkSpec, ModelArch
-from .base import LatencyModel, StepFeatures, local_pairs
+from .base import LatencyModel, StepFeatures, local_pairs, step_features
 
 # Starting-point efficiencies (assumed, to be replaced by fitted ones; see module doc).
 DEFAULT_GEMM_EFF = 0.7
@@ -172,10 +172,14 @@ class RooflineModel(LatencyModel):
                  gemm_efficiency: float | None = None, attention_efficiency: float | None = None,
                  memory_efficiency: float | None = None, host_overhead_s: float | None = None,
                  host_overhead_per_seq_s: float | None = None, attention_tiles: AttentionTiles | None = None,
-                 async_overlap: bool = False, elementwise: Elementwise | None = None):
+                 async_overlap: bool = False, elementwise: Elementwise | None = None, expert_parallel: int = 1):
         """`async_overlap`: the per-step host work overlaps the device's step (async scheduling),
         a step takes max(device, host) rather than device + host (see the module doc).
-        `elementwise`: the learned cost of the element-wise kernels (None: not priced)."""
+        `elementwise`: the learned cost of the element-wise kernels (None: not priced).
+        `expert_parallel` (ep > 1, MoE models, tp 1): this GPU holds num_experts / ep of the
+        experts and runs the tokens of all ep data-parallel ranks through them (`ep_tokens` of a
+        step; ep x its own when not given), all-gathered before the experts and reduce-scattered
+        after them over the intra-node link, as vLLM's naive all-to-all does."""
         self.model = model
         self.async_overlap = bool(async_overlap)
         self.device = device
@@ -215,6 +219,11 @@ class RooflineModel(LatencyModel):
             self._state_time_per_seq = 2.0 * m.linear_state_bytes_per_seq() / tp / bw
         # MoE experts: top-k experts per token; the distinct experts touched are read.
         self._moe = m.is_moe
+        self.ep = int(expert_parallel) if m.is_moe else 1
+        if self.ep > 1 and tp > 1:
+            raise ValueError("expert parallelism with tensor parallelism is not modelled")
+        if self.ep > 1 and self.link is None:
+            raise ValueError(f"expert parallelism over {self.ep} GPUs needs an intra-node link for device {device.name}")
         if m.is_moe:
             e_params = m.mlp_params_per_layer()
             Lm = m.moe_layers  # (the others have a dense MLP: in mlps)
@@ -224,6 +233,12 @@ class RooflineModel(LatencyModel):
             else:
                 self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * Lm / tp * self._gemm_s_per_flop("experts")
                 self._moe_expert_bytes_time = e_params * Lm * m.bytes_per_param("experts") / tp / bw
+            if self.ep > 1:  # the EP collectives of each MoE layer (operators.collective_from_spec)
+                from .operators import collective_from_spec
+                self._ep_gather = collective_from_spec("all_gather", self.ep, None, self.link)
+                self._ep_scatter = collective_from_spec("reduce_scatter", self.ep, None, self.link)
+                self._ep_bytes_per_tok = m.hidden_size * dt
+                self._ep_logit_bytes_per_tok = m.num_experts * 4  # fp32 router logits travel with the states
         # Attention: QK^T and PV, 4·head_dim·heads FLOPs per (query, key) pair per layer, in
         # the Lf full-attention layers; the Lw local layers (sliding window, or Llama 4's
         # chunked attention) see at most W keys (a decode's read is taken as min(ctx, W) for
@@ -272,6 +287,22 @@ class RooflineModel(LatencyModel):
             self._ar_bytes_per_tok = m.hidden_size * dt
             self._logit_bytes_per_seq = _padded_vocab(m.vocab_size, tp) * dt
 
+    def _moe_s(self, T: int, ep_tokens: int | None) -> tuple[float, float]:
+        """(experts, expert-parallel communication) of a step with T tokens on this GPU. With
+        expert parallelism the local experts see the N tokens of all ranks: N·k/ep token-expert
+        pairs, and the distinct local experts they touch are read."""
+        m = self.model
+        E, k, ep = m.num_experts, m.num_experts_per_tok, self.ep
+        if ep == 1:
+            return max(T * self._moe_flop_per_tok, E * (1.0 - (1.0 - k / E) ** T) * self._moe_expert_bytes_time), 0.0
+        N = ep_tokens if ep_tokens else T * ep
+        active = max(E * (1.0 - (1.0 - k / E) ** N) / ep, k / ep)
+        t = max(N / ep * self._moe_flop_per_tok, active * self._moe_expert_bytes_time)
+        states = N * self._ep_bytes_per_tok
+        comm = (self._ep_gather.time_s(states + N * self._ep_logit_bytes_per_tok)
+                + self._ep_scatter.time_s(states)) * m.moe_layers
+        return t, comm
+
     def _collectives_s(self, tokens: int, sampled: int) -> float:
         """Tensor-parallel communication of a step: the all-reduces of its tokens'
         activations and the all-gather of its sampled sequences' logits."""
@@ -286,18 +317,20 @@ class RooflineModel(LatencyModel):
         f8 = self.model.fp8_gemm_fraction(part) if peak8 else 0.0
         return (f8 / peak8 if f8 else 0.0) / self.gemm_eff + (1.0 - f8) / (peak * self.gemm_eff)
 
-    def breakdown(self, f: StepFeatures) -> dict[str, float]:
+    def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
+                  decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
+        f = step_features(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled)
+        return self.breakdown(f, ep_tokens)["total"]
+
+    def breakdown(self, f: StepFeatures, ep_tokens: int | None = None) -> dict[str, float]:
         T = f.prefill_tokens + f.num_decodes
         if T == 0:
             return {"host": self.host_s, "total": self.host_s}
         lin = max(T * self._lin_flop_per_tok, self._lin_bytes_time)
         ew = self._ew_fixed + T * self._ew_per_tok if self.elementwise is not None else 0.0
-        moe = 0.0
+        moe = ep_comm = 0.0
         if self._moe:
-            m = self.model
-            E, k = m.num_experts, m.num_experts_per_tok
-            active = E * (1.0 - (1.0 - k / E) ** T)
-            moe = max(T * self._moe_flop_per_tok, active * self._moe_expert_bytes_time)
+            moe, ep_comm = self._moe_s(T, ep_tokens)
         if self.tiles is not None:
             attn_p, attn_d = self._attention_tiles(f.num_prefills, f.prefill_tokens, f.prefill_kv,
                                                    f.num_decodes, f.decode_ctx_sum)
@@ -333,10 +366,12 @@ class RooflineModel(LatencyModel):
                  "lm_head": lm, "allreduce": ar, "host": host}
         if self.tp > 1:
             parts["logits_all_gather"] = gather
+        if self.ep > 1:
+            parts["ep_comm"] = ep_comm
         if self.elementwise is not None:
             parts["elementwise"] = ew
         if self.async_overlap:  # the host work hides behind the device's step: only its excess shows
-            device = lin + moe + attn_p + attn_d + lm + ar + gather + ew
+            device = lin + moe + ep_comm + attn_p + attn_d + lm + ar + gather + ew
             parts["host"] = host - device if host > device else 0.0
             parts["total"] = host if host > device else device
             return parts
@@ -389,9 +424,8 @@ class RooflineModel(LatencyModel):
         if self.elementwise is not None:
             t += self._ew_fixed + T * self._ew_per_tok
         if self._moe:
-            m = self.model
-            E, k = m.num_experts, m.num_experts_per_tok
-            t += max(T * self._moe_flop_per_tok, E * (1.0 - (1.0 - k / E) ** T) * self._moe_expert_bytes_time)
+            moe, ep_comm = self._moe_s(T, ep_tokens)
+            t += moe + ep_comm
         if self.tiles is not None:
             t += self._attention_tiles(0, 0, 0, num_decodes, decode_ctx_sum)[1] if num_decodes else 0.0
         else:
@@ -418,6 +452,7 @@ class RooflineModel(LatencyModel):
                 **({"async_overlap": True} if self.async_overlap else {}),
                 **({"elementwise": {"floor_us": self.elementwise.floor_s * 1e6,
                                     "efficiency": self.elementwise.efficiency}} if self.elementwise else {}),
+                **({"expert_parallel": self.ep} if self.ep > 1 else {}),
                 **({"mixed_step_decodes": "query tiles (FlashAttention 2)"} if self._mixed_decode_tiles else {}),
                 "attention_tiles": None if self.tiles is None else {
                     "compute_efficiency": self.tiles.compute_efficiency, "memory_efficiency": self.tiles.memory_efficiency,
