@@ -110,9 +110,12 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
     run_dir = ref / "LLMServingSim" / "bench" / sub
     run, df, _ = read_llmservingsim_run(run_dir)
     device, profile = load_device(profile_name)
+    link = None
     if by_name:  # the device as a user names it (its spec file, the learned roofline), not the run's
-        # operator profile; with the recorded machine's GPU-to-GPU link (the profile's)
-        device = dataclasses.replace(load_device(device.name)[0], intra_node_link=device.intra_node_link)
+        # operator profile; with the recorded machine's GPU-to-GPU link (the profile's), as
+        # cluster.intra_node_link
+        link = device.intra_node_link.name if device.intra_node_link else None
+        device = load_device(device.name)[0]
         profile = None
     model = load_model(model_name)
     engine = dict(run.engine)
@@ -129,7 +132,8 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
             engine.get("max_num_seqs") or d["max_num_seqs"], engine.get("kv_cache_dtype", "auto"))
     engine.pop("gpu_memory_utilization", None) if "num_gpu_blocks_override" in engine else None
     cfg = build_config({"engine": engine,
-                        "cluster": {"instances": dp, "tensor_parallel_size": run.tp, "data_parallel": dp > 1},
+                        "cluster": {"instances": dp, "tensor_parallel_size": run.tp, "data_parallel": dp > 1,
+                                    "intra_node_link": link},
                         # vLLM's internal DP load balancer: the rank with the lowest 4·waiting + running
                         "policy": {"router": "vllm-dp"},
                         "metrics": {"sample_interval_s": 0.0},

@@ -104,6 +104,11 @@ class ClusterConfig:
     data_parallel: bool = _f(False, "The instances are the data-parallel ranks of one vLLM engine (vLLM "
                                     "--data-parallel-size = instances, its internal load balancer as the router), "
                                     "not separate servers.")
+    intra_node_link: str | None = _f(None, "The link between an instance's GPUs (and data-parallel ranks), by name "
+                                           "(hardware/interconnects/) or path, in place of the device's: e.g. "
+                                           "pcie5-x16-no-p2p for PCIe cards without peer-to-peer access, whose "
+                                           "collectives NCCL stages through host memory. Prices tensor- and "
+                                           "expert-parallel collectives.")
     dp_lockstep: str = _f("auto", "auto | on | off. Lockstep: all instances start each step together and the step "
                                   "lasts as long as the slowest instance's; an idle instance runs dummy steps while "
                                   "any has work. vLLM does this for the data-parallel ranks of a mixture-of-experts "
@@ -117,6 +122,8 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.{name} must be an integer >= 1, got {v!r}")
         if not isinstance(self.data_parallel, bool):
             raise ConfigError(f"cluster.data_parallel must be true or false, got {self.data_parallel!r}")
+        if self.intra_node_link is not None and (not isinstance(self.intra_node_link, str) or not self.intra_node_link):
+            raise ConfigError(f"cluster.intra_node_link must be a link name or path, got {self.intra_node_link!r}")
         if self.dp_lockstep not in ("auto", "on", "off"):
             raise ConfigError(f"cluster.dp_lockstep must be auto, on or off, got {self.dp_lockstep!r}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import KV_CACHE_DTYPE_BYTES, ConfigError, SimConfig
-from .hardware import HARDWARE_DIR, DeviceSpec, HardwareError, ModelArch, load_memory_tier
+from .hardware import HARDWARE_DIR, DeviceSpec, HardwareError, ModelArch, load_link, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
 from .latency.roofline import AttentionTiles, Elementwise
 
@@ -288,6 +288,11 @@ def learned_roofline(device_name: str | None = None) -> dict:
 
 def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profile: dict | None = None) -> Deployment:
     profile = profile or {}
+    if cfg.cluster.intra_node_link:  # the machine's own GPU-to-GPU link, in place of the device file's
+        try:
+            device = replace(device, intra_node_link=load_link(cfg.cluster.intra_node_link))
+        except HardwareError as err:
+            raise ConfigError(f"cluster.intra_node_link: {err}") from None
     e = cfg.engine
     tp = cfg.cluster.tensor_parallel_size
     model = with_kv_cache_dtype(model, e.kv_cache_dtype)  # every KV byte count below follows it

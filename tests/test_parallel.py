@@ -304,3 +304,24 @@ def test_roofline_expert_parallel_over_data_parallel_ranks():
                                                        "cluster.tensor_parallel_size": 2}))
     with pytest.raises(ConfigError, match="enable_expert_parallel"):
         build_config(None, {"engine.enable_expert_parallel": "yes"})
+
+
+def test_cluster_intra_node_link_replaces_the_devices_link():
+    """cluster.intra_node_link names the machine's GPU-to-GPU link (an RTX PRO 6000 box without
+    P2P): the TP collectives follow it; an unknown name is a one-line config error."""
+    from simulator.config import build_config
+    from simulator.deployment import build_deployment
+    from simulator.hardware import load_model
+
+    model, dev = load_model("qwen3-32b"), load_device("rtx-pro-6000")[0]
+    tp2 = {"cluster.tensor_parallel_size": 2}
+    p2p = build_deployment(model, dev, build_config(None, tp2)).latency
+    staged = build_deployment(model, dev, build_config(None, {**tp2, "cluster.intra_node_link": "pcie5-x16-no-p2p"}))
+    assert p2p.link.name == "pcie5-x16" and staged.device.intra_node_link.name == "pcie5-x16-no-p2p"
+    nbytes = 256 * model.hidden_size * model.dtype_bytes
+    assert staged.latency.allreduce.time_s(nbytes) == pytest.approx(
+        nccl_ring_time_s("all_reduce", 2, nbytes, staged.device.intra_node_link.nccl.bus_bandwidth_Bps)[0])
+    assert staged.latency.allreduce.time_s(nbytes) > p2p.allreduce.time_s(nbytes)
+    assert "pcie5-x16-no-p2p" in staged.latency.describe()["all_reduce"]["from"]
+    with pytest.raises(ConfigError, match="cluster.intra_node_link: unknown interconnect 'nvlink9'"):
+        build_deployment(model, dev, build_config(None, {**tp2, "cluster.intra_node_link": "nvlink9"}))

@@ -453,6 +453,7 @@ class RooflineModel(LatencyModel):
                 **({"elementwise": {"floor_us": self.elementwise.floor_s * 1e6,
                                     "efficiency": self.elementwise.efficiency}} if self.elementwise else {}),
                 **({"expert_parallel": self.ep} if self.ep > 1 else {}),
+                **({"all_reduce": self.allreduce.describe()} if self.allreduce is not None else {}),
                 **({"mixed_step_decodes": "query tiles (FlashAttention 2)"} if self._mixed_decode_tiles else {}),
                 "attention_tiles": None if self.tiles is None else {
                     "compute_efficiency": self.tiles.compute_efficiency, "memory_efficiency": self.tiles.memory_efficiency,
