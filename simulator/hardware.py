@@ -82,6 +82,11 @@ class LinkSpec:
     # How NCCL collectives perform over this link, when the file describes it (`nccl:`):
     # the ring's per-direction bus bandwidth and the hardware class of NCCL's cost model.
     nccl: "NcclLinkSpec | None" = None
+    # vLLM's own all-reduce over this link for small messages, where measured
+    # (`vllm_custom_all_reduce:` {source, max_bytes, curves: {gpus: {bytes, time_us}}}): used
+    # up to max_bytes (vLLM's switch to NCCL; past the last measured size the curve's last
+    # slope), NCCL (above) beyond it.
+    custom_all_reduce: dict | None = field(default=None, compare=False, hash=False)
 
     def transfer_time(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps if nbytes > 0 else 0.0
@@ -853,6 +858,26 @@ def _nccl_spec(d: Any, path: Path) -> NcclLinkSpec | None:
                         p2p=bool(d.get("p2p", True)), source=str(d.get("source", "")))
 
 
+def _custom_ar_spec(d: Any, path: Path) -> dict | None:
+    if not d:
+        return None
+    curves = d.get("curves") if isinstance(d, dict) else None
+    if not isinstance(curves, dict) or not curves:
+        raise HardwareError(f"{path}: vllm_custom_all_reduce needs curves: {{gpus: {{bytes, time_us}}}}")
+    out = {}
+    for n, c in curves.items():
+        xs, ys = (c or {}).get("bytes"), (c or {}).get("time_us")
+        if not xs or not ys or len(xs) != len(ys) or min(xs) <= 0 or min(ys) <= 0:
+            raise HardwareError(f"{path}: vllm_custom_all_reduce.curves.{n} needs positive bytes and time_us "
+                                "of the same length")
+        out[int(n)] = {"bytes": [float(x) for x in xs], "time_us": [float(y) for y in ys]}
+    top = max(max(c["bytes"]) for c in out.values())
+    mx = float(d.get("max_bytes") or top)
+    if mx < top:
+        raise HardwareError(f"{path}: vllm_custom_all_reduce.max_bytes is below its largest measured size")
+    return {"curves": out, "max_bytes": mx, "source": str(d.get("source", ""))}
+
+
 def load_link(name_or_path: str | os.PathLike) -> LinkSpec:
     path = _resolve("interconnects", name_or_path)
     d = _load_yaml(path)
@@ -864,6 +889,7 @@ def load_link(name_or_path: str | os.PathLike) -> LinkSpec:
         allreduce_efficiency=float(d.get("allreduce_algo_bw_efficiency") or 0.8),
         source=str(d.get("source", "")),
         nccl=_nccl_spec(d.get("nccl"), path),
+        custom_all_reduce=_custom_ar_spec(d.get("vllm_custom_all_reduce"), path),
     )
 
 

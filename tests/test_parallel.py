@@ -325,3 +325,33 @@ def test_cluster_intra_node_link_replaces_the_devices_link():
     assert "pcie5-x16-no-p2p" in staged.latency.describe()["all_reduce"]["from"]
     with pytest.raises(ConfigError, match="cluster.intra_node_link: unknown interconnect 'nvlink9'"):
         build_deployment(model, dev, build_config(None, {**tp2, "cluster.intra_node_link": "nvlink9"}))
+
+
+def test_small_all_reduce_over_nvlink4_is_vllms_own_kernel():
+    """Over NVLink 4 vLLM all-reduces messages under 8 MiB with its own kernel (measured on
+    H100: ~9-12 us up to 128 KiB), not NCCL's ring (14 hops of 5 us at 8 GPUs): the link file's
+    curve prices them, its last slope up to 8 MiB, the ring formula beyond; 6 GPUs (not
+    measured) and links without a curve keep NCCL's pricing."""
+    from simulator.latency.operators import collective_from_spec
+
+    link = load_link("nvlink4")
+    ca = link.custom_all_reduce
+    assert ca and ca["max_bytes"] == 8 * 1024 * 1024 and set(ca["curves"]) == {2, 4, 8}
+    c8 = collective_from_spec("all_reduce", 8, None, link)
+    assert c8.time_s(131072) == pytest.approx(11.8e-6)
+    assert c8.time_s(4 * 1024 * 1024) == pytest.approx(45.0e-6)
+    slope = (45.0 - 30.4) / (2 * 1024 * 1024)
+    assert c8.time_s(6 * 1024 * 1024) == pytest.approx((45.0 + slope * 2 * 1024 * 1024) * 1e-6)
+    ring = Collective("all_reduce", 8, link=link)  # NCCL over the link's spec, as before
+    assert ring.small is None
+    big = 16 * 1024 * 1024
+    assert c8.time_s(big) == pytest.approx(ring.time_s(big))
+    assert c8.time_s(256 * 1024) < ring.time_s(256 * 1024) / 3
+    assert collective_from_spec("all_reduce", 6, None, link).small is None
+    assert collective_from_spec("all_gather", 8, None, link).small is None
+    assert collective_from_spec("all_reduce", 4, None, load_link("nvlink3")).small is None
+    # the Vidur-fitted H100 links carry it too (an H100 profile's all-reduce of a decode step)
+    fitted = collective_from_spec("all_reduce", 4, {"interconnect": "nvlink4-dgx-h100-fitted"},
+                                  load_link("nvlink4-dgx-h100-fitted"))
+    assert fitted.time_s(131072) == pytest.approx(9.2e-6) and fitted.curve is not None
+    assert "custom all-reduce" in fitted.describe()["from"]

@@ -322,14 +322,21 @@ class Collective:
     (bandwidth · efficiency)). `nbytes` is the reduced buffer for all-reduce and the whole
     gathered (scattered) buffer for all-gather (reduce-scatter)."""
 
-    def __init__(self, kind: str, n: int, curve: Curve | None = None, link=None, source: str = ""):
+    def __init__(self, kind: str, n: int, curve: Curve | None = None, link=None, source: str = "",
+                 small: Curve | None = None):
+        """`small`: vLLM's own all-reduce kernel over the link (measured), which vLLM runs
+        instead of NCCL for small messages (collective_from_spec sets it and its limit)."""
         self.kind, self.n, self.curve, self.link, self.source = kind, n, curve, link, source
+        self.small = small
+        self.small_max = small.xs[-1] if small is not None else 0.0
         if curve is None and link is None:
             raise ValueError(f"{kind} among {n} GPUs needs a measured curve or a link spec")
 
     def time_s(self, nbytes: float) -> float:
         if nbytes <= 0 or self.n <= 1:
             return 0.0
+        if nbytes <= self.small_max:
+            return self.small(nbytes) * US
         if self.curve is not None:
             return self.curve(nbytes) * US
         n, lk = self.n, self.link
@@ -348,8 +355,11 @@ class Collective:
             how = f"NCCL cost model over {self.link.name} (bus bandwidth {self.link.nccl.bus_bandwidth_Bps:.3g} B/s)"
         else:
             how = f"link spec {self.link.name}"
+        if self.small is not None:
+            how = f"vLLM's custom all-reduce over {self.link.name} up to {self.small_max:.0f} B (measured), then " + how
         return {"kind": self.kind, "gpus": self.n, "from": how,
-                **({"source": self.source} if self.source else {})}
+                **({"source": self.source} if self.source else {}),
+                **({"custom_all_reduce_source": self.link.custom_all_reduce["source"]} if self.small is not None else {})}
 
 
 def _interconnect_collectives(name: str) -> dict:
@@ -361,7 +371,21 @@ def _interconnect_collectives(name: str) -> dict:
 def collective_from_spec(kind: str, n: int, spec: dict | None, link) -> Collective:
     """A Collective for `n` GPUs: the profile's measured curve ({curves: {n: {bytes,
     time_us}}}, or `interconnect: <name>` naming a fitted hardware/interconnects file), else
-    the fitted curve of the device's link file when it has one, else the link's spec."""
+    the fitted curve of the device's link file when it has one, else the link's spec. An
+    all-reduce over a link with a measured `vllm_custom_all_reduce` curve for `n` GPUs takes
+    it for the messages it covers: vLLM runs its own kernel there, not NCCL."""
+    c = _collective_from_spec(kind, n, spec, link)
+    ca = getattr(link, "custom_all_reduce", None) if kind == "all_reduce" else None
+    pts = (ca or {}).get("curves", {}).get(n)
+    if pts:
+        c.small = Curve(pts["bytes"], pts["time_us"], "loglog")
+        c.small_max = ca["max_bytes"]
+        if c.link is None:
+            c.link = link
+    return c
+
+
+def _collective_from_spec(kind: str, n: int, spec: dict | None, link) -> Collective:
     spec = dict(spec or {})
     if "interconnect" in spec and "curves" not in spec:
         spec.update(_interconnect_collectives(str(spec["interconnect"])).get(kind) or {})
