@@ -322,13 +322,12 @@ class Collective:
     (bandwidth · efficiency)). `nbytes` is the reduced buffer for all-reduce and the whole
     gathered (scattered) buffer for all-gather (reduce-scatter)."""
 
-    def __init__(self, kind: str, n: int, curve: Curve | None = None, link=None, source: str = "",
-                 small: Curve | None = None):
-        """`small`: vLLM's own all-reduce kernel over the link (measured), which vLLM runs
-        instead of NCCL for small messages (collective_from_spec sets it and its limit)."""
+    def __init__(self, kind: str, n: int, curve: Curve | None = None, link=None, source: str = ""):
         self.kind, self.n, self.curve, self.link, self.source = kind, n, curve, link, source
-        self.small = small
-        self.small_max = small.xs[-1] if small is not None else 0.0
+        # vLLM's own all-reduce kernel over the link (measured), which vLLM runs instead of
+        # NCCL for messages up to small_max (collective_from_spec sets both)
+        self.small: Curve | None = None
+        self.small_max = 0.0
         if curve is None and link is None:
             raise ValueError(f"{kind} among {n} GPUs needs a measured curve or a link spec")
 
@@ -863,7 +862,7 @@ class OperatorModel(LatencyModel):
                    attention=attention, tp=tp, allreduce=allreduce,
                    allreduces_per_layer=int(spec.get("allreduces_per_layer", 2)),
                    allreduces_per_step=int(spec.get("allreduces_per_step", 1)), logits_gather=tp_gather,
-                   vocab_size=_padded_vocab(model.vocab_size, tp), moe=moe, num_experts=E,
+                   vocab_size=padded_vocab(model.vocab_size, tp), moe=moe, num_experts=E,
                    top_k=k, ep=ep, ep_gather=gather, ep_scatter=scatter, host_overhead_s=float(host or 0.0),
                    host_overhead_per_seq_s=float(host_seq or 0.0), skew_alpha=alpha, max_tokens=max_tokens,
                    max_seqs=max_seqs,
@@ -875,7 +874,7 @@ class OperatorModel(LatencyModel):
                    moe_layers=model.moe_layers if model.is_moe else None, async_overlap=async_overlap)
 
 
-def _padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:
+def padded_vocab(vocab: int, tp: int, pad: int = 64) -> int:
     """The vocabulary vLLM shards (VocabParallelEmbedding pads it to a multiple of 64 first)."""
     return -(-int(vocab) // pad) * pad if tp > 1 else int(vocab)
 

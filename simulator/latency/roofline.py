@@ -51,6 +51,7 @@ import numpy as np
 
 from ..hardware import DeviceSpec, LinkSpec, ModelArch
 from .base import LatencyModel, StepFeatures, local_pairs, step_features
+from .operators import collective_from_spec, padded_vocab
 
 # Starting-point efficiencies (assumed, to be replaced by fitted ones; see module doc).
 DEFAULT_GEMM_EFF = 0.7
@@ -234,7 +235,6 @@ class RooflineModel(LatencyModel):
                 self._moe_flop_per_tok = 2.0 * e_params * m.num_experts_per_tok * Lm / tp * self._gemm_s_per_flop("experts")
                 self._moe_expert_bytes_time = e_params * Lm * m.bytes_per_param("experts") / tp / bw
             if self.ep > 1:  # the EP collectives of each MoE layer (operators.collective_from_spec)
-                from .operators import collective_from_spec
                 self._ep_gather = collective_from_spec("all_gather", self.ep, None, self.link)
                 self._ep_scatter = collective_from_spec("reduce_scatter", self.ep, None, self.link)
                 self._ep_bytes_per_tok = m.hidden_size * dt
@@ -280,12 +280,11 @@ class RooflineModel(LatencyModel):
         # each sampled sequence's logits shard.
         self.allreduce = self.logits_gather = None
         if tp > 1:
-            from .operators import _padded_vocab, collective_from_spec
             self.allreduce = collective_from_spec("all_reduce", tp, None, self.link)
             self.logits_gather = collective_from_spec("all_gather", tp, None, self.link)
             self._n_allreduce = 2 * L + 1
             self._ar_bytes_per_tok = m.hidden_size * dt
-            self._logit_bytes_per_seq = _padded_vocab(m.vocab_size, tp) * dt
+            self._logit_bytes_per_seq = padded_vocab(m.vocab_size, tp) * dt
 
     def _moe_s(self, T: int, ep_tokens: int | None) -> tuple[float, float]:
         """(experts, expert-parallel communication) of a step with T tokens on this GPU. With
