@@ -36,10 +36,15 @@ The decodes of a step that also has prefill work run differently under FlashAtte
 `flash_attention_version`). FA2 packs a GQA group's query heads into one block only when
 every query of the batch is one token (a pure decode step); in a mixed batch each decode gets
 a query tile per query head and walks its whole context at the tile's cost, like a 1-token
-prefill chunk, so it is priced as one. Out of sample (the mixed rows of LLMServingSim's
-attention tables, which no fit uses), a decode's share of a mixed step is a median 3-8 % under
-the measurement that way on the RTX 4090 and RTX PRO 6000 tables, and 46-71 % under priced as
-a pure decode; the H100 (FA3) table's mixed steps cost what its pure decodes do (0.85-0.9x).
+prefill chunk, so it is priced as one. FA2's grid runs heads outermost (blocks
+(query tile, sequence, head), the tile fastest), so the other heads of a GQA group re-read a
+sequence's KV only after one head's pass over every decode's KV: those re-reads come from L2
+while that pass fits in it (`l2_cache_bytes` of the device spec), from DRAM for the share that
+does not (1 - L2 / working set); the step's decodes take the longer of the tiles' time and that
+traffic's. Out of sample (the mixed rows of LLMServingSim's attention tables, which no fit
+uses), a decode's share of a mixed step is then a median -4 to +1 % off the measurement on the
+RTX 4090 and RTX PRO 6000 tables (time-weighted 15-18 %), against 46-71 % under priced as a
+pure decode; the H100 (FA3) table's mixed steps cost what its pure decodes do (0.85-0.9x).
 """
 
 from __future__ import annotations
@@ -267,8 +272,10 @@ class RooflineModel(LatencyModel):
             self._heads = max(m.num_heads // tp, 1)
             self._kv_heads = max(m.num_kv_heads // tp, 1)
             self._kv_bytes_per_pos = m.kv_bytes_per_token() / La / tp
-        # FA2: a mixed step's decodes run as query tiles per query head (see the module doc)
+        # FA2: a mixed step's decodes run as query tiles per query head, re-reading the KV of
+        # their GQA group past L2 (see the module doc)
         self._mixed_decode_tiles = self.tiles is not None and flash_attention_version(device) == 2
+        self._l2 = float(device.extra.get("l2_cache_bytes") or 0.0)
         # LM head for each sampled token; its weights read once.
         self._lm_flop_per_tok = 2.0 * m.hidden_size * m.vocab_size / tp / (peak * self.gemm_eff)
         self._lm_bytes_time = m.hidden_size * m.vocab_size * dt / tp / bw
@@ -395,10 +402,9 @@ class RooflineModel(LatencyModel):
         if num_decodes and num_prefills and self._mixed_decode_tiles:
             # each decode a 1-token chunk over its context (the mean one: the step carries sums)
             c = decode_ctx_sum / num_decodes - 1.0
-            heads, d, sms, peak = self._heads, self.model.head_dim, self._sms, self.device.peak_flops
-            attn_d = L * prefill_attention_s(1, c, heads, d, sms, peak, p, num_decodes)
+            attn_d = L * self._fa2_mixed_decodes_s(num_decodes, c)
             if Lw:
-                attn_d += Lw * prefill_attention_s(1, min(c, W - 1.0), heads, d, sms, peak, p, num_decodes)
+                attn_d += Lw * self._fa2_mixed_decodes_s(num_decodes, min(c, W - 1.0))
         elif num_decodes:
             attn_d = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos,
                                                   self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
@@ -412,6 +418,20 @@ class RooflineModel(LatencyModel):
         else:
             attn_d += floor
         return attn_p, attn_d
+
+    def _fa2_mixed_decodes_s(self, num_decodes: int, c: float) -> float:
+        """One layer's attention of `num_decodes` decodes over c cached tokens each in a mixed
+        FA2 step: query tiles per query head, or the DRAM traffic of their KV and of the GQA
+        group's re-reads that miss L2, whichever is longer (see the module doc)."""
+        p = self.tiles
+        t = prefill_attention_s(1, c, self._heads, self.model.head_dim, self._sms, self.device.peak_flops, p,
+                                num_decodes)
+        kv = num_decodes * (c + 1.0) * self._kv_bytes_per_pos  # all local KV heads
+        group = self._heads / self._kv_heads
+        ws = kv / self._kv_heads  # one head's pass over every decode's KV
+        miss = 1.0 - self._l2 / ws if ws > self._l2 else 0.0
+        mem = kv * (1.0 + (group - 1.0) * miss) / (p.memory_efficiency * self.device.memory_bandwidth_Bps)
+        return mem if mem > t else t
 
     def time_of(self, f: StepFeatures) -> float:
         return self.breakdown(f)["total"]
