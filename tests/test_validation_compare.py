@@ -496,3 +496,23 @@ def test_measured_step_scale_weights_kinds_by_simulated_time():
                                                                           "mean_e2e_ms": None, "mean_jct_s": 0.0}}}
     lines = summary_markdown({"matrix": "t", "seconds": 1, "cases": [row], "ranking": []})
     assert "| c | x1.200 | -1.0% | +2.0% | - | +0.0% |" in lines
+
+
+def test_a_run_without_cached_token_counts_gets_no_cache_finding(tmp_path):
+    """An imported run whose calls.csv leaves cached_tokens blank: no prefix-cache hit rate
+    for it and no 'cache hits' finding (it used to report 0 % hits and '+nan tokens' as the
+    largest finding); the reason is listed as not assessed."""
+    m = write_run(tmp_path / "meas", *build_calls(), backend="vllm")
+    rows = list(csv.DictReader(open(m / "calls.csv")))
+    for r in rows:
+        r["cached_tokens"] = ""
+    with open(m / "calls.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    s = write_run(tmp_path / "sim", *build_calls())
+    e = compare(m, s)
+    hit = e["metrics"]["prefix_cache_hit_rate"]["value"]
+    assert hit["measured"] is None and hit["error"] is None and hit["simulated"] > 0
+    assert all(f["part"] != "cache hits" for f in e["findings"])
+    assert any(w.startswith("cache hits: a run does not record") for w in e["not_assessed"])

@@ -188,7 +188,9 @@ def run_aggregates(run: Run) -> dict:
     else:
         out["request_throughput"] = out["output_throughput"] = None
     tin = float(ok["input_tokens"].sum())
-    out["prefix_cache_hit_rate"] = 100.0 * float(ok["cached_tokens"].sum()) / tin if tin else None
+    # (None where the run did not record its cached tokens: an importer's blank column)
+    recorded = len(ok) and not ok["cached_tokens"].isna().all()
+    out["prefix_cache_hit_rate"] = 100.0 * float(ok["cached_tokens"].sum()) / tin if tin and recorded else None
     out["preemptions"] = measured_preemptions(run)
     return out
 

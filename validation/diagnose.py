@@ -268,6 +268,8 @@ def _prefill(f, model, n, e2e_m):
 
 def _cache(f, model, n, e2e_m, hit_rate_points):
     dc = f["d_cached"]
+    if dc.isna().all():
+        return None, "cache hits: a run does not record its cached tokens per call"
     mism = dc != 0
     ev = {"calls_equal_cached": int((~mism).sum()), "calls_sim_more": int((dc > 0).sum()),
           "calls_sim_fewer": int((dc < 0).sum()), "mean_cached_diff_tokens": float(dc.mean()),
@@ -448,8 +450,9 @@ def diagnose(pairs: pd.DataFrame, meas: Run, sim: Run) -> dict:
     model = _ttft_model(f)
     e2e_m = float(pairs["e2e_s_m"].mean())
     tin_m, tin_s = pairs["input_tokens_m"].sum(), pairs["input_tokens_s"].sum()
+    recorded = not (pairs["cached_tokens_m"].isna().all() or pairs["cached_tokens_s"].isna().all())
     hit_pts = (100.0 * (pairs["cached_tokens_s"].sum() / tin_s - pairs["cached_tokens_m"].sum() / tin_m)
-               if tin_m and tin_s else None)
+               if tin_m and tin_s and recorded else None)
     tsm = timeseries_means(meas, sim)
     results = [
         _host(f, model, n, e2e_m),
