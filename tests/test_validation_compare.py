@@ -516,3 +516,28 @@ def test_a_run_without_cached_token_counts_gets_no_cache_finding(tmp_path):
     assert hit["measured"] is None and hit["error"] is None and hit["simulated"] > 0
     assert all(f["part"] != "cache hits" for f in e["findings"])
     assert any(w.startswith("cache hits: a run does not record") for w in e["not_assessed"])
+
+
+def _llmss_run(path, kv_pcts):
+    """A two-request LLMServingSim run directory (requests.jsonl, meta.json, timeseries.csv)."""
+    path.mkdir(parents=True)
+    reqs = [{"request_id": f"r-{i}", "input_toks": 100, "output_toks": 5, "queued_ts": 10.0 + i,
+             "scheduled_ts": 10.0 + i, "first_token_ts": 10.1 + i, "last_token_ts": 10.3 + i} for i in range(2)]
+    (path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    (path / "meta.json").write_text(json.dumps({"model": "m", "engine_kwargs": {"max_num_seqs": 8}}))
+    rows = "".join(f"{t + 1}.0,1,0,{p}\n" for t, p in enumerate(kv_pcts))
+    (path / "timeseries.csv").write_text("t,running,waiting,kv_cache_pct\n" + rows)
+    return path
+
+
+def test_llmservingsim_kv_usage_logged_as_all_zero_is_not_recorded(tmp_path):
+    """A recorded run whose KV usage is 0 at every sample while requests run (the older RTX
+    4090 run) imports its KV usage blank; a run that logged it keeps it."""
+    from validation.importers.llmservingsim import import_llmservingsim_run
+
+    import_llmservingsim_run(_llmss_run(tmp_path / "zero", [0.0, 0.0]), tmp_path / "zero_out")
+    import_llmservingsim_run(_llmss_run(tmp_path / "logged", [0.0, 12.5]), tmp_path / "logged_out")
+    zero = list(csv.DictReader(open(tmp_path / "zero_out" / "timeseries.csv")))
+    logged = list(csv.DictReader(open(tmp_path / "logged_out" / "timeseries.csv")))
+    assert [r["kv_usage"] for r in zero] == ["", ""]
+    assert [float(r["kv_usage"]) for r in logged] == [0.0, 0.125]

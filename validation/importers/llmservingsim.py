@@ -155,9 +155,12 @@ def import_llmservingsim_run(run_dir: str | Path, out_dir: str | Path) -> Record
               "engine": run.engine, "tensor_parallel_size": run.tp, "agentservesim_version": simulator.__version__})
     rows_ts = []
     if ts is not None:
+        # KV usage logged as 0 at every sample while requests ran was not recorded (the older
+        # RTX 4090 run): blank, not an empty cache
+        kv_logged = not ((ts.kv_cache_pct == 0).all() and (ts.running > 0).any())
         for r in ts.itertuples():
             rows_ts.append({"t_s": float(r.t), "instance": 0, "running": r.running, "waiting": r.waiting,
-                            "kv_usage": float(r.kv_cache_pct) / 100.0})
+                            "kv_usage": float(r.kv_cache_pct) / 100.0 if kv_logged else ""})
     with ResultsWriter(out_dir) as w:
         w.calls(calls)
         w.programs(programs)
