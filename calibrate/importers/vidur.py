@@ -31,7 +31,8 @@ import pandas as pd
 import yaml
 
 from simulator.hardware import HARDWARE_DIR, ModelArch
-from simulator.latency.roofline import AttentionTiles, decode_attention_s, prefill_attention_s
+from simulator.latency.roofline import (AttentionTiles, decode_attention_s, fa2_mixed_decodes_s,
+                                         flash_attention_version, prefill_attention_s)
 
 from .common import (ImportError_, agentservesim_version, choose_interp, fit_curves, loo_errors, model_shape,
                      resolve_model, sum_loo, summarize_errors, utc_today)
@@ -191,8 +192,8 @@ def gemm_shapes(arch: ModelArch, tp: int) -> dict[str, tuple[int, int]]:
 
 def synth_attention(arch: ModelArch, tp: int, device: dict, eff: dict) -> list[dict]:
     """One-layer attention times (µs) on the grid from the learned roofline, for prefill alone,
-    decode alone, and mixed steps as prefill + decode (no measurement says how the two
-    interact on this device). With the learned tile model (`eff["attention_tiles"]`) and the
+    decode alone and, on FlashAttention-2 devices, mixed steps (their decodes as query tiles;
+    elsewhere a mixed step is prefill + decode, as the H100's FA3 table measures). With the learned tile model (`eff["attention_tiles"]`) and the
     device's SM count: FlashAttention's blocks in waves over the SMs plus the kernel floor
     (simulator/latency/roofline.py); else max(FLOPs / (peak·e_a), KV bytes / (bw·e_m)) + the
     fixed kernel cost."""
@@ -227,6 +228,18 @@ def synth_attention(arch: ModelArch, tp: int, device: dict, eff: dict) -> list[d
         for kd in KVS[1:]:
             rows.append({"tp": tp, "prefill_chunk": 0, "kv_prefill": 0, "n_decode": nd, "kv_decode": kd,
                          "time_us": decode(nd, kd)})
+    if tiles is not None and flash_attention_version(device) == 2:
+        # FlashAttention 2 runs a mixed step's decodes as query tiles per query head, their GQA
+        # re-reads past L2 from DRAM (RooflineModel's pricing): mixed rows, the decodes' share
+        # the same at every chunk, at the grid's corner chunks and contexts
+        l2 = float(device.get("l2_cache_bytes") or 0.0)
+        for nd in NDEC:
+            for kd in KVS[1:]:
+                x = fa2_mixed_decodes_s(nd, float(kd), heads, kvh, d, kv_tok, l2, float(sms), peak, bw, tiles) * 1e6
+                for pc in (CHUNKS[0], CHUNKS[-1]):
+                    for kp in (KVS[0], KVS[-1]):
+                        rows.append({"tp": tp, "prefill_chunk": pc, "kv_prefill": kp, "n_decode": nd,
+                                     "kv_decode": kd, "time_us": prefill(pc, kp) + x})
     return rows
 
 

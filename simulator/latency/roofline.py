@@ -160,15 +160,31 @@ def decode_attention_s(num_decodes, kv_bytes, kv_heads, sms, bandwidth, p: Atten
     return kv_bytes / (p.memory_efficiency * bandwidth) + waves * p.decode_tile_s
 
 
-def flash_attention_version(device: DeviceSpec) -> int | None:
-    """The FlashAttention version vLLM runs on an NVIDIA device, from its compute capability
-    (vllm/v1/attention/backends/fa_utils.py, get_flash_attn_version: 3 on 9.x, 4 on 10.x,
-    else 2); None where the spec does not say (or not NVIDIA)."""
-    cc = device.extra.get("compute_capability")
-    if cc is None or str(device.extra.get("vendor", "nvidia")).lower() != "nvidia":
+def flash_attention_version(device: DeviceSpec | dict) -> int | None:
+    """The FlashAttention version vLLM runs on an NVIDIA device (a spec, or a device file's
+    mapping), from its compute capability (vllm/v1/attention/backends/fa_utils.py,
+    get_flash_attn_version: 3 on 9.x, 4 on 10.x, else 2); None where the spec does not say
+    (or not NVIDIA)."""
+    d = device if isinstance(device, dict) else device.extra
+    cc = d.get("compute_capability")
+    if cc is None or str(d.get("vendor", "nvidia")).lower() != "nvidia":
         return None
     major = int(str(cc).split(".")[0])
     return 3 if major == 9 else 4 if major == 10 else 2
+
+
+def fa2_mixed_decodes_s(num_decodes, c, heads, kv_heads, head_dim, kv_bytes_per_pos, l2_bytes, sms, peak,
+                        bandwidth, p: AttentionTiles) -> float:
+    """One layer's attention of `num_decodes` decodes over c cached tokens each inside a mixed
+    FlashAttention-2 step (seconds, without the kernel floor): query tiles per query head, or
+    the DRAM traffic of their KV (`kv_bytes_per_pos`: all local KV heads, one layer) and of the
+    GQA group's re-reads that miss L2, whichever is longer (see the module doc)."""
+    t = prefill_attention_s(1, c, heads, head_dim, sms, peak, p, num_decodes)
+    kv = num_decodes * (c + 1.0) * kv_bytes_per_pos
+    ws = kv / kv_heads  # one head's pass over every decode's KV
+    miss = 1.0 - l2_bytes / ws if ws > l2_bytes else 0.0
+    mem = kv * (1.0 + (heads / kv_heads - 1.0) * miss) / (p.memory_efficiency * bandwidth)
+    return mem if mem > t else t
 
 
 class RooflineModel(LatencyModel):
@@ -423,15 +439,9 @@ class RooflineModel(LatencyModel):
         """One layer's attention of `num_decodes` decodes over c cached tokens each in a mixed
         FA2 step: query tiles per query head, or the DRAM traffic of their KV and of the GQA
         group's re-reads that miss L2, whichever is longer (see the module doc)."""
-        p = self.tiles
-        t = prefill_attention_s(1, c, self._heads, self.model.head_dim, self._sms, self.device.peak_flops, p,
-                                num_decodes)
-        kv = num_decodes * (c + 1.0) * self._kv_bytes_per_pos  # all local KV heads
-        group = self._heads / self._kv_heads
-        ws = kv / self._kv_heads  # one head's pass over every decode's KV
-        miss = 1.0 - self._l2 / ws if ws > self._l2 else 0.0
-        mem = kv * (1.0 + (group - 1.0) * miss) / (p.memory_efficiency * self.device.memory_bandwidth_Bps)
-        return mem if mem > t else t
+        return fa2_mixed_decodes_s(num_decodes, c, self._heads, self._kv_heads, self.model.head_dim,
+                                   self._kv_bytes_per_pos, self._l2, self._sms, self.device.peak_flops,
+                                   self.device.memory_bandwidth_Bps, self.tiles)
 
     def time_of(self, f: StepFeatures) -> float:
         return self.breakdown(f)["total"]
