@@ -1,6 +1,6 @@
 """Rebuild the imported GPU profiles in hardware/profiles/ from ../shared/reference/.
 
-    python -m calibrate.importers.build_reference_profiles [--reference DIR] [--out DIR]
+    python -m calibrate.importers.build_reference_profiles [--reference DIR] [--out DIR] [--links-out DIR]
 
 LLMServingSim operator profiles -> <device>-<model>.yaml (+ .tables/); Vidur's network
 profiles -> hardware/interconnects/*-fitted.yaml; Vidur's compute profiles ->
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     ap.add_argument("--out", type=Path, default=HARDWARE_DIR / "profiles")
+    ap.add_argument("--links-out", type=Path, default=None,
+                    help="where Vidur's fitted interconnect files go (default: hardware/interconnects/)")
     ap.add_argument("--only", choices=("llmservingsim", "vidur"), default=None)
     a = ap.parse_args(argv)
     if not a.reference.is_dir():
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         build_llmservingsim(a.reference, a.out)
     if a.only in (None, "vidur"):
         from .vidur import build_vidur
-        build_vidur(a.reference, a.out)
+        build_vidur(a.reference, a.out, a.links_out)
     return 0
 
 

@@ -143,6 +143,9 @@ def write_interconnect(d: dict, path) -> Path:
     path = Path(path)
     header = (f"# Fitted collective curves from {REPO} ({LICENCE}) network profiles; written by "
               f"calibrate/importers/vidur.py. Link fields as in the base interconnect file.\n")
+    if d.get("vllm_custom_all_reduce"):
+        header += ("# vllm_custom_all_reduce: copied from the base interconnect file, whose comment says what was "
+                   "measured and where.\n")
     path.write_text(header + yaml.safe_dump(_plain(d), sort_keys=False, default_flow_style=None, width=110))
     return path
 
@@ -368,11 +371,15 @@ VIDUR_PROFILES = [
 ]
 
 
-def build_vidur(ref: Path, out: Path) -> None:
+def build_vidur(ref: Path, out: Path, links_out: Path | None = None) -> None:
+    """Vidur's fitted links into `links_out` (default: hardware/interconnects/) and its compute
+    profiles into `out`."""
     from .common import write_profile
     root = ref / "vidur"
+    links_out = Path(links_out) if links_out is not None else HARDWARE_DIR / "interconnects"
+    links_out.mkdir(parents=True, exist_ok=True)
     for name in INTERCONNECTS:
-        p = write_interconnect(vidur_interconnect(root, name), HARDWARE_DIR / "interconnects" / f"{name}.yaml")
+        p = write_interconnect(vidur_interconnect(root, name), links_out / f"{name}.yaml")
         print(f"wrote {p}")
     for name, device, model, ours in VIDUR_PROFILES:
         prof = import_vidur(root, device, model, served_model=ours, name=name)
