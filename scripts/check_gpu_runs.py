@@ -82,29 +82,7 @@ def llmservingsim_diffs(path: Path) -> dict[str, float]:
     return out
 
 
-class _WithDecodeMax:
-    """Diagnostic only (--decode-max): the latency model, fed the longest decode context of
-    each step. The simulator's interface carries the decodes' context sum, not their maximum,
-    so the profile's skew correction is off in normal runs; this shows what it changes."""
-
-    def __init__(self, lat, scheduler):
-        self.lat, self.max = lat, 0
-        orig = scheduler.schedule
-
-        def schedule(now):
-            out = orig(now)
-            self.max = out.decode_ctx_max
-            return out
-        scheduler.schedule = schedule
-
-    def step_time(self, chunks, nd, ctx, ns, decode_ctx_max=None, ep_tokens=None):
-        return self.lat.step_time(chunks, nd, ctx, ns, self.max or None, ep_tokens)
-
-    def decode_step_time(self, nd, ctx, decode_ctx_max=None, ep_tokens=None):
-        return self.lat.decode_step_time(nd, ctx, self.max or None, ep_tokens)
-
-
-def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = False,
+def run_case(ref: Path, case, prompt_blocks: bool = True,
              fast_forward: bool = False, by_name: bool = False) -> dict:
     label, sub, profile_name, model_name, summary = case
     run_dir = ref / "LLMServingSim" / "bench" / sub
@@ -138,17 +116,13 @@ def run_case(ref: Path, case, prompt_blocks: bool = True, decode_max: bool = Fal
                         "policy": {"router": "vllm-dp"},
                         "metrics": {"sample_interval_s": 0.0},
                         # one step at a time: the check should not depend on the (exact) decode-run shortcut
-                        "fast_forward": fast_forward and not decode_max})
+                        "fast_forward": fast_forward})
     dep = build_deployment(model, device, cfg, profile)
     # the importer gives each request its prompt's block identities when the workload file is there
     programs = run.programs if prompt_blocks else [
         dataclasses.replace(p, calls=(dataclasses.replace(p.calls[0], input_tokens=None, hash_ids=None),),
                             block_size=None) for p in run.programs]
     sim = Simulation(programs, dep, cfg)
-    if decode_max:
-        for inst in sim.instances:
-            # (fresh async steps too: the imported profiles carry no host work to overlap)
-            inst.set_latency(_WithDecodeMax(dep.latency, inst.scheduler))
     res = sim.run()
     return {"label": label, "measured": measured_stats(df), "sim": simulated_stats(res.calls),
             "llmservingsim": llmservingsim_diffs(run_dir / summary), "blocks": dep.engine.num_gpu_blocks,
@@ -179,8 +153,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     ap.add_argument("--only", default=None, help="substring of a run label")
-    ap.add_argument("--decode-max", action="store_true",
-                    help="diagnostic: feed the latency model each step's longest decode context (skew correction)")
     ap.add_argument("--fast-forward", action="store_true", help="advance pure-decode runs together (exact, faster)")
     ap.add_argument("--by-name", action="store_true",
                     help="price steps as for a device given by name (the learned roofline) instead of the operator profile")
@@ -194,7 +166,7 @@ def main(argv=None) -> int:
     for case in RUNS:
         if a.only and a.only not in case[0]:
             continue
-        r = run_case(a.reference, case, prompt_blocks=not a.no_prompt_blocks, decode_max=a.decode_max,
+        r = run_case(a.reference, case, prompt_blocks=not a.no_prompt_blocks,
                      fast_forward=a.fast_forward, by_name=a.by_name)
         rows.append(r)
         m, s = r["measured"], r["sim"]

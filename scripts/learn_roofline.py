@@ -44,6 +44,19 @@ def main(argv=None) -> int:
         print(f"attention tile model: prefill blocks at {t['compute_efficiency']:.3f} of an SM's peak, decode KV at "
               f"{t['memory_efficiency']:.3f} of bandwidth, floor {t['floor_us']:.1f} us, per wave "
               f"{t['prefill_tile_us']:.1f} us (prefill) / {t['decode_tile_us']:.1f} us (decode)")
+    sk = learned.get("decode_skew")
+    if sk:
+        al = sk["alpha"]
+        print(f"decode skew (uneven decode contexts; FA2 devices): alpha pure {al['pure']:.4f}, mixed {al['mixed']:.4f} "
+              "pooled; time-weighted error of the skewed batches, alpha / mean context [other devices' alpha]:")
+        for dev, r in sk["devices"].items():
+            cells = []
+            for reg in ("pure", "mixed"):
+                e, o = r["errors"][reg], (r["errors_with_others_alpha"] or {}).get(reg)
+                other = f" [{o['time_weighted_ape_pct']:.1f}%]" if o else ""
+                cells.append(f"{reg} {r['alpha'][reg]:.4f}: {e['time_weighted_ape_pct']:.1f}% / "
+                             f"{e['time_weighted_ape_pct_mean_context']:.1f}%{other} ({e['points']} batches)")
+            print(f"  {dev:13s} " + "; ".join(cells))
     print("in-sample error per family (time-weighted / plain MAPE, median signed):")
     for f in FAMILIES:
         x, y = learned["in_sample"].get(f), learned["in_sample_flat"].get(f)

@@ -13,7 +13,7 @@ from typing import Any
 from .config import KV_CACHE_DTYPE_BYTES, ConfigError, SimConfig
 from .hardware import HARDWARE_DIR, DeviceSpec, HardwareError, ModelArch, load_link, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
-from .latency.roofline import AttentionTiles, Elementwise
+from .latency.roofline import AttentionTiles, DecodeSkew, Elementwise
 
 GiB = 1 << 30
 
@@ -203,6 +203,17 @@ def _elementwise(spec: dict):
         raise ConfigError(f"profile elementwise: {e}") from None
 
 
+def _decode_skew(spec: dict):
+    """The profile's learned decode skew (uneven decode contexts in a batch), or None."""
+    d = spec.get("decode_skew")
+    if not d:
+        return None
+    try:
+        return DecodeSkew.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"profile decode_skew: {e}") from None
+
+
 def expert_parallel_size(model: ModelArch, cfg: SimConfig, profile: dict | None) -> int:
     """The expert-parallel degree the roofline prices: engine.enable_expert_parallel on a MoE
     model shards its experts over the data-parallel ranks (vLLM: EP size = DP x TP; TP 1 here).
@@ -243,7 +254,7 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                                  host_overhead_s=lat.host_overhead_s if lat.host_overhead_s is not None else spec.get("host_overhead_s"),
                                  host_overhead_per_seq_s=lat.host_overhead_per_seq_s if lat.host_overhead_per_seq_s is not None else spec.get("host_overhead_per_seq_s"),
                                  attention_tiles=_attention_tiles(spec, lat), async_overlap=async_overlap,
-                                 elementwise=_elementwise(spec), expert_parallel=ep)
+                                 elementwise=_elementwise(spec), expert_parallel=ep, decode_skew=_decode_skew(spec))
         if kind == "operators":
             try:
                 return OperatorModel.from_profile(
@@ -254,8 +265,8 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
             except (ValueError, OSError) as e:
                 raise ConfigError(f"profile {profile.get('name', '')}: {e}") from None
         raise ConfigError(f"profile latency_model kind '{kind}' is not supported (linear, roofline, operators)")
-    # A device by name: the efficiencies, attention tile model and element-wise costs learned
-    # from the measured devices' operator times (hardware/roofline-learned.yaml: a measured
+    # A device by name: the efficiencies, attention tile model, element-wise costs and decode
+    # skew learned from the measured devices' operator times (hardware/roofline-learned.yaml: a measured
     # device's own fit, else the pooled one); the host overhead the default
     learned = learned_roofline(device.name)
     eff = learned.get("efficiencies", {})
@@ -264,7 +275,7 @@ def build_latency(model: ModelArch, device: DeviceSpec, tp: int, cfg: SimConfig,
                          memory_efficiency=lat.memory_efficiency or eff.get("memory"),
                          host_overhead_s=lat.host_overhead_s, host_overhead_per_seq_s=lat.host_overhead_per_seq_s,
                          attention_tiles=_attention_tiles(learned, lat), async_overlap=async_overlap,
-                         elementwise=_elementwise(learned), expert_parallel=ep)
+                         elementwise=_elementwise(learned), expert_parallel=ep, decode_skew=_decode_skew(learned))
 
 
 _LEARNED_ROOFLINE: dict | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,8 @@ from simulator.deployment import build_deployment
 from simulator.hardware import load_device, load_model
 from simulator.latency.base import step_features
 from simulator.latency.roofline import AttentionTiles, RooflineModel, decode_attention_s, prefill_attention_s
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 P = AttentionTiles(compute_efficiency=0.5, memory_efficiency=0.9, floor_s=10e-6, prefill_tile_s=5e-6,
                    decode_tile_s=3e-6, q_tile=64)
@@ -249,3 +252,93 @@ def test_fa2_devices_price_a_mixed_steps_decodes_as_query_tiles():
     assert keep.sum() > 1000
     assert abs(np.median(rel)) < 0.05 and tw < 0.25
     assert np.median(packed_us / share - 1) < -0.30
+
+
+def test_decode_skew_prices_uneven_contexts_on_fa2_devices_only():
+    """A batch of decodes with one long context: on FlashAttention 2 (where LLMServingSim's
+    skew sweeps were measured) the decodes' attention moves alpha of the way from the even
+    batch's time to every decode at the longest context, alpha of its regime (pure / mixed);
+    the rest of the step is unchanged. Without the longest context, or with every context
+    equal, nothing changes; FA3 (H100) is priced without it."""
+    from simulator.latency.roofline import DecodeSkew
+
+    m = load_model("llama-3.1-8b")
+    skew = DecodeSkew(pure=0.1, mixed=0.25)
+    fa2 = RooflineModel(m, load_device("rtx-pro-6000")[0], attention_tiles=P, decode_skew=skew)
+    assert fa2.decode_skew == skew and fa2.describe()["decode_skew"] == {"pure": 0.1, "mixed": 0.25}
+    nd, ctx, longest = 16, 16 * 1001, 8001
+    even = fa2.decode_step_time(nd, ctx)
+    assert fa2.decode_step_time(nd, ctx, ctx // nd) == even  # every context equal
+    at_max = fa2.decode_step_time(nd, nd * longest)
+    assert fa2.decode_step_time(nd, ctx, longest) == pytest.approx(even + 0.1 * (at_max - even), rel=1e-12)
+    chunks = [(512, 0)]
+    even_m = fa2.step_time(chunks, nd, ctx, nd + 1)
+    at_max_m = fa2.step_time(chunks, nd, nd * longest, nd + 1)
+    assert at_max_m > even_m
+    assert fa2.step_time(chunks, nd, ctx, nd + 1, longest) == pytest.approx(even_m + 0.25 * (at_max_m - even_m),
+                                                                          rel=1e-12)
+    parts = fa2.breakdown(step_features(chunks, nd, ctx, nd + 1), None, longest)
+    assert parts["linear"] == fa2.breakdown(step_features(chunks, nd, ctx, nd + 1))["linear"]
+    assert fa2.decode_step_time(1, 9000, 9000) == fa2.decode_step_time(1, 9000)  # one decode: no skew
+    h100 = RooflineModel(m, load_device("h100-sxm")[0], attention_tiles=P, decode_skew=skew)
+    assert h100.decode_skew is None
+    assert h100.decode_step_time(nd, ctx, longest) == h100.decode_step_time(nd, ctx)
+    with pytest.raises(ValueError):
+        DecodeSkew(pure=-0.1, mixed=0.0)
+
+
+def test_decode_skew_fit_recovers_alpha_and_reaches_a_device_by_name():
+    """The closed-form fit recovers the alphas that made the skewed times; the learned file's
+    alphas reach a device given by name (a measured device its own, another FA2 device the
+    pooled ones), and the step interface carries the longest context to the model."""
+    import yaml
+
+    from calibrate.importers.roofline import fit_decode_skew
+    from simulator.hardware import HARDWARE_DIR
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dev, alphas in (("a", {"pure": 0.03, "mixed": 0.06}), ("b", {"pure": 0.05, "mixed": 0.02})):
+        for reg, a in alphas.items():
+            t_mean = rng.uniform(50, 5000, 200)
+            t_max = t_mean * rng.uniform(1.2, 4.0, 200)
+            rows.append(pd.DataFrame({"device": dev, "table": dev, "regime": reg, "t_mean_us": t_mean,
+                                      "t_max_us": t_max, "t_skew_us": t_mean + a * (t_max - t_mean)}))
+    fit = fit_decode_skew(pd.concat(rows, ignore_index=True))
+    assert fit["devices"]["a"]["alpha"] == pytest.approx({"pure": 0.03, "mixed": 0.06}, rel=1e-9)
+    assert fit["devices"]["b"]["alpha"] == pytest.approx({"pure": 0.05, "mixed": 0.02}, rel=1e-9)
+    assert fit["devices"]["a"]["errors"]["pure"]["median_abs_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert 0.03 < fit["alpha"]["pure"] < 0.05 and 0.02 < fit["alpha"]["mixed"] < 0.06
+
+    learned = yaml.safe_load((HARDWARE_DIR / "roofline-learned.yaml").read_text())["latency_model"]
+    own = learned["devices"]["rtx-pro-6000"]["decode_skew"]
+    assert 0 < own["pure"] < 0.2 and 0 < own["mixed"] < 0.2
+    m = load_model("llama-3.1-8b")
+    lat = build_deployment(m, load_device("rtx-pro-6000")[0], build_config({})).latency
+    assert (lat.decode_skew.pure, lat.decode_skew.mixed) == (own["pure"], own["mixed"])
+    a100 = build_deployment(m, load_device("a100-80gb-sxm")[0], build_config({})).latency
+    pooled = learned["devices"]["a100-80gb-sxm"]["decode_skew"]  # (no sweep measured it: the pooled alphas)
+    assert pooled == learned["decode_skew"] and a100.decode_skew.pure == pooled["pure"]
+    assert build_deployment(m, load_device("h100-sxm")[0], build_config({})).latency.decode_skew is None
+
+
+@pytest.mark.skipif(not (REFERENCE / "LLMServingSim").is_dir(), reason="../shared/reference not present")
+def test_shipped_decode_skew_is_the_fit_of_the_skew_sweeps():
+    """The shipped alphas are what fit_decode_skew gives on LLMServingSim's skew sweeps (five RTX
+    PRO 6000 tables and one RTX 4090), and on the sweeps they take the median error of the
+    skewed batches' times (mean-context pricing: 2-5 % fast) to within 2 %."""
+    import yaml
+
+    from calibrate.importers.roofline import fit_decode_skew, skew_points
+    from simulator.hardware import HARDWARE_DIR
+
+    pts = skew_points(REFERENCE)
+    assert set(pts.device) == {"rtx-pro-6000", "rtx4090"} and len(pts) > 70000
+    fit = fit_decode_skew(pts)
+    learned = yaml.safe_load((HARDWARE_DIR / "roofline-learned.yaml").read_text())["latency_model"]
+    assert learned["decode_skew"] == pytest.approx(fit["alpha"], rel=1e-5)
+    for dev in ("rtx-pro-6000", "rtx4090"):
+        assert learned["devices"][dev]["decode_skew"] == pytest.approx(fit["devices"][dev]["alpha"], rel=1e-5)
+    for reg in ("pure", "mixed"):
+        e = fit["errors"][reg]
+        assert e["bias_pct_mean_context"] < -1.5 and abs(e["bias_pct"]) < 2.0

@@ -390,6 +390,82 @@ def loo_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+# -- decode skew --------------------------------------------------------------------------------
+
+SKEW_REGIMES = ("pure", "mixed")
+
+
+def skew_points(ref: Path) -> pd.DataFrame:
+    """LLMServingSim's decode-skew sweeps (skew.csv of each measured table): one layer's attention
+    of a batch whose decodes have uneven contexts (t_skew_us), of the same tokens spread evenly
+    (t_mean_us) and of every decode at the longest context (t_max_us), in pure-decode and mixed
+    steps. Rows of (device, table, regime, t_mean, t_max, t_skew)."""
+    frames = []
+    for dev, sub, _model, shape, tps in LLMSS:
+        if shape is not None:
+            continue
+        for tp in tps:
+            f = ref / "LLMServingSim" / "profiler" / "perf" / sub / f"tp{tp}" / "skew.csv"
+            if f.exists():
+                d = pd.read_csv(f, usecols=["regime", "t_mean_us", "t_max_us", "t_skew_us"])
+                frames.append(d.assign(device=dev, table=f"{sub} tp{tp}"))
+    if not frames:
+        return pd.DataFrame(columns=["device", "table", "regime", "t_mean_us", "t_max_us", "t_skew_us"])
+    d = pd.concat(frames, ignore_index=True)
+    return d[(d.t_skew_us > 0) & (d.t_max_us >= d.t_mean_us) & d.regime.isin(SKEW_REGIMES)]
+
+
+def _skew_alpha(d: pd.DataFrame, w: np.ndarray | None = None) -> float:
+    """The alpha of t_skew = t_mean + alpha·(t_max - t_mean) that minimises the squared relative
+    error (closed form), clipped to [0, 1]."""
+    ds = (d.t_skew_us - d.t_mean_us).to_numpy()
+    dm = (d.t_max_us - d.t_mean_us).to_numpy()
+    ww = 1.0 / d.t_skew_us.to_numpy() ** 2 * (1.0 if w is None else w)
+    den = float(np.sum(ww * dm * dm))
+    return float(min(max(np.sum(ww * ds * dm) / den, 0.0), 1.0)) if den > 0 else 0.0
+
+
+def skew_errors(d: pd.DataFrame, alpha: float) -> dict[str, float]:
+    """Errors of the skewed batches' times priced with `alpha` (and with none: the mean context)."""
+    t = d.t_skew_us.to_numpy()
+    out = {"points": int(len(d))}
+    for key, a in (("", alpha), ("_mean_context", 0.0)):
+        rel = (d.t_mean_us.to_numpy() + a * (d.t_max_us - d.t_mean_us).to_numpy()) / t - 1.0
+        out[f"median_abs_pct{key}"] = float(np.median(np.abs(rel)) * 100)
+        out[f"time_weighted_ape_pct{key}"] = float(np.sum(np.abs(rel) * t) / np.sum(t) * 100)
+        out[f"bias_pct{key}"] = float(np.median(rel) * 100)
+    return out
+
+
+def fit_decode_skew(d: pd.DataFrame) -> dict | None:
+    """Alpha per regime (pure, mixed): each measured device's own, fitted on its tables, and the
+    pooled one (each device weighing the same), with their errors; each device's rows priced
+    with the other devices' alphas too (leave one device out)."""
+    if d.empty:
+        return None
+
+    def fit(rows: pd.DataFrame) -> dict[str, float]:
+        out = {}
+        for reg in SKEW_REGIMES:
+            r = rows[rows.regime == reg]
+            w = 1.0 / r.groupby("device").device.transform("size").to_numpy()  # devices weigh the same
+            out[reg] = _skew_alpha(r, w) if len(r) else 0.0
+        return out
+
+    pooled = fit(d)
+    devices = {}
+    for dev in sorted(d.device.unique()):
+        own, rows = fit(d[d.device == dev]), d[d.device == dev]
+        others = fit(d[d.device != dev]) if d.device.nunique() > 1 else None
+        devices[dev] = {"alpha": own, "tables": sorted(rows.table.unique()),
+                        "errors": {reg: skew_errors(rows[rows.regime == reg], own[reg]) for reg in SKEW_REGIMES},
+                        "others_alpha": others,
+                        "errors_with_others_alpha": None if others is None else
+                        {reg: skew_errors(rows[rows.regime == reg], others[reg]) for reg in SKEW_REGIMES}}
+    return {"alpha": pooled, "devices": devices,
+            "errors": {reg: skew_errors(d[d.regime == reg], pooled[reg]) for reg in SKEW_REGIMES}}
+
+
 # -- the spec-only profiles -------------------------------------------------------------------
 
 SPEC_ONLY = ("h200", "b200", "mi300x", "l40s")
@@ -406,6 +482,7 @@ def learn(ref: Path) -> dict:
     tiles = fit_attention_tiles(df, specs)
     ew = fit_elementwise(df, specs)
     loo = leave_one_device_out(df, specs)
+    skew = fit_decode_skew(skew_points(ref))
     per_device = {}
     for dev in sorted(df.device.unique()):
         # A measured device's own parameters (what a spec sheet does not say: the offset of
@@ -415,7 +492,10 @@ def learn(ref: Path) -> dict:
         de = fit_efficiencies(d, specs)
         dt = fit_attention_tiles(d, specs) if d.family.isin(ATTN_FAMILIES).any() else None
         # (element-wise costs: the pooled fit, on vLLM's in-engine kernels, for every device)
+        # (decode skew: a device's own where its skew sweeps were measured, else the pooled one)
+        own_skew = (skew or {}).get("devices", {}).get(dev)
         per_device[dev] = {"efficiencies": de, "attention_tiles": dt or tiles, "elementwise": ew,
+                           "decode_skew": own_skew["alpha"] if own_skew else (skew or {}).get("alpha"),
                            "own": sorted(set(d.family.unique())),
                            "errors": family_errors(d, de, specs, dt or tiles, ew),
                            "errors_pooled": family_errors(d, eff, specs, tiles, ew)}
@@ -430,6 +510,7 @@ def learn(ref: Path) -> dict:
                 ew_by_source[name] = {"points": int(len(d)), "median_abs_pct": float(np.median(np.abs(rel)) * 100),
                                   "bias_pct": float(np.median(rel) * 100)}
     return {"efficiencies": eff, "attention_tiles": tiles, "elementwise": ew, "elementwise_by_source": ew_by_source,
+            "decode_skew": skew,
             "per_device": per_device,
             "attention_fixed_us": attention_fixed_us(df),
             "in_sample": family_errors(df, eff, specs, tiles, ew), "in_sample_flat": family_errors(df, eff, specs),
@@ -449,7 +530,7 @@ def learned_defaults(learned: dict) -> dict:
     # The measured devices by name: their own fit (the pooled one is for the others)
     lm["devices"] = {dev: {"efficiencies": r["efficiencies"],
                            "attention_tiles": {**r["attention_tiles"], "q_tile": FLASH_Q_TILE} if r["attention_tiles"] else None,
-                           "elementwise": r["elementwise"], "fitted_on": r["own"],
+                           "elementwise": r["elementwise"], "decode_skew": r["decode_skew"], "fitted_on": r["own"],
                            "errors": r["errors"], "errors_with_pooled_parameters": r["errors_pooled"]}
                      for dev, r in learned["per_device"].items()}
     return {
@@ -463,6 +544,20 @@ def learned_defaults(learned: dict) -> dict:
         "latency_model": lm,
         "provenance": {**prof["provenance"], "written_at": utc_today(), "agentservesim_version": agentservesim_version()},
     }
+
+
+def _skew_summary(skew: dict | None) -> dict | None:
+    """The decode-skew fit as the profiles record it: method, pooled errors, each device's own
+    alphas and errors, and its errors with the other devices' alphas."""
+    if not skew:
+        return None
+    return {"method": ("t_skew = t_mean + alpha (t_max - t_mean), squared relative error, closed form, per regime; "
+                       "pooled over devices weighted equally"),
+            "source": "LLMServingSim profiler/perf/<device>/<model>/bf16/tp<N>/skew.csv (MIT)",
+            "errors": skew["errors"],
+            "devices": {dev: {"alpha": r["alpha"], "tables": r["tables"], "errors": r["errors"],
+                              "errors_with_other_devices_alpha": r["errors_with_others_alpha"]}
+                        for dev, r in skew["devices"].items()}}
 
 
 def spec_only_profile(device: str | None, learned: dict) -> dict:
@@ -489,6 +584,10 @@ def spec_only_profile(device: str | None, learned: dict) -> dict:
             # Element-wise kernels (norms, RoPE, activation, embedding): a floor each and their
             # bytes at a learned fraction of the bandwidth
             "elementwise": learned.get("elementwise"),
+            # Uneven decode contexts in a batch: alpha of the way from the mean context's attention
+            # time to the longest's, pure and mixed steps (LLMServingSim's skew sweeps; applied on
+            # FlashAttention-2 devices, where they were measured)
+            "decode_skew": (learned.get("decode_skew") or {}).get("alpha"),
             "host_overhead_s": 0.0,
             "host_overhead_per_seq_s": 0.0,
             "host_overhead_source": HOST_NOTE,
@@ -500,6 +599,7 @@ def spec_only_profile(device: str | None, learned: dict) -> dict:
                                "attention_tiles fitted the same way on the "
                                "attention points alone") % MIN_US,
                     "elementwise_by_source": learned.get("elementwise_by_source"),
+                    "decode_skew": _skew_summary(learned.get("decode_skew")),
                     "devices": learned["devices"], "points": learned["points"], "in_sample": learned["in_sample"],
                     "in_sample_flat_attention": {f: learned["in_sample_flat"][f] for f in ATTN_FAMILIES
                                                  if f in learned["in_sample_flat"]},

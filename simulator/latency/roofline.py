@@ -45,6 +45,16 @@ traffic's. Out of sample (the mixed rows of LLMServingSim's attention tables, wh
 uses), a decode's share of a mixed step is then a median -4 to +1 % off the measurement on the
 RTX 4090 and RTX PRO 6000 tables (time-weighted 15-18 %), against 46-71 % under priced as a
 pure decode; the H100 (FA3) table's mixed steps cost what its pure decodes do (0.85-0.9x).
+
+A batch's decodes are priced from the sum of their contexts, as if each had the mean one. On
+FA2 the blocks of a long sequence run unsplit beside the short ones' (FA2 splits a sequence's
+KV only when the batch has too few blocks to fill the SMs), so a batch with one long context
+ends later than the same tokens spread evenly. `DecodeSkew` adds alpha · (t(every decode at
+the longest context) - t(mean)) to the decodes' attention of a step that carries its longest
+decode (`decode_ctx_max`): LLMServingSim's correction, with alpha fitted apart for pure and
+mixed steps on its skew sweeps (13,000 skewed batches a table, measured on FA2 devices only:
+calibrate/importers/roofline.py, fit_decode_skew). Devices that run FA3 or FA4 are priced
+without it (no skew measurement of those kernels exists here).
 """
 
 from __future__ import annotations
@@ -117,6 +127,24 @@ class Elementwise:
     @classmethod
     def from_dict(cls, d: dict) -> "Elementwise":
         return cls(float(d["floor_us"]) * 1e-6, float(d["efficiency"]))
+
+
+@dataclass(frozen=True)
+class DecodeSkew:
+    """Learned slowdown of a batch of decodes with uneven contexts (see the module doc): the
+    share `alpha` of the way from the mean-context batch's attention time to the time with
+    every decode at the longest context, in pure-decode and in mixed steps."""
+
+    pure: float
+    mixed: float
+
+    def __post_init__(self):
+        if not (0 <= self.pure <= 1 and 0 <= self.mixed <= 1):
+            raise ValueError(f"decode skew alphas must be in [0, 1]: {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodeSkew":
+        return cls(float(d["pure"]), float(d["mixed"]))
 
 
 def elementwise_ops(model: ModelArch, tp: int = 1) -> tuple[int, float]:
@@ -194,14 +222,17 @@ class RooflineModel(LatencyModel):
                  gemm_efficiency: float | None = None, attention_efficiency: float | None = None,
                  memory_efficiency: float | None = None, host_overhead_s: float | None = None,
                  host_overhead_per_seq_s: float | None = None, attention_tiles: AttentionTiles | None = None,
-                 async_overlap: bool = False, elementwise: Elementwise | None = None, expert_parallel: int = 1):
+                 async_overlap: bool = False, elementwise: Elementwise | None = None, expert_parallel: int = 1,
+                 decode_skew: DecodeSkew | None = None):
         """`async_overlap`: the per-step host work overlaps the device's step (async scheduling),
         a step takes max(device, host) rather than device + host (see the module doc).
         `elementwise`: the learned cost of the element-wise kernels (None: not priced).
         `expert_parallel` (ep > 1, MoE models, tp 1): this GPU holds num_experts / ep of the
         experts and runs the tokens of all ep data-parallel ranks through them (`ep_tokens` of a
         step; ep x its own when not given), all-gathered before the experts and reduce-scattered
-        after them over the intra-node link, as vLLM's naive all-to-all does."""
+        after them over the intra-node link, as vLLM's naive all-to-all does.
+        `decode_skew`: the learned slowdown of uneven decode contexts (used with the tile model
+        on FlashAttention-2 devices, where it was measured; see the module doc)."""
         self.model = model
         self.async_overlap = bool(async_overlap)
         self.device = device
@@ -290,7 +321,10 @@ class RooflineModel(LatencyModel):
             self._kv_bytes_per_pos = m.kv_bytes_per_token() / La / tp
         # FA2: a mixed step's decodes run as query tiles per query head, re-reading the KV of
         # their GQA group past L2 (see the module doc)
-        self._mixed_decode_tiles = self.tiles is not None and flash_attention_version(device) == 2
+        fa2 = self.tiles is not None and flash_attention_version(device) == 2
+        self._mixed_decode_tiles = fa2
+        self.decode_skew = decode_skew if fa2 and decode_skew is not None and (decode_skew.pure or decode_skew.mixed) \
+            else None
         self._l2 = float(device.extra.get("l2_cache_bytes") or 0.0)
         # LM head for each sampled token; its weights read once.
         self._lm_flop_per_tok = 2.0 * m.hidden_size * m.vocab_size / tp / (peak * self.gemm_eff)
@@ -342,9 +376,12 @@ class RooflineModel(LatencyModel):
     def step_time(self, prefill_chunks, num_decodes: int, decode_ctx_sum: int, num_sampled: int,
                   decode_ctx_max: int | None = None, ep_tokens: int | None = None) -> float:
         f = step_features(prefill_chunks, num_decodes, decode_ctx_sum, num_sampled)
-        return self.breakdown(f, ep_tokens)["total"]
+        return self.breakdown(f, ep_tokens, decode_ctx_max)["total"]
 
-    def breakdown(self, f: StepFeatures, ep_tokens: int | None = None) -> dict[str, float]:
+    def breakdown(self, f: StepFeatures, ep_tokens: int | None = None,
+                  decode_ctx_max: int | None = None) -> dict[str, float]:
+        """The step's time by part. `decode_ctx_max` (the longest decode's context + 1, as
+        `decode_ctx_sum` counts them; optional): with it the decode skew applies."""
         T = f.prefill_tokens + f.num_decodes
         if T == 0:
             return {"host": self.host_s, "total": self.host_s}
@@ -355,7 +392,7 @@ class RooflineModel(LatencyModel):
             moe, ep_comm = self._moe_s(T, ep_tokens)
         if self.tiles is not None:
             attn_p, attn_d = self._attention_tiles(f.num_prefills, f.prefill_tokens, f.prefill_kv,
-                                                   f.num_decodes, f.decode_ctx_sum)
+                                                   f.num_decodes, f.decode_ctx_sum, decode_ctx_max)
         else:
             attn_p = 0.0
             if f.num_prefills:
@@ -400,10 +437,13 @@ class RooflineModel(LatencyModel):
         parts["total"] = sum(parts.values())
         return parts
 
-    def _attention_tiles(self, num_prefills, prefill_tokens, prefill_kv, num_decodes, decode_ctx_sum):
+    def _attention_tiles(self, num_prefills, prefill_tokens, prefill_kv, num_decodes, decode_ctx_sum,
+                         decode_ctx_max=None):
         """(prefill, decode) attention over all layers by the tile model. The step carries
-        sums only, so its prefills are priced as `num_prefills` chunks of the mean shape. One
-        kernel floor per layer: vLLM v1 runs a mixed batch's attention as one launch."""
+        sums only, so its prefills are priced as `num_prefills` chunks of the mean shape, and
+        its decodes as decodes of the mean context, plus the decode skew where the step
+        carries its longest one. One kernel floor per layer: vLLM v1 runs a mixed batch's
+        attention as one launch."""
         p, L = self.tiles, self._Lf
         Lw, W = self._Lw, self._W
         attn_p = attn_d = 0.0
@@ -415,25 +455,38 @@ class RooflineModel(LatencyModel):
             attn_p = L * one
             if Lw:  # the windowed share of the causal work
                 attn_p += Lw * one * local_pairs(n, c, W, self._chunked) / (n * (c + (n + 1) * 0.5))
-        if num_decodes and num_prefills and self._mixed_decode_tiles:
-            # each decode a 1-token chunk over its context (the mean one: the step carries sums)
-            c = decode_ctx_sum / num_decodes - 1.0
-            attn_d = L * self._fa2_mixed_decodes_s(num_decodes, c)
-            if Lw:
-                attn_d += Lw * self._fa2_mixed_decodes_s(num_decodes, min(c, W - 1.0))
-        elif num_decodes:
-            attn_d = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos,
-                                                  self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
-            if Lw:
-                attn_d += Lw * float(decode_attention_s(num_decodes,
-                                                        min(decode_ctx_sum, num_decodes * W) * self._kv_bytes_per_pos,
-                                                        self._kv_heads, self._sms, self.device.memory_bandwidth_Bps, p))
+        if num_decodes:
+            mixed = num_prefills > 0
+            attn_d = self._decodes_s(mixed, num_decodes, decode_ctx_sum)
+            sk = self.decode_skew
+            if sk is not None and decode_ctx_max and num_decodes > 1 and decode_ctx_max * num_decodes > decode_ctx_sum:
+                alpha = sk.mixed if mixed else sk.pure
+                attn_d += alpha * (self._decodes_s(mixed, num_decodes, decode_ctx_max * num_decodes) - attn_d)
         floor = (L + Lw) * p.floor_s
         if attn_p:
             attn_p += floor
         else:
             attn_d += floor
         return attn_p, attn_d
+
+    def _decodes_s(self, mixed: bool, num_decodes: int, decode_ctx_sum: float) -> float:
+        """The attention of a step's decodes over all layers (without the kernel floor): in a
+        mixed FA2 step as 1-token chunks over the mean context, else as packed decodes."""
+        p, L = self.tiles, self._Lf
+        Lw, W = self._Lw, self._W
+        if mixed and self._mixed_decode_tiles:
+            c = decode_ctx_sum / num_decodes - 1.0
+            t = L * self._fa2_mixed_decodes_s(num_decodes, c)
+            if Lw:
+                t += Lw * self._fa2_mixed_decodes_s(num_decodes, min(c, W - 1.0))
+            return t
+        bw = self.device.memory_bandwidth_Bps
+        t = L * float(decode_attention_s(num_decodes, decode_ctx_sum * self._kv_bytes_per_pos, self._kv_heads,
+                                         self._sms, bw, p))
+        if Lw:
+            t += Lw * float(decode_attention_s(num_decodes, min(decode_ctx_sum, num_decodes * W) * self._kv_bytes_per_pos,
+                                               self._kv_heads, self._sms, bw, p))
+        return t
 
     def _fa2_mixed_decodes_s(self, num_decodes: int, c: float) -> float:
         """One layer's attention of `num_decodes` decodes over c cached tokens each in a mixed
@@ -456,7 +509,7 @@ class RooflineModel(LatencyModel):
             moe, ep_comm = self._moe_s(T, ep_tokens)
             t += moe + ep_comm
         if self.tiles is not None:
-            t += self._attention_tiles(0, 0, 0, num_decodes, decode_ctx_sum)[1] if num_decodes else 0.0
+            t += self._attention_tiles(0, 0, 0, num_decodes, decode_ctx_sum, decode_ctx_max)[1] if num_decodes else 0.0
         else:
             t += decode_ctx_sum * max(self._attn_flop_per_pair, self._kv_bytes_time_per_pos)
             if self._W:
@@ -484,6 +537,8 @@ class RooflineModel(LatencyModel):
                 **({"expert_parallel": self.ep} if self.ep > 1 else {}),
                 **({"all_reduce": self.allreduce.describe()} if self.allreduce is not None else {}),
                 **({"mixed_step_decodes": "query tiles (FlashAttention 2)"} if self._mixed_decode_tiles else {}),
+                **({"decode_skew": {"pure": self.decode_skew.pure, "mixed": self.decode_skew.mixed}}
+                   if self.decode_skew is not None else {}),
                 "attention_tiles": None if self.tiles is None else {
                     "compute_efficiency": self.tiles.compute_efficiency, "memory_efficiency": self.tiles.memory_efficiency,
                     "floor_us": self.tiles.floor_s * 1e6, "prefill_tile_us": self.tiles.prefill_tile_s * 1e6,
