@@ -28,6 +28,9 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Bytes per weight / activation element of vLLM's --dtype values (0: "auto", the checkpoint's).
+MODEL_DTYPE_BYTES = {"auto": 0, "bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
 # Bytes per KV-cache element of vLLM's --kv-cache-dtype values (vllm/config/cache.py CacheDType;
 # 0: "auto", the model dtype). vLLM's packed formats (fp8_ds_mla, nvfp4, turboquant_*, the
 # per-token-head ones) carry scales inside the page and are not modelled.
@@ -67,6 +70,9 @@ class EngineConfig:
                                              "Priced by the roofline (a device by name) with tensor_parallel_size 1; "
                                              "an operator profile prices its own moe.expert_parallel. No effect on "
                                              "dense models, as in vLLM.")
+    dtype: str = _f("auto", "Weights and activations type, as vLLM's --dtype: auto (the checkpoint's; a float32 "
+                            "checkpoint is served in bfloat16, as vLLM does), bfloat16, float16, half, float32, "
+                            "float. Sets the weight, activation and (kv_cache_dtype auto) KV bytes.")
     kv_cache_dtype: str = _f("auto", "KV cache element type, as vLLM's --kv-cache-dtype: auto (the model dtype), "
                                      "float16, bfloat16, fp8, fp8_e4m3, fp8_e5m2, fp8_inc. Sets the KV bytes per "
                                      "token of the capacity estimate, the offload tiers and the roofline.")
@@ -90,6 +96,8 @@ class EngineConfig:
                               f"{self.scheduler_reserve_full_isl!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ConfigError(f"engine.async_scheduling must be true or false, got {self.async_scheduling!r}")
+        if self.dtype not in MODEL_DTYPE_BYTES:
+            raise ConfigError(f"engine.dtype must be one of {', '.join(MODEL_DTYPE_BYTES)}, got {self.dtype!r}")
         kvd = self.kv_cache_dtype
         if not isinstance(kvd, str) or kvd not in KV_CACHE_DTYPE_BYTES:
             packed = isinstance(kvd, str) and kvd.startswith(_PACKED_KV_DTYPES)

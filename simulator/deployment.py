@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import KV_CACHE_DTYPE_BYTES, ConfigError, SimConfig
+from .config import KV_CACHE_DTYPE_BYTES, MODEL_DTYPE_BYTES, ConfigError, SimConfig
 from .hardware import HARDWARE_DIR, DeviceSpec, HardwareError, ModelArch, load_link, load_memory_tier
 from .latency import LatencyModel, LinearStepModel, OperatorModel, RooflineModel, ScaledLatency
 from .latency.roofline import AttentionTiles, DecodeSkew, Elementwise
@@ -138,6 +138,14 @@ class Deployment:
         if m.kv_dtype_bytes:
             d["kv_cache_bytes_per_element"] = m.kv_dtype_bytes
         return d
+
+
+def with_dtype(model: ModelArch, dtype: str) -> ModelArch:
+    """The model served in engine.dtype ("auto": as loaded, a float32 checkpoint in bfloat16)."""
+    nbytes = MODEL_DTYPE_BYTES.get(dtype)
+    if nbytes is None:
+        raise ConfigError(f"engine.dtype {dtype!r} is not one of {', '.join(MODEL_DTYPE_BYTES)}")
+    return replace(model, dtype_bytes=nbytes) if nbytes else model
 
 
 def with_kv_cache_dtype(model: ModelArch, kv_cache_dtype: str) -> ModelArch:
@@ -306,7 +314,7 @@ def build_deployment(model: ModelArch, device: DeviceSpec, cfg: SimConfig, profi
             raise ConfigError(f"cluster.intra_node_link: {err}") from None
     e = cfg.engine
     tp = cfg.cluster.tensor_parallel_size
-    model = with_kv_cache_dtype(model, e.kv_cache_dtype)  # every KV byte count below follows it
+    model = with_kv_cache_dtype(with_dtype(model, e.dtype), e.kv_cache_dtype)  # every byte count below follows them
     facts = profile.get("engine", {}) if profile else {}
     d = vllm_defaults(device)
     block_size = e.block_size or facts.get("block_size") or d["block_size"]

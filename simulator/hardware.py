@@ -21,6 +21,17 @@ HARDWARE_DIR = Path(os.environ.get("AGENTSERVESIM_HARDWARE", Path(__file__).reso
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "bf16": 2, "fp16": 2, "float32": 4, "float": 4,
                 "fp32": 4, "float8": 1, "fp8": 1, "int8": 1}
+# vLLM's --dtype auto (the default) runs a checkpoint whose config says float32 in the
+# platform's first supported half type (vllm/config/model.py, _resolve_auto_dtype: bfloat16 on
+# NVIDIA compute capability >= 8.0 and on x86 CPUs, float16 on older GPUs): two bytes either way.
+_AUTO_DOWNCAST = {"float32", "float", "fp32"}
+
+# Model types whose dense MLP has no gate projection (up and down only), as vLLM's model code
+# builds them (gpt2.py c_fc/c_proj, gpt_neox.py, falcon.py dense_h_to_4h, starcoder2.py, phi.py
+# fc1/fc2, opt.py, bloom.py, mpt.py, gptj.py, gpt_bigcode.py, persimmon.py, nemotron.py's
+# squared-ReLU up/down, jais.py, codegen).
+NON_GATED_MLP_TYPES = frozenset({"gpt2", "gpt_bigcode", "gpt_neox", "gptj", "gpt_neo", "codegen", "falcon", "opt",
+                                 "bloom", "mpt", "phi", "starcoder2", "persimmon", "nemotron", "jais"})
 
 
 class HardwareError(ValueError):
@@ -223,6 +234,13 @@ class ModelArch:
     # ChunkedLocalAttention; KV groups as for sliding windows: sliding_kv_groups).
     attention_chunk_size: int = 0
     num_chunked_layers: int = 0
+    # Weight matrices of a dense MLP: 3 for a gated one (gate, up, down: Llama, Qwen, Gemma,
+    # Mistral, ...), 2 for the older up/down MLPs (GPT-2, GPT-NeoX, Falcon, StarCoder 2, Phi-2,
+    # OPT, BLOOM, MPT, Nemotron's squared ReLU: NON_GATED_MLP_TYPES).
+    mlp_matrices: int = 3
+    # The checkpoint's own dtype (config torch_dtype) where it differs from what vLLM serves it
+    # in (dtype_bytes): a float32 config runs in bfloat16 under --dtype auto.
+    checkpoint_dtype: str = ""
 
     @property
     def is_moe(self) -> bool:
@@ -363,9 +381,9 @@ class ModelArch:
         return q + kv + o
 
     def mlp_params_per_layer(self) -> int:
-        """Dense MLP (gate, up, down) or, for MoE, one expert's."""
+        """Dense MLP (gate, up, down; or up, down where it has no gate) or, for MoE, one expert's."""
         inter = self.moe_intermediate_size if self.is_moe else self.intermediate_size
-        return 3 * self.hidden_size * inter
+        return self.mlp_matrices * self.hidden_size * inter
 
     def param_groups(self) -> dict[str, int]:
         """Parameters by what quantization may treat apart: attention / linear-attention
@@ -589,6 +607,10 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
                     "sliding_window": 4096, "tie_word_embeddings": True},
     "llama4_text": {"head_dim": 128, "interleave_moe_layer_step": 1, "no_rope_layer_interval": 4,
                     "attention_chunk_size": 8192, "intermediate_size_mlp": 16384},
+    # (configs of these types rarely say it: their transformers classes tie the LM head to
+    # the embedding by default)
+    **{t: {"tie_word_embeddings": True} for t in ("gpt2", "gpt_bigcode", "gpt_neo", "falcon", "opt", "bloom",
+                                                  "starcoder2")},
 }
 # The text model type of a multimodal model type, for a text_config without model_type.
 _TEXT_MODEL_TYPE = {"gemma3": "gemma3_text", "llama4": "llama4_text", "mistral3": "mistral"}
@@ -715,7 +737,11 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     cfg = _language_config(cfg)
     hidden = int(get("hidden_size", "d_model", "n_embd"))
     heads = int(get("num_attention_heads", "n_head"))
-    kv_heads = int(get("num_key_value_heads", default=heads))
+    mt = str(cfg.get("model_type") or "")
+    if cfg.get("multi_query") and not cfg.get("new_decoder_architecture"):
+        kv_heads = 1  # Falcon-7B, GPT-BigCode (StarCoder 1): one KV head
+    else:
+        kv_heads = int(get("num_key_value_heads", "num_kv_heads", default=heads))
     head_dim = int(get("head_dim", default=hidden // heads))
     mla = {}
     if cfg.get("kv_lora_rank"):
@@ -726,8 +752,14 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     dtype = str(get("torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
     if dtype not in _DTYPE_BYTES:
         raise HardwareError(f"{where}: unsupported dtype {dtype!r}")
+    checkpoint_dtype = ""
+    if dtype in _AUTO_DOWNCAST:
+        checkpoint_dtype, dtype = dtype, "bfloat16"  # what vLLM's --dtype auto serves it in (engine.dtype overrides)
     num_experts = int(get("num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
-    inter = int(get("intermediate_size", "ffn_dim", default=0) or 0)
+    gated = mt not in NON_GATED_MLP_TYPES
+    inter = int(get("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", default=0) or 0)
+    if not inter and not gated:
+        inter = 4 * hidden  # GPT-2's n_inner, Falcon's ffn_hidden_size, BLOOM: 4 x hidden unless given
     moe_inter = int(get("moe_intermediate_size", default=inter if num_experts else 0) or 0)
     archs = cfg.get("architectures") or [""]
     num_layers = int(get("num_hidden_layers", "n_layer", "num_layers"))
@@ -764,7 +796,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         num_experts=num_experts,
         num_experts_per_tok=int(get("num_experts_per_tok", "moe_topk", default=0) or 0) if num_experts else 0,
         moe_intermediate_size=moe_inter,
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
         architecture=str(archs[0]),
         num_attention_layers=attention_layers,
         **({k: int(cfg.get(k) or 0) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
@@ -783,6 +815,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         vision_params=_vision_params(outer, hidden),
         attention_chunk_size=chunk,
         num_chunked_layers=chunked,
+        mlp_matrices=3 if gated else 2,
+        checkpoint_dtype=checkpoint_dtype,
     )
 
 

@@ -180,7 +180,8 @@ def test_text_config_takes_the_top_levels_dtype_and_quantization():
     assert model_from_hf_config(cfg, "m").dtype_bytes == 2
     m = model_from_hf_config({**cfg, "torch_dtype": "float32",
                               "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}, "m")
-    assert m.dtype_bytes == 4 and m.quant_method == "fp8" and m.quant_act_fp8
+    # (a float32 checkpoint is served in bfloat16 under vLLM's --dtype auto)
+    assert m.checkpoint_dtype == "float32" and m.dtype_bytes == 2 and m.quant_method == "fp8" and m.quant_act_fp8
     # text_config's own value wins over the top level's
     own = {**cfg, "torch_dtype": "float32", "text_config": {**cfg["text_config"], "torch_dtype": "float16"}}
     assert model_from_hf_config(own, "m").dtype_bytes == 2
@@ -206,3 +207,68 @@ def test_gemma3_published_config_leaves_defaults_out():
     # a text_config that says otherwise wins
     untied = {**raw, "text_config": {**raw["text_config"], "tie_word_embeddings": False}}
     assert not model_from_hf_config(untied, "g").tie_word_embeddings
+
+
+# -- float32 checkpoints and older MLP / attention layouts -------------------------------------
+
+# Published config.json fields (Hugging Face model pages): google/gemma-2-9b (float32),
+# EleutherAI/pythia-2.8b (GPT-NeoX), tiiuae/falcon-7b (multi-query), bigcode/starcoder2-7b.
+GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+             "intermediate_size": 14336, "num_attention_heads": 16, "num_hidden_layers": 42, "num_key_value_heads": 8,
+             "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192, "sliding_window": 4096,
+             "torch_dtype": "float32"}
+PYTHIA_2_8B = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 2560,
+               "intermediate_size": 10240, "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 50304,
+               "max_position_embeddings": 2048, "torch_dtype": "float16", "tie_word_embeddings": False}
+FALCON_7B = {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 4544,
+             "num_attention_heads": 71, "num_hidden_layers": 32, "multi_query": True, "new_decoder_architecture": False,
+             "parallel_attn": True, "vocab_size": 65024, "torch_dtype": "bfloat16"}
+STARCODER2_7B = {"architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", "hidden_size": 4608,
+                 "intermediate_size": 18432, "num_attention_heads": 36, "num_hidden_layers": 32,
+                 "num_key_value_heads": 4, "vocab_size": 49152, "max_position_embeddings": 16384,
+                 "sliding_window": 4096, "torch_dtype": "bfloat16"}
+
+
+def _params(m) -> int:
+    return sum(m.param_groups().values())
+
+
+def test_float32_checkpoints_are_served_in_bfloat16_unless_engine_dtype_says_otherwise():
+    """vLLM's --dtype auto serves a float32 checkpoint in bfloat16 (vllm/config/model.py,
+    _resolve_auto_dtype): Gemma 2 9B's 9.24 B parameters are 18.5 GB, not 37; engine.dtype
+    (vLLM's --dtype) float32 restores four bytes for weights and KV."""
+    from simulator.config import ConfigError, build_config
+    from simulator.deployment import build_deployment
+    from simulator.hardware import load_device
+
+    m = model_from_hf_config(GEMMA2_9B, "gemma-2-9b")
+    assert m.checkpoint_dtype == "float32" and m.dtype_bytes == 2
+    assert _params(m) == pytest.approx(9.24e9, rel=0.01)
+    dev = load_device("h100-sxm")[0]
+    auto = build_deployment(m, dev, build_config({}))
+    fp32 = build_deployment(m, dev, build_config({"engine": {"dtype": "float32"}}))
+    assert fp32.model.dtype_bytes == 4 and fp32.model.kv_bytes_per_token() == 2 * auto.model.kv_bytes_per_token()
+    assert fp32.engine.num_gpu_blocks < auto.engine.num_gpu_blocks
+    assert fp32.latency.decode_step_time(8, 8 * 1000) > 1.5 * auto.latency.decode_step_time(8, 8 * 1000)
+    with pytest.raises(ConfigError, match="engine.dtype"):
+        build_config({"engine": {"dtype": "fp64"}})
+
+
+def test_mlps_without_a_gate_and_multi_query_attention():
+    """GPT-NeoX, Falcon and StarCoder 2 build up/down MLPs (two matrices, not three); Falcon-7B
+    has one KV head (multi_query) and a 4 x hidden MLP; GPT-2-style configs tie the LM head.
+    Parameter counts against the published ones (embeddings included): Pythia-2.8B 2.775 B,
+    Falcon-7B 6.92 B, StarCoder2-7B 7.17 B."""
+    neox = model_from_hf_config(PYTHIA_2_8B, "pythia")
+    assert neox.mlp_matrices == 2 and neox.checkpoint_dtype == "" and neox.dtype_bytes == 2
+    assert _params(neox) == pytest.approx(2.775e9, rel=0.01)
+    falcon = model_from_hf_config(FALCON_7B, "falcon")
+    assert (falcon.num_kv_heads, falcon.intermediate_size, falcon.mlp_matrices) == (1, 4 * 4544, 2)
+    assert falcon.tie_word_embeddings and falcon.kv_bytes_per_token() == 2 * 64 * 2 * 32
+    assert _params(falcon) == pytest.approx(6.92e9, rel=0.01)
+    sc2 = model_from_hf_config(STARCODER2_7B, "sc2")
+    assert sc2.mlp_matrices == 2 and _params(sc2) == pytest.approx(7.17e9, rel=0.02)
+    llama = load_model("llama-3.1-8b")
+    assert llama.mlp_matrices == 3 and llama.checkpoint_dtype == ""
+    falcon40 = model_from_hf_config({**FALCON_7B, "new_decoder_architecture": True, "num_kv_heads": 8}, "f40")
+    assert falcon40.num_kv_heads == 8

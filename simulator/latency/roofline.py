@@ -152,7 +152,7 @@ def elementwise_ops(model: ModelArch, tp: int = 1) -> tuple[int, float]:
     with the byte counts the learned fit used (calibrate.importers.roofline.dense_rows): two
     RMSNorms per layer (4·hidden·2 bytes a token each: input and residual in, both out), RoPE
     on q and k in the attention layers (2·(q + kv) widths), the gated activation of the dense
-    MLP layers (3·intermediate: gate and up in, product out; MoE experts fuse theirs), the
+    MLP layers (3·intermediate: gate and up in, product out; 2· without a gate; MoE experts fuse theirs), the
     final norm and the embedding gather (2·hidden)."""
     m = model
     b = m.dtype_bytes
@@ -161,7 +161,7 @@ def elementwise_ops(model: ModelArch, tp: int = 1) -> tuple[int, float]:
     dense_mlp = m.num_layers - (m.moe_layers if m.is_moe else 0)
     qkv = (m.num_heads + m.num_kv_heads) * m.head_dim / tp
     kernels = 2 * m.num_layers + La + dense_mlp + 2
-    per_tok = (2 * m.num_layers + 1) * 4 * h * b + La * 2 * qkv * b + dense_mlp * 3 * m.intermediate_size / tp * b \
+    per_tok = (2 * m.num_layers + 1) * 4 * h * b + La * 2 * qkv * b + dense_mlp * m.mlp_matrices * m.intermediate_size / tp * b \
         + 2 * h * b
     return kernels, per_tok
 
