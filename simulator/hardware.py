@@ -756,6 +756,12 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     if dtype in _AUTO_DOWNCAST:
         checkpoint_dtype, dtype = dtype, "bfloat16"  # what vLLM's --dtype auto serves it in (engine.dtype overrides)
     num_experts = int(get("num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
+    if not num_experts:  # an MoE whose expert count sits under another key would be read as dense
+        unread = sorted(k for k, v in cfg.items() if "expert" in k and not isinstance(v, bool)
+                        and isinstance(v, (int, list)) and v and k != "num_experts_per_tok")
+        if unread:
+            raise HardwareError(f"{where}: MoE keys {', '.join(unread)} are not understood (the expert count is "
+                                "read from num_experts, num_local_experts or n_routed_experts)")
     gated = mt not in NON_GATED_MLP_TYPES
     inter = int(get("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", default=0) or 0)
     if not inter and not gated:

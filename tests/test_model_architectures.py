@@ -272,3 +272,16 @@ def test_mlps_without_a_gate_and_multi_query_attention():
     assert llama.mlp_matrices == 3 and llama.checkpoint_dtype == ""
     falcon40 = model_from_hf_config({**FALCON_7B, "new_decoder_architecture": True, "num_kv_heads": 8}, "f40")
     assert falcon40.num_kv_heads == 8
+
+
+def test_an_moe_config_whose_expert_keys_are_not_understood_is_refused_not_read_as_dense():
+    """ERNIE 4.5's moe_num_experts is not a key the loader reads: a clear error, where reading
+    it as a dense model would price a 21 B MoE as a 3 B dense one."""
+    ernie = {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "hidden_size": 2560,
+             "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_attention_heads": 20,
+             "num_key_value_heads": 4, "num_hidden_layers": 28, "moe_num_experts": 64, "moe_k": 6,
+             "vocab_size": 103424, "torch_dtype": "bfloat16"}
+    with pytest.raises(HardwareError, match="moe_num_experts"):
+        model_from_hf_config(ernie, "ernie")
+    # a dense config that names no experts, or says 0 of them, still loads
+    assert not model_from_hf_config({**PYTHIA_2_8B, "num_experts": 0, "moe_num_experts": 0}, "p").is_moe
