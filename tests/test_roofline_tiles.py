@@ -342,3 +342,31 @@ def test_shipped_decode_skew_is_the_fit_of_the_skew_sweeps():
     for reg in ("pure", "mixed"):
         e = fit["errors"][reg]
         assert e["bias_pct_mean_context"] < -1.5 and abs(e["bias_pct"]) < 2.0
+
+
+def test_vidur_imported_fa2_profiles_carry_the_learned_decode_skew():
+    """The A100 profile imported from Vidur (attention synthesized from the learned roofline)
+    prices uneven decode contexts as the roofline does on that device: the pooled alphas,
+    pure decodes and mixed steps apart; H100 (FA3) profiles have none; LLMServingSim's
+    profiles keep their own single alpha."""
+    import yaml
+
+    from simulator.hardware import HARDWARE_DIR
+    learned = yaml.safe_load((HARDWARE_DIR / "roofline-learned.yaml").read_text())["latency_model"]["decode_skew"]
+    m = load_model("llama-3.1-8b")
+    cfg = build_config({"engine": {"async_scheduling": False}})
+    dev, prof = load_device("a100-80gb-sxm-llama-3.1-8b")
+    lat = build_deployment(m, dev, cfg, prof).latency
+    assert (lat.skew_alpha, lat.skew_alpha_mixed) == (learned["pure"], learned["mixed"])
+    nd, ctx, longest = 32, 32 * 801, 6001
+    even = lat.decode_step_time(nd, ctx)
+    at_max = lat.decode_step_time(nd, nd * longest)
+    assert lat.decode_step_time(nd, ctx, longest) == pytest.approx(even + learned["pure"] * (at_max - even), rel=1e-9)
+    chunks = [(256, 0)]
+    mixed_even = lat.step_time(chunks, nd, ctx, nd + 1)
+    assert lat.step_time(chunks, nd, ctx, nd + 1, longest) > mixed_even
+    dev_h, prof_h = load_device("h100-sxm-llama-2-7b")
+    assert build_deployment(load_model("llama-2-7b"), dev_h, cfg, prof_h).latency.skew_alpha == 0.0
+    dev_r, prof_r = load_device("rtx-pro-6000-llama-3.1-8b")
+    r = build_deployment(m, dev_r, cfg, prof_r).latency
+    assert r.skew_alpha > 0 and r.skew_alpha_mixed == r.skew_alpha

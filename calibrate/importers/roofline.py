@@ -591,7 +591,8 @@ def spec_only_profile(device: str | None, learned: dict) -> dict:
             "host_overhead_s": 0.0,
             "host_overhead_per_seq_s": 0.0,
             "host_overhead_source": HOST_NOTE,
-            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"], "attention_tiles": tiles},
+            "learned": {**eff, "attention_fixed_us": learned["attention_fixed_us"], "attention_tiles": tiles,
+                        "decode_skew": (learned.get("decode_skew") or {}).get("alpha")},
             "fit": {"method": ("squared log error over operator times >= %g us of the measured devices, each "
                                "(device, family) group weighted equally and points by time; elementwise ops "
                                "fitted apart (a floor per kernel and bytes at an efficiency, over all LLMServingSim's "

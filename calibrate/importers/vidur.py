@@ -339,6 +339,14 @@ def import_vidur(vidur_dir, device: str = "h100", model: str = "meta-llama/Llama
         "tables": rows,
         "fit": fit,
     }
+    skew = eff.get("decode_skew")
+    if skew and flash_attention_version(dev) == 2:
+        # uneven decode contexts on FlashAttention 2, as the roofline prices them (the learned
+        # alphas of LLMServingSim's skew sweeps: pure-decode and mixed steps)
+        spec["skew"] = {"alpha": {tp: float(skew["pure"]) for tp in degrees},
+                        "alpha_mixed": {tp: float(skew["mixed"]) for tp in degrees},
+                        "source": "decode_skew of hardware/profiles/*-roofline-learned.yaml (fit_decode_skew on "
+                                  "LLMServingSim's skew.csv, FlashAttention-2 devices)"}
     prov = {"source_repo": REPO, "source_path": f"data/profiling/compute/{device}/{model}/mlp.csv", "commit": COMMIT,
             "licence": LICENCE, "engine": "Vidur profiling harness (sarathi-serve model code on PyTorch; not vLLM)",
             "vllm_version": None, "profiled_at": "not recorded in the data", "model": model,

@@ -509,7 +509,7 @@ class OperatorModel(LatencyModel):
                  vocab_size: int = 0, moe: MoETable | None = None, num_experts: int = 0,
                  top_k: int = 0, ep: int = 1, ep_gather: Collective | None = None, ep_scatter: Collective | None = None,
                  host_overhead_s: float = 0.0, host_overhead_per_seq_s: float = 0.0, skew_alpha: float = 0.0,
-                 max_tokens: int = 8192, max_seqs: int = 1024, source: dict | None = None,
+                 skew_alpha_mixed: float | None = None, max_tokens: int = 8192, max_seqs: int = 1024, source: dict | None = None,
                  attention_layers: int | None = None, dense_attention_layer: dict[str, Curve] | None = None,
                  dense_attention_count: dict[str, float] | None = None,
                  dense_linear_layer: dict[str, Curve] | None = None,
@@ -553,6 +553,8 @@ class OperatorModel(LatencyModel):
         self.host_s = float(host_overhead_s)
         self.host_seq_s = float(host_overhead_per_seq_s)
         self.skew_alpha = float(skew_alpha)
+        # (the decodes of steps with prefill work: their own alpha where the profile has one)
+        self.skew_alpha_mixed = self.skew_alpha if skew_alpha_mixed is None else float(skew_alpha_mixed)
         self.source = source or {}
         self._ep_cache: dict[tuple[int, int], float] = {}
         self._precompute(int(max_tokens), int(max_seqs))
@@ -649,7 +651,8 @@ class OperatorModel(LatencyModel):
         """(prefill, decode) attention of the sliding-window layers, s (0 without them)."""
         if not self.Lw:
             return 0.0, 0.0
-        pa, da = self.attn.step_window(chunks, nd, kd, kmax, self.skew_alpha, self.W, self.chunked)
+        alpha = self.skew_alpha_mixed if chunks else self.skew_alpha
+        pa, da = self.attn.step_window(chunks, nd, kd, kmax, alpha, self.W, self.chunked)
         return pa * self.Lw * US, da * self.Lw * US
 
     def _decode_attn_s(self, B: int, kd: float) -> float:
@@ -698,7 +701,7 @@ class OperatorModel(LatencyModel):
         S = len(prefill_chunks) + num_decodes
         kd = decode_ctx_sum / num_decodes - 1.0 if num_decodes else 0.0
         kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
-        pa, da = self.attn.step(prefill_chunks, num_decodes, kd, kmax, self.skew_alpha)
+        pa, da = self.attn.step(prefill_chunks, num_decodes, kd, kmax, self.skew_alpha_mixed)
         tok = self._tok_s(T) if ep_tokens is None else self._tok_ep_s(T, ep_tokens)
         if self.async_overlap:
             dev = tok + self._seq_s(S) + (pa + da) * self.Lf * US
@@ -732,7 +735,8 @@ class OperatorModel(LatencyModel):
                 if tp[k]:
                     parts[k] = tp[k]
             kmax = decode_ctx_max - 1.0 if decode_ctx_max is not None else None
-            pa, da = self.attn.step(list(prefill_chunks), num_decodes, kd, kmax, self.skew_alpha)
+            pa, da = self.attn.step(list(prefill_chunks), num_decodes, kd, kmax,
+                                    self.skew_alpha_mixed if prefill_chunks else self.skew_alpha)
             parts["attn_prefill"] = pa * self.Lf * US
             parts["attn_decode"] = da * self.Lf * US
             if self.Lw:
@@ -764,6 +768,7 @@ class OperatorModel(LatencyModel):
     def describe(self) -> dict:
         d = {"kind": self.kind, "tp": self.tp, "num_layers": self.L, "host_overhead_s": self.host_s,
              "host_overhead_per_seq_s": self.host_seq_s, "skew_alpha": self.skew_alpha,
+             **({"skew_alpha_mixed": self.skew_alpha_mixed} if self.skew_alpha_mixed != self.skew_alpha else {}),
              **({"async_overlap": True} if self.async_overlap else {}),  # (only when on, as the roofline's)
              "dense_ops": {op: c.interp for op, c in {**self.dense_layer, **self.dense_attn, **self.dense_lin,
                                                       **self.dense_step}.items()}}
@@ -855,6 +860,8 @@ class OperatorModel(LatencyModel):
         skew = spec.get("skew") or {}
         alphas = skew.get("alpha") or {}
         alpha = float(alphas.get(tp, alphas.get(str(tp), 0.0)) or 0.0)
+        mixed = skew.get("alpha_mixed") or {}  # (optional: steps with prefill work; else alpha)
+        alpha_mixed = mixed.get(tp, mixed.get(str(tp))) if mixed else None
         host = spec.get("host_overhead_s", 0.0) if host_overhead_s is None else host_overhead_s
         host_seq = spec.get("host_overhead_per_seq_s", 0.0) if host_overhead_per_seq_s is None else host_overhead_per_seq_s
         return cls(num_layers=model.num_layers, hidden_size=model.hidden_size, dtype_bytes=model.dtype_bytes,
@@ -864,7 +871,8 @@ class OperatorModel(LatencyModel):
                    allreduces_per_step=int(spec.get("allreduces_per_step", 1)), logits_gather=tp_gather,
                    vocab_size=padded_vocab(model.vocab_size, tp), moe=moe, num_experts=E,
                    top_k=k, ep=ep, ep_gather=gather, ep_scatter=scatter, host_overhead_s=float(host or 0.0),
-                   host_overhead_per_seq_s=float(host_seq or 0.0), skew_alpha=alpha, max_tokens=max_tokens,
+                   host_overhead_per_seq_s=float(host_seq or 0.0), skew_alpha=alpha,
+                   skew_alpha_mixed=None if alpha_mixed is None else float(alpha_mixed), max_tokens=max_tokens,
                    max_seqs=max_seqs,
                    source={k2: spec[k2] for k2 in ("provenance_note",) if k2 in spec},
                    attention_layers=model.attention_layers, dense_attention_layer=dense_attn,
