@@ -771,6 +771,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     num_layers = int(get("num_hidden_layers", "n_layer", "num_layers"))
     attention_layers = 0
     types = cfg.get("layer_types")
+    _refuse_unmodelled_layers(cfg, types, where)
     if isinstance(types, list) and "linear_attention" in types:
         types = _per_layer(cfg, "layer_types", num_layers, where)
         attention_layers = sum(1 for t in types if t == "full_attention")
@@ -824,6 +825,31 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         mlp_matrices=3 if gated else 2,
         checkpoint_dtype=checkpoint_dtype,
     )
+
+
+# Layer kinds of a config's layer_types that the model prices: full attention, sliding-window
+# attention, Gated DeltaNet linear attention (Qwen3-Next / 3.5 / 3.6).
+_MODELLED_LAYER_TYPES = frozenset({"full_attention", "attention", "sliding_attention", "linear_attention"})
+# Model types built of state-space (Mamba), short-convolution or other recurrent layers beside
+# (or instead of) attention, which are not modelled (vLLM's mamba / hybrid model code).
+_UNMODELLED_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "bamba", "zamba",
+                                     "zamba2", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "plamo2",
+                                     "minimax", "minimax_text_01", "rwkv", "rwkv7", "recurrent_gemma"})
+
+
+def _refuse_unmodelled_layers(cfg: dict[str, Any], types, where: str) -> None:
+    """A clear error for a model whose layers are not all attention of a modelled kind (Mamba
+    hybrids such as Granite 4.0-H, Nemotron-H, Jamba, Falcon-H1; LFM2's convolutions): read as
+    attention in every layer, its KV cache and FLOPs would be several times off."""
+    mt = str(cfg.get("model_type") or "")
+    other = sorted({str(t) for t in types} - _MODELLED_LAYER_TYPES) if isinstance(types, list) else []
+    pattern = str(cfg.get("hybrid_override_pattern") or "")
+    if mt in _UNMODELLED_MODEL_TYPES or other or "M" in pattern or cfg.get("attn_layer_period"):
+        what = (f"layer types {', '.join(other)}" if other else
+                f"model type {mt}" if mt in _UNMODELLED_MODEL_TYPES else "Mamba layers")
+        raise HardwareError(f"{where}: {what} not modelled (attention layers only: full, sliding-window, "
+                            "Gated DeltaNet linear attention); a state-space or convolution layer read as "
+                            "attention would misprice its KV cache and compute")
 
 
 def _per_layer(cfg: dict[str, Any], key: str, num_layers: int, where: str) -> list | None:

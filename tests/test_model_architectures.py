@@ -285,3 +285,19 @@ def test_an_moe_config_whose_expert_keys_are_not_understood_is_refused_not_read_
         model_from_hf_config(ernie, "ernie")
     # a dense config that names no experts, or says 0 of them, still loads
     assert not model_from_hf_config({**PYTHIA_2_8B, "num_experts": 0, "moe_num_experts": 0}, "p").is_moe
+
+
+@pytest.mark.parametrize("cfg,what", [
+    ({"model_type": "granitemoehybrid", "layer_types": ["mamba"] * 3 + ["attention"]}, "layer types mamba"),
+    ({"model_type": "nemotron_h", "hybrid_override_pattern": "M-M*"}, "nemotron_h"),
+    ({"model_type": "jamba", "attn_layer_period": 8, "attn_layer_offset": 4}, "jamba"),
+    ({"model_type": "lfm2", "layer_types": ["conv", "full_attention", "conv", "conv"]}, "conv"),
+])
+def test_state_space_and_convolution_hybrids_are_refused_not_read_as_attention(cfg, what):
+    """Mamba hybrids (Granite 4.0-H, Nemotron-H, Jamba) and LFM2's short convolutions are not
+    modelled: a clear error naming what, where reading every layer as attention would give a
+    KV cache several times too large."""
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4, "vocab_size": 100,
+            "intermediate_size": 128, "torch_dtype": "bfloat16"}
+    with pytest.raises(HardwareError, match=what):
+        model_from_hf_config({**base, **cfg}, "hybrid")
