@@ -191,35 +191,28 @@ def expert_parallel_blocks(model: ModelArch, device: DeviceSpec, ep: int, block_
 
 def _attention_tiles(spec: dict, lat):
     """The profile's tile model of attention, unless the config overrides the attention efficiency."""
-    d = spec.get("attention_tiles")
-    if not d or lat.attention_efficiency:
+    return None if lat.attention_efficiency else _learned(spec, "attention_tiles", AttentionTiles)
+
+
+def _learned(spec: dict, key: str, cls):
+    """The profile's learned `key` section as `cls` (its from_dict), or None where it has none."""
+    d = spec.get(key)
+    if not d:
         return None
     try:
-        return AttentionTiles.from_dict(d)
+        return cls.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"profile attention_tiles: {e}") from None
+        raise ConfigError(f"profile {key}: {e}") from None
 
 
 def _elementwise(spec: dict):
     """The profile's learned element-wise kernel cost, or None (not priced)."""
-    d = spec.get("elementwise")
-    if not d:
-        return None
-    try:
-        return Elementwise.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"profile elementwise: {e}") from None
+    return _learned(spec, "elementwise", Elementwise)
 
 
 def _decode_skew(spec: dict):
     """The profile's learned decode skew (uneven decode contexts in a batch), or None."""
-    d = spec.get("decode_skew")
-    if not d:
-        return None
-    try:
-        return DecodeSkew.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"profile decode_skew: {e}") from None
+    return _learned(spec, "decode_skew", DecodeSkew)
 
 
 def expert_parallel_size(model: ModelArch, cfg: SimConfig, profile: dict | None) -> int:
