@@ -642,7 +642,8 @@ def _moe_layer_count(cfg: dict[str, Any], num_layers: int) -> int:
     DeepSeek-V2/V3, GLM-4.5 (first_k_dense_replace): layer i >= k with i % moe_layer_freq == 0;
     Llama 4: (i + 1) % interleave_moe_layer_step == 0 (vLLM ignores the config's moe_layers);
     Qwen2/3-MoE, Qwen3-Next: i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
-    every layer otherwise (Mixtral, gpt-oss, Phi-3.5-MoE)."""
+    ERNIE 4.5 (ernie45_moe.py): moe_layer_start_index <= i <= moe_layer_end_index and
+    (i + 1) % moe_layer_interval == 0; every layer otherwise (Mixtral, gpt-oss, Phi-3.5-MoE)."""
     def step(key):
         v = cfg.get(key)
         return 1 if v is None else int(v)
@@ -652,6 +653,10 @@ def _moe_layer_count(cfg: dict[str, Any], num_layers: int) -> int:
     if _is_llama4(cfg):
         st = step("interleave_moe_layer_step")
         return sum(1 for i in range(num_layers) if st > 0 and (i + 1) % st == 0)
+    if "moe_layer_start_index" in cfg or "moe_layer_interval" in cfg or "moe_layer_end_index" in cfg:
+        lo, iv = int(cfg.get("moe_layer_start_index") or 0), max(step("moe_layer_interval"), 1)
+        hi = int(cfg["moe_layer_end_index"]) if cfg.get("moe_layer_end_index") is not None else num_layers - 1
+        return sum(1 for i in range(num_layers) if lo <= i <= hi and (i + 1) % iv == 0)
     if "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg:
         st, dense = max(step("decoder_sparse_step"), 1), set(cfg.get("mlp_only_layers") or [])
         return sum(1 for i in range(num_layers) if i not in dense and (i + 1) % st == 0)
@@ -755,7 +760,9 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     checkpoint_dtype = ""
     if dtype in _AUTO_DOWNCAST:
         checkpoint_dtype, dtype = dtype, "bfloat16"  # what vLLM's --dtype auto serves it in (engine.dtype overrides)
-    num_experts = int(get("num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
+    num_experts = int(get("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", default=0) or 0)
+    if cfg.get("use_moe") is False:
+        num_experts = 0
     if not num_experts:  # an MoE whose expert count sits under another key would be read as dense
         unread = sorted(k for k, v in cfg.items() if "expert" in k and not isinstance(v, bool)
                         and isinstance(v, (int, list)) and v and k != "num_experts_per_tok")
@@ -781,7 +788,8 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
     dense_layers = num_layers - _moe_layer_count(cfg, num_layers) if num_experts else 0
     shared = 0
     if num_experts:
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0) or int(cfg.get("n_shared_experts") or 0) * moe_inter
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0) or int(
+            cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts") or 0) * moe_inter
     if num_experts and _is_llama4(cfg):
         # Llama 4 (vLLM llama4.py): one shared expert of intermediate_size beside the routed
         # ones; the dense layers' MLP is intermediate_size_mlp wide.
@@ -801,7 +809,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "conf
         dtype_bytes=_DTYPE_BYTES[dtype],
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         num_experts=num_experts,
-        num_experts_per_tok=int(get("num_experts_per_tok", "moe_topk", default=0) or 0) if num_experts else 0,
+        num_experts_per_tok=int(get("num_experts_per_tok", "moe_topk", "moe_k", default=0) or 0) if num_experts else 0,
         moe_intermediate_size=moe_inter,
         max_position_embeddings=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
         architecture=str(archs[0]),

@@ -274,15 +274,25 @@ def test_mlps_without_a_gate_and_multi_query_attention():
     assert falcon40.num_kv_heads == 8
 
 
-def test_an_moe_config_whose_expert_keys_are_not_understood_is_refused_not_read_as_dense():
-    """ERNIE 4.5's moe_num_experts is not a key the loader reads: a clear error, where reading
-    it as a dense model would price a 21 B MoE as a 3 B dense one."""
+def test_ernie_moe_keys_and_unknown_expert_keys():
+    """ERNIE 4.5 names its experts moe_num_experts / moe_k / moe_num_shared_experts and its MoE
+    layers by moe_layer_start_index (ernie45_moe.py): baidu/ERNIE-4.5-21B-A3B-PT's published
+    config gives 21.8 B parameters, 3.1 B active a token besides the embedding (its card: 21 B / 3 B). A config whose
+    expert count sits under a key the loader does not read is refused, not read as dense."""
     ernie = {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "hidden_size": 2560,
              "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_attention_heads": 20,
              "num_key_value_heads": 4, "num_hidden_layers": 28, "moe_num_experts": 64, "moe_k": 6,
-             "vocab_size": 103424, "torch_dtype": "bfloat16"}
-    with pytest.raises(HardwareError, match="moe_num_experts"):
-        model_from_hf_config(ernie, "ernie")
+             "moe_num_shared_experts": 2, "moe_layer_start_index": 1, "moe_layer_interval": 1,
+             "vocab_size": 103424, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    m = model_from_hf_config(ernie, "ernie")
+    assert (m.num_experts, m.num_experts_per_tok, m.moe_layers, m.num_dense_layers) == (64, 6, 27, 1)
+    assert m.shared_expert_intermediate_size == 2 * 1536
+    g = m.param_groups()
+    assert sum(g.values()) == pytest.approx(21.8e9, rel=0.02)
+    active = sum(g.values()) - g["rest"] - g["experts"] * (1 - 6 / 64)  # (without the embedding)
+    assert active == pytest.approx(3.0e9, rel=0.05)
+    with pytest.raises(HardwareError, match="moe_experts_count"):
+        model_from_hf_config({**PYTHIA_2_8B, "moe_experts_count": 8}, "unknown")
     # a dense config that names no experts, or says 0 of them, still loads
     assert not model_from_hf_config({**PYTHIA_2_8B, "num_experts": 0, "moe_num_experts": 0}, "p").is_moe
 
