@@ -5,6 +5,12 @@ where the simulator is off.
 
 writes errors.json, report.md and report.html (self-contained) into REPORT_DIR and prints a
 short table, the warnings and the top findings. The directories are `asim-replay --out` results.
+
+  asim-validate import vllm-bench RESULT.json --out MEASURED_DIR
+
+turns a recorded real run (a `vllm bench serve --save-result --save-detailed` JSON, or an
+LLMServingSim run folder) into a measured results dir and the trace to simulate
+(MEASURED_DIR/trace.jsonl): asim-replay that trace, then compare.
 """
 
 from __future__ import annotations
@@ -35,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "the median over all measured runs, and their spread is reported")
     c.add_argument("--top", type=int, default=3, help="findings to print (default 3; all are in the report)")
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    i = sub.add_parser("import", help="a recorded real run as a measured results dir and its trace",
+                       description="Write a recorded real run in the results layout (MEASURED_DIR) with the trace "
+                                   "that replays it (MEASURED_DIR/trace.jsonl, or --trace): simulate that trace with "
+                                   "asim-replay and compare the two dirs.")
+    i.add_argument("format", choices=("vllm-bench", "llmservingsim"),
+                   help="vllm-bench: the JSON of vllm bench serve --save-result --save-detailed; llmservingsim: a "
+                        "run folder of LLMServingSim's bench/")
+    i.add_argument("source", metavar="SOURCE", help="the result file (or a folder holding one) / the run folder")
+    i.add_argument("--out", required=True, metavar="MEASURED_DIR")
+    i.add_argument("--trace", default=None, metavar="TRACE.jsonl", help="where the trace goes "
+                                                                           "(default MEASURED_DIR/trace.jsonl)")
+    i.add_argument("--prefix-tokens", type=int, default=0, metavar="N",
+                   help="vllm-bench: every prompt began with the same N tokens (--random-prefix-len, a shared "
+                        "system prompt); the file does not record it")
     r = sub.add_parser("run", help="run a validation matrix (live vLLM and/or recorded runs vs the simulator)",
                        description="For each case of MATRIX.yaml: measure (live vLLM or a recorded run), simulate "
                                    "the same trace with the case's profile, compare. Writes DIR/<case>/{measured,"
@@ -62,6 +82,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from pathlib import Path
+
+    from replay.trace import write_trace
+
+    from .importers import RECORDED_FORMATS
+    from .importers.llmservingsim import ImportError_
+
+    opts = {"prefix_tokens": args.prefix_tokens} if args.format == "vllm-bench" else {}
+    if args.prefix_tokens and args.format != "vllm-bench":
+        raise MatrixError("--prefix-tokens is for vllm-bench runs")
+    try:
+        run = RECORDED_FORMATS[args.format](args.source, args.out, **opts)
+    except ImportError_ as e:
+        raise MatrixError(str(e)) from None
+    trace = Path(args.trace) if args.trace else Path(args.out) / "trace.jsonl"
+    write_trace(run.programs, trace)
+    settings = " ".join(f"--set engine.{k}={v}" for k, v in run.engine.items())
+    print(f"measured run: {args.out}/ ({len(run.programs)} requests, model {run.model or '?'})\n"
+          f"trace: {trace}\n"
+          f"next: asim-replay {trace} --hardware HARDWARE --model MODEL {settings} --out SIM_DIR && "
+          f"asim-validate compare {args.out} SIM_DIR --out REPORT_DIR")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .matrix import run_matrix, summary_markdown
 
@@ -83,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "import":
+            return cmd_import(args)
     except (ResultsInputError, MatrixError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

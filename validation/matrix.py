@@ -20,6 +20,11 @@ A matrix YAML has a grid part and/or explicit cases:
         hardware: rtx4090-llama-3.1-8b       # profile name or path
         model: llama-3.1-8b
         set: {engine.max_num_seqs: 256}       # optional simulator overrides
+      - name: h100-bench                      # a `vllm bench serve --save-result --save-detailed` JSON
+        recorded: {format: vllm-bench, dir: runs/h100-random.json, prefix_tokens: 0}
+        hardware: h100-sxm
+        model: llama-3.1-8b
+        set: {engine.max_num_seqs: 256}       # the file records no engine settings
 
 Grid cases are named `<model>-<trace>-<load>-<variant>`. A live case is simulated as the
 client actually issued it (`as_issued`: measured send times, issue lags added to tool gaps),
@@ -645,7 +650,11 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         fmt = case.recorded.get("format", "llmservingsim")
         if fmt not in RECORDED_FORMATS:
             raise MatrixError(f"case {case.name}: unknown recorded format '{fmt}' (known: {sorted(RECORDED_FORMATS)})")
-        run = RECORDED_FORMATS[fmt](case.recorded["dir"], measured)
+        opts = {k: v for k, v in case.recorded.items() if k not in ("format", "dir")}  # the format's own options
+        try:
+            run = RECORDED_FORMATS[fmt](case.recorded["dir"], measured, **opts)
+        except TypeError as e:
+            raise MatrixError(f"case {case.name}: recorded format '{fmt}' does not take {sorted(opts)} ({e})") from None
         programs = run.programs
         model = case.model or run.model
         if not case.hardware:
