@@ -29,9 +29,9 @@ _AUTO_DOWNCAST = {"float32", "float", "fp32"}
 # Model types whose dense MLP has no gate projection (up and down only), as vLLM's model code
 # builds them (gpt2.py c_fc/c_proj, gpt_neox.py, falcon.py dense_h_to_4h, starcoder2.py, phi.py
 # fc1/fc2, opt.py, bloom.py, mpt.py, gptj.py, gpt_bigcode.py, persimmon.py, nemotron.py's
-# squared-ReLU up/down, jais.py, codegen).
+# squared-ReLU up/down, codegen; some of these are gone from recent vLLM releases).
 NON_GATED_MLP_TYPES = frozenset({"gpt2", "gpt_bigcode", "gpt_neox", "gptj", "gpt_neo", "codegen", "falcon", "opt",
-                                 "bloom", "mpt", "phi", "starcoder2", "persimmon", "nemotron", "jais"})
+                                 "bloom", "mpt", "phi", "starcoder2", "persimmon", "nemotron"})
 
 
 class HardwareError(ValueError):
