@@ -399,6 +399,46 @@ def noise_floor_lines(cases: list[dict]) -> list[str]:
             "all four within it."]
 
 
+def live_speed_lines(cases: list[dict]) -> list[str]:
+    """The step model on each case's own live steps (validation.live_steps): the machine's
+    speed per run, and how far any shape is off once that speed is taken out."""
+    sp = [(r["case"], r["live_step_speed"]) for r in cases if r.get("live_step_speed")]
+    if not sp:
+        return []
+    lines = ["", "The step model on the live steps themselves (validation/live_steps.py: every live step with one "
+                 "prefill matched to its call, its batch rebuilt from the run's calls and priced by the profile's "
+                 "execute part; 'per run': logged / profile execute over those steps, the machine's speed in that "
+                 "run against profiling time; 'farthest shape bin': with each run's speed taken out, the median "
+                 "ratio of the shape bin (new tokens, cached context, decodes; >= 10 steps) farthest from 1):", "",
+             "| case | matched steps | per run | spread | farthest shape bin |", "|---|---:|---|---:|---|"]
+    pooled: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for case, s in sp:
+        bins = [(col, b) for col, bs in s["by_shape"].items() for b in bs if b["steps"] >= 10]
+        far = max(bins, key=lambda cb: abs(cb[1]["median"] - 1.0), default=None)
+        for col, b in bins:
+            pooled.setdefault((col, b["bin"]), []).append((b["steps"], b["median"]))
+        lines.append(f"| {case} | {s['steps']} | " + " / ".join(f"x{r['factor']:.3f}" for r in s["runs"])
+                     + f" | {100 * s['spread']:.1f}% | "
+                     + ("-" if far is None else f"{far[0]} {far[1]['bin']}: x{far[1]['median']:.3f}") + " |")
+    fs = [r["factor"] for _, s in sp for r in s["runs"]]
+    spreads = [s["spread"] for _, s in sp if len(s["runs"]) > 1]
+    line = f"- the machine's speed over the {len(fs)} runs: x{min(fs):.3f} to x{max(fs):.3f} of the profile"
+    if spreads:
+        line += (f"; within one case's runs a median spread of {100 * statistics.median(spreads):.1f}% "
+                 f"(largest {100 * max(spreads):.1f}%)")
+    lines += ["", line]
+    if pooled:
+        from .live_steps import SHAPE_BINS, bin_labels
+        parts = []
+        order = [(col, label) for col in SHAPE_BINS for label in bin_labels(col)]
+        for (col, label), vals in sorted(pooled.items(), key=lambda kv: order.index(kv[0])):
+            n = sum(k for k, _ in vals)
+            parts.append(f"{col} {label}: x{sum(k * m for k, m in vals) / n:.3f} ({n})")
+        lines.append("- with each run's speed taken out, the shape bins' medians averaged over the cases (weighted by "
+                     "steps): " + "; ".join(parts))
+    return lines
+
+
 def summary_markdown(result: dict) -> list[str]:
     from .report import signed_pct
 
@@ -471,6 +511,7 @@ def summary_markdown(result: dict) -> list[str]:
             e = a["errors"]
             lines.append(f"| {case} | x{a['step_time_scale']:.3f} | " + " | ".join(
                 signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
+    lines += live_speed_lines(ok)
     if result.get("ranking"):
         lines += ["", "Ranking: does the simulator order the variants as the real engine does?", "",
                   "| group | metric | measured order | simulated order | agree |", "|---|---|---|---|---|"]
@@ -712,7 +753,22 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         if reference is not None:
             row["at_reference_speed"] = reference.result(programs, hardware, model, overrides, row)
             (case_dir / "reference.json").write_text(json.dumps(row["at_reference_speed"], indent=2) + "\n")
+        speed = _live_step_speed([measured, *extra], hardware)
+        if speed is not None:
+            from .live_steps import speed_finding
+            row["live_step_speed"] = speed
+            row["findings"].append(speed_finding(speed))
+            (report / "live_steps.json").write_text(json.dumps(speed, indent=2) + "\n")
     return row
+
+
+def _live_step_speed(run_dirs: list[Path], hardware: str) -> dict | None:
+    """validation.live_steps on a live case's runs; None without a calibrated linear profile."""
+    from simulator.hardware import load_device
+
+    from .live_steps import live_step_speed
+    _, profile = load_device(hardware)
+    return live_step_speed(run_dirs, profile or {})
 
 
 class _ReferenceSteps:

@@ -70,3 +70,10 @@ def test_live_case_measured_simulated_and_compared(vllm_python, tmp_path):
     assert all(math.isfinite(v) for v in ref["errors"].values())
     assert json.loads((case / "reference.json").read_text())["step_time_scale"] == ref["step_time_scale"]
     assert "At the machine's reference speed" in (out / "summary.md").read_text()
+    # the profile priced each live step with one prefill, matched to its call: most calls' first
+    # prefill is such a step, and the machine's speed per run is a plausible factor
+    speed = row["live_step_speed"]
+    assert [r["run"] for r in speed["runs"]] == ["measured", "2"]
+    assert all(r["steps"] >= 0.5 * n_calls and 0.5 < r["factor"] < 2.0 for r in speed["runs"])
+    assert json.loads((case / "report" / "live_steps.json").read_text())["steps"] == speed["steps"]
+    assert "The step model on the live steps themselves" in (out / "summary.md").read_text()
