@@ -2,18 +2,25 @@
 
 `validation.steps` compares a live run's steps with the simulation's in aggregate (per prefill
 token, per decode batch size), so it mixes the step model with the batches each run happened
-to form. Here each live step that carried one prefill is matched to its call (the call whose
-first token the client received just after the step, with as many uncached tokens as the step
-prefilled), its batch is rebuilt from the run's own calls (the prefill's cached context from
-the server's `cached_tokens`; each decode's context from its call's prompt and the share of
-its output produced by then), and the profile's execute part prices that exact batch. Two
-figures come out:
+to form. Here the batch of each live step is rebuilt from the run's own calls and the
+profile's execute part prices that exact batch:
+
+- a step with exactly one prefill is matched to its call: the call whose first token the
+  client received just after the step's log line, with as many uncached tokens as the step
+  prefilled (its cached context is the server's `cached_tokens`);
+- its decodes, and those of a decode-only step, are the calls past their first token and not
+  yet finished at the line, each at its prompt plus the share of its output produced by then;
+  a step whose logged decode count differs is left out.
+
+Two figures come out:
 
 - per run, the speed the machine showed: Σ logged execute / Σ profile execute over the
-  matched steps (1.10: the steps took 10 % longer than at profiling time);
-- with each run's factor taken out, the median ratio by shape (new tokens, cached context,
-  decodes in the batch). A step model that is right up to the machine's speed has every
-  shape bin near 1; a bin far from 1 is a shape the model gets wrong.
+  matched steps with a prefill (`factor`; 1.10: 10 % slower than at profiling time) and over
+  the decode-only ones (`decode_factor`);
+- at each run's speed, the ratio by shape: Σ logged / Σ (profile execute × the run's factor)
+  over the steps of each bin of new tokens, cached context, decodes beside a prefill, and
+  decode batch size. A step model that is right up to the machine's speed has every bin near
+  1; a bin far from 1 is a shape the model gets wrong.
 
 Needs a calibrated linear profile (its fitted execute part) and results dirs with steps.csv
 from the engine's iteration log (a live replay with `--launch` or a matrix case).
@@ -35,19 +42,28 @@ SHAPE_BINS = {
     "new_tokens": (0, 64, 128, 256, 512, 1024, math.inf),
     "cached_tokens": (-1, 0, 256, 512, 1024, math.inf),
     "decodes": (-1, 0, 1, 3, math.inf),
+    "decode_batch": (0, 1, 3, 7, math.inf),
 }
-MIN_STEPS = 10  # fewer matched steps in a run: no factor for it
+# shape name -> (step kind, column): the first three over steps with a prefill, the last over
+# decode-only steps
+SHAPE_COLUMNS = {"new_tokens": ("prefill", "new_tokens"), "cached_tokens": ("prefill", "cached_tokens"),
+                 "decodes": ("prefill", "decodes"), "decode_batch": ("decode", "decodes")}
+MIN_STEPS = 10  # fewer matched steps of a kind in a run: no factor for it
 
 
-def matched_prefill_steps(run_dir: str | Path, model) -> pd.DataFrame:
-    """One row per live step with exactly one prefill that could be matched to its call:
-    its shape, its logged execute time and `model`'s (a LatencyModel: the profile's execute
-    part) for the rebuilt batch, both in ms. Empty when the run has no steps.csv."""
+def matched_steps(run_dir: str | Path, model) -> pd.DataFrame:
+    """One row per live step whose batch could be rebuilt: kind "prefill" (exactly one
+    prefill, matched to its call, with any decodes beside it) or "decode" (decodes only); its
+    shape, its logged execute time and `model`'s (a LatencyModel: the profile's execute part)
+    for the rebuilt batch, both in ms. A decode is a call past its first token and not yet
+    finished at the step's log line (client times; a token reaches the client after the line);
+    a step whose logged decode count differs from that is left out. Empty when the run has no
+    steps.csv."""
     from simulator.latency.base import StepFeatures
     from simulator.latency.linear import IDLE_WAKE_AFTER_S
 
     run_dir = Path(run_dir)
-    cols = ["new_tokens", "cached_tokens", "decodes", "measured_ms", "profile_ms"]
+    cols = ["kind", "new_tokens", "cached_tokens", "decodes", "measured_ms", "profile_ms"]
     if not (run_dir / "steps.csv").is_file() or not (run_dir / "calls.csv").is_file():
         return pd.DataFrame(columns=cols)
     st = pd.read_csv(run_dir / "steps.csv")
@@ -55,31 +71,37 @@ def matched_prefill_steps(run_dir: str | Path, model) -> pd.DataFrame:
     if "status" in calls:
         calls = calls[calls["status"] == "ok"]
     st = st.sort_values("t_s").reset_index(drop=True)
-    start = st["t_s"] - st["elapsed_ms"] / 1000.0
-    idle_before = start - st["t_s"].shift(1)  # NaN for the run's first step: an engine at rest
+    end = st["t_s"].to_numpy()
+    start = end - st["elapsed_ms"].to_numpy() / 1000.0
+    idle_before = start - np.concatenate([[np.nan], end[:-1]])  # NaN first: an engine at rest
     first, finish = calls["first_token_s"].to_numpy(), calls["finish_s"].to_numpy()
-    uncached = (calls["input_tokens"] - calls["cached_tokens"]).to_numpy()
+    prompt, out = calls["input_tokens"].to_numpy(), calls["output_tokens"].to_numpy()
+    cached = calls["cached_tokens"].to_numpy()
+    uncached = prompt - cached
+    span = np.where(finish > first, finish - first, 1.0)
     rows = []
-    for i in np.flatnonzero((st["num_prefill_reqs"] == 1).to_numpy()):
-        s = st.iloc[i]
-        new = int(s["num_prefill_tokens"])
-        hit = np.flatnonzero((first >= s["t_s"] - MATCH_BEFORE_S) & (first <= s["t_s"] + MATCH_AFTER_S)
-                             & (uncached == new))
-        if len(hit) != 1:
+    npre, ndec = st["num_prefill_reqs"].to_numpy(), st["num_decode_reqs"].to_numpy()
+    for i in np.flatnonzero((npre == 1) | ((npre == 0) & (ndec > 0))):
+        new = int(st["num_prefill_tokens"].iloc[i]) if npre[i] else 0
+        running = (first < end[i]) & (finish > end[i])
+        ctx = 0
+        if new:
+            hit = np.flatnonzero((first >= end[i] - MATCH_BEFORE_S) & (first <= end[i] + MATCH_AFTER_S)
+                                 & (uncached == new))
+            if len(hit) != 1:
+                continue
+            ctx = int(cached[hit[0]])
+            running[hit[0]] = False
+        nd = int(ndec[i])
+        if int(running.sum()) != nd:  # the run's calls do not account for the step's decodes
             continue
-        ctx = int(calls["cached_tokens"].iloc[hit[0]])
-        run = np.flatnonzero((first < start[i]) & (finish > s["t_s"]))
-        nd = int(s["num_decode_reqs"])
-        if len(run) != nd:  # the run's calls do not account for the step's decodes
-            continue
-        d = calls.iloc[run]
-        span = (d["finish_s"] - d["first_token_s"]).to_numpy()
-        done = np.clip((start[i] - d["first_token_s"].to_numpy()) / np.where(span > 0, span, 1.0), 0.0, 1.0)
-        dctx = int(round(float((d["input_tokens"].to_numpy() + d["output_tokens"].to_numpy() * done + 1).sum())))
-        idle = idle_before.iloc[i]
-        f = StepFeatures(new, new * (ctx + (new + 1) / 2.0), ctx + new, 1, nd, dctx, 1 + nd,
-                         int(bool(math.isnan(idle) or idle >= IDLE_WAKE_AFTER_S)))
-        rows.append((new, ctx, nd, float(s["elapsed_ms"]), 1000.0 * model.time_of(f)))
+        done = np.clip((start[i] - first[running]) / span[running], 0.0, 1.0)
+        dctx = int(round(float((prompt[running] + out[running] * done + 1).sum())))
+        idle = idle_before[i]
+        f = StepFeatures(new, new * (ctx + (new + 1) / 2.0), ctx + new if new else 0, 1 if new else 0, nd, dctx,
+                         nd + (1 if new else 0), int(bool(math.isnan(idle) or idle >= IDLE_WAKE_AFTER_S)))
+        rows.append(("prefill" if new else "decode", new, ctx, nd, float(st["elapsed_ms"].iloc[i]),
+                     1000.0 * model.time_of(f)))
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -98,9 +120,10 @@ def bin_labels(col: str) -> list[str]:
 
 
 def live_step_speed(run_dirs: list[str | Path], profile: dict) -> dict | None:
-    """Per run the machine's speed on its own matched prefill steps, and the ratio by shape
-    with each run's factor taken out (see the module text). None: no calibrated linear
-    profile, or no run with MIN_STEPS matched steps."""
+    """Per run the machine's speed on its own rebuilt steps (`factor`: steps with a prefill;
+    `decode_factor`: decode-only steps, None under MIN_STEPS), and the ratio by shape with
+    each run's factors taken out (see the module text). None: no calibrated linear profile, or
+    no run with MIN_STEPS matched prefill steps."""
     from calibrate.profile import execute_model
 
     try:
@@ -109,23 +132,34 @@ def live_step_speed(run_dirs: list[str | Path], profile: dict) -> dict | None:
         return None
     runs, frames = [], []
     for d in run_dirs:
-        m = matched_prefill_steps(d, model)
-        if len(m) < MIN_STEPS:
+        m = matched_steps(d, model)
+        pre, dec = m[m["kind"] == "prefill"], m[m["kind"] == "decode"]
+        if len(pre) < MIN_STEPS:
             continue
-        factor = float(m["measured_ms"].sum() / m["profile_ms"].sum())
-        runs.append({"run": Path(d).name, "steps": int(len(m)), "factor": factor})
-        frames.append(m.assign(residual=m["measured_ms"] / m["profile_ms"] / factor))
+        factor = float(pre["measured_ms"].sum() / pre["profile_ms"].sum())
+        dfactor = float(dec["measured_ms"].sum() / dec["profile_ms"].sum()) if len(dec) >= MIN_STEPS else None
+        runs.append({"run": Path(d).name, "steps": int(len(pre)), "factor": factor,
+                     "decode_steps": int(len(dec)), "decode_factor": dfactor})
+        frames.append(pre.assign(scaled_ms=pre["profile_ms"] * factor))
+        if dfactor is not None:
+            frames.append(dec.assign(scaled_ms=dec["profile_ms"] * dfactor))
     if not runs:
         return None
     allm = pd.concat(frames, ignore_index=True)
     by_shape = {}
-    for col, edges in SHAPE_BINS.items():
-        cut = pd.cut(allm[col], list(edges), right=True)
-        g = allm.groupby(cut, observed=True)["residual"].agg(["size", "median"])
-        by_shape[col] = [{"bin": _bin_label(iv.left, iv.right), "steps": int(r["size"]), "median": float(r["median"])}
-                         for iv, r in g.iterrows()]
+    for name, (kind, col) in SHAPE_COLUMNS.items():
+        part = allm[allm["kind"] == kind]
+        if part.empty:
+            continue
+        g = part.groupby(pd.cut(part[col], list(SHAPE_BINS[name]), right=True), observed=True)
+        sums = g[["measured_ms", "scaled_ms"]].sum()
+        by_shape[name] = [{"bin": _bin_label(iv.left, iv.right), "steps": int(n), "ratio": float(r.measured_ms / r.scaled_ms),
+                           "measured_ms": float(r.measured_ms), "scaled_ms": float(r.scaled_ms)}
+                          for (iv, r), n in zip(sums.iterrows(), g.size())]
     fs = [r["factor"] for r in runs]
-    return {"runs": runs, "steps": int(len(allm)), "spread": max(fs) / min(fs) - 1.0, "by_shape": by_shape}
+    return {"runs": runs, "steps": int((allm["kind"] == "prefill").sum()),
+            "decode_steps": int((allm["kind"] == "decode").sum()),
+            "spread": max(fs) / min(fs) - 1.0, "by_shape": by_shape}
 
 
 def speed_finding(s: dict) -> str:
@@ -134,8 +168,9 @@ def speed_finding(s: dict) -> str:
     bins = [(col, b) for col, bs in s["by_shape"].items() for b in bs if b["steps"] >= MIN_STEPS]
     shape = ""
     if bins:
-        col, b = max(bins, key=lambda cb: abs(cb[1]["median"] - 1.0))
-        shape = (f"; with each run's speed taken out, every shape bin's median is within "
-                 f"{100 * abs(b['median'] - 1.0):.1f}% of 1 (farthest: {col} {b['bin']}, x{b['median']:.3f})")
-    return (f"live steps with one prefill ({s['steps']} matched to their calls, batches rebuilt): logged execute "
-            f"/ the profile's execute per run {runs}{shape}")
+        col, b = max(bins, key=lambda cb: abs(cb[1]["ratio"] - 1.0))
+        shape = (f"; at each run's speed, every shape bin is within {100 * abs(b['ratio'] - 1.0):.1f}% of the "
+                 f"model (farthest: {col} {b['bin']}, x{b['ratio']:.3f})")
+    dec = ", ".join("-" if r.get("decode_factor") is None else f"x{r['decode_factor']:.3f}" for r in s["runs"])
+    return (f"live steps, batches rebuilt from the calls: logged / the profile's execute time per run {runs} on "
+            f"{s['steps']} steps with a prefill, {dec} on {s['decode_steps']} decode-only steps{shape}")

@@ -408,34 +408,61 @@ def live_speed_lines(cases: list[dict]) -> list[str]:
     lines = ["", "The step model on the live steps themselves (validation/live_steps.py: every live step with one "
                  "prefill matched to its call, its batch rebuilt from the run's calls and priced by the profile's "
                  "execute part; 'per run': logged / profile execute over those steps, the machine's speed in that "
-                 "run against profiling time; 'farthest shape bin': with each run's speed taken out, the median "
-                 "ratio of the shape bin (new tokens, cached context, decodes; >= 10 steps) farthest from 1):", "",
-             "| case | matched steps | per run | spread | farthest shape bin |", "|---|---:|---|---:|---|"]
-    pooled: dict[tuple[str, str], list[tuple[int, float]]] = {}
+                 "run against profiling time, over steps with a prefill and over decode-only steps; 'farthest "
+                 "shape bin': at each run's speed, Σ logged / Σ modelled execute of the shape bin (new tokens, "
+                 "cached context, decodes beside a prefill, decode batch; >= 10 steps) farthest from 1; 'at each run's "
+                 "speed': each run against the simulation rerun with its two factors, the median over the case's "
+                 "runs, a diagnostic of what is left beside the machine's speed):", "",
+             "| case | steps with a prefill | per run | decode-only steps | per run | spread (prefill) | "
+             "farthest shape bin | at each run's speed: mean TTFT / TPOT / E2E / JCT |",
+             "|---|---:|---|---:|---|---:|---|---|"]
+    pooled: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    from .report import signed_pct
+    at_speed = {r["case"]: r.get("at_live_step_speed") for r in cases}
     for case, s in sp:
+        at = at_speed.get(case)
+        at_cell = "-" if not at else " / ".join(signed_pct(at["errors"].get(f"mean_{m}"))
+                                               for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"))
         bins = [(col, b) for col, bs in s["by_shape"].items() for b in bs if b["steps"] >= 10]
-        far = max(bins, key=lambda cb: abs(cb[1]["median"] - 1.0), default=None)
+        far = max(bins, key=lambda cb: abs(cb[1]["ratio"] - 1.0), default=None)
         for col, b in bins:
-            pooled.setdefault((col, b["bin"]), []).append((b["steps"], b["median"]))
+            pooled.setdefault((col, b["bin"]), []).append((b["steps"], b["measured_ms"], b["scaled_ms"]))
+        dec = " / ".join("-" if r.get("decode_factor") is None else f"x{r['decode_factor']:.3f}" for r in s["runs"])
         lines.append(f"| {case} | {s['steps']} | " + " / ".join(f"x{r['factor']:.3f}" for r in s["runs"])
-                     + f" | {100 * s['spread']:.1f}% | "
-                     + ("-" if far is None else f"{far[0]} {far[1]['bin']}: x{far[1]['median']:.3f}") + " |")
+                     + f" | {s.get('decode_steps', 0)} | {dec} | {100 * s['spread']:.1f}% | "
+                     + ("-" if far is None else f"{far[0]} {far[1]['bin']}: x{far[1]['ratio']:.3f}")
+                     + f" | {at_cell} |")
     fs = [r["factor"] for _, s in sp for r in s["runs"]]
     spreads = [s["spread"] for _, s in sp if len(s["runs"]) > 1]
-    line = f"- the machine's speed over the {len(fs)} runs: x{min(fs):.3f} to x{max(fs):.3f} of the profile"
+    dfs = [r["decode_factor"] for _, s in sp for r in s["runs"] if r.get("decode_factor") is not None]
+    line = (f"- the machine's speed over the {len(fs)} runs: x{min(fs):.3f} to x{max(fs):.3f} of the profile on "
+            "steps with a prefill" + (f", x{min(dfs):.3f} to x{max(dfs):.3f} on decode-only steps" if dfs else ""))
     if spreads:
         line += (f"; within one case's runs a median spread of {100 * statistics.median(spreads):.1f}% "
                  f"(largest {100 * max(spreads):.1f}%)")
     lines += ["", line]
+    at = [(case, r["at_live_step_speed"]) for r in cases for case in [r["case"]] if r.get("at_live_step_speed")]
+    if at:
+        keys = ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")
+        worst = {k: max((abs(a["errors"][f"mean_{k}"]), c) for c, a in at if a["errors"].get(f"mean_{k}") is not None)
+                 for k in keys}
+        within = sum(1 for _, a in at if all(v is not None and abs(v) <= 0.05 for v in a["errors"].values()))
+        meds = {k: statistics.median(abs(a["errors"][f"mean_{k}"]) for _, a in at
+                                     if a["errors"].get(f"mean_{k}") is not None) for k in keys}
+        lines.append("- each run against the simulation rerun at that run's own two step factors (median over a "
+                     "case's runs; what is left beside the machine's speed): worst mean "
+                     + ", ".join(f"{k.split('_')[0].upper()} {100 * worst[k][0]:.1f}% ({worst[k][1]})" for k in keys)
+                     + "; median " + " / ".join(f"{100 * meds[k]:.1f}" for k in keys)
+                     + f" %; cases with all four within 5%: {within} of {len(at)}")
     if pooled:
         from .live_steps import SHAPE_BINS, bin_labels
         parts = []
         order = [(col, label) for col in SHAPE_BINS for label in bin_labels(col)]
         for (col, label), vals in sorted(pooled.items(), key=lambda kv: order.index(kv[0])):
-            n = sum(k for k, _ in vals)
-            parts.append(f"{col} {label}: x{sum(k * m for k, m in vals) / n:.3f} ({n})")
-        lines.append("- with each run's speed taken out, the shape bins' medians averaged over the cases (weighted by "
-                     "steps): " + "; ".join(parts))
+            n = sum(v[0] for v in vals)
+            parts.append(f"{col} {label}: x{sum(v[1] for v in vals) / sum(v[2] for v in vals):.3f} ({n})")
+        lines.append("- at each run's speed, the shape bins over all cases (Σ logged / Σ modelled, steps in "
+                     "brackets): " + "; ".join(parts))
     return lines
 
 
@@ -758,8 +785,41 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
             from .live_steps import speed_finding
             row["live_step_speed"] = speed
             row["findings"].append(speed_finding(speed))
-            (report / "live_steps.json").write_text(json.dumps(speed, indent=2) + "\n")
+            row["at_live_step_speed"] = _at_live_step_speed(
+                scale_arrivals(load_trace(case.trace), case.load), [measured, *extra], hardware, model, overrides,
+                speed)
+            (report / "live_steps.json").write_text(json.dumps(
+                {**speed, "at_live_step_speed": row["at_live_step_speed"]}, indent=2) + "\n")
     return row
+
+
+def _at_live_step_speed(programs, run_dirs: list[Path], hardware: str, model: str, overrides: dict,
+                        speed: dict) -> dict | None:
+    """Each live run against the simulation rerun at the speed that run's own steps showed
+    (validation.live_steps: steps with a prefill and decode-only steps scaled by the run's two
+    factors; the programs as that run's client issued them). Two numbers per run come from
+    the measurement, the rest (batching, queueing, frontend, host) is the model's: what error
+    is left once the machine's speed during the run is known. A diagnostic, not the case's
+    result; the case's value is the median over its runs."""
+    import pandas as pd
+    by_name = {Path(d).name: Path(d) for d in run_dirs}
+    runs = []
+    for r in speed["runs"]:
+        d = by_name.get(r["run"])
+        if d is None or r.get("decode_factor") is None or not (d / "summary.json").is_file():
+            continue
+        measured = json.loads((d / "summary.json").read_text())
+        summ = _rerun_summary(as_issued(programs, pd.read_csv(d / "calls.csv")), hardware, model, overrides,
+                              **{"latency.step_time_scale": r["factor"],
+                                 "latency.decode_step_time_scale": r["decode_factor"]})
+        runs.append({"run": r["run"], "errors": _mean_errors(summ, measured)})
+    if not runs:
+        return None
+    med = {}
+    for k in runs[0]["errors"]:
+        vals = [x["errors"][k] for x in runs if x["errors"].get(k) is not None]
+        med[k] = statistics.median(vals) if vals else None
+    return {"runs": runs, "errors": med}
 
 
 def _live_step_speed(run_dirs: list[Path], hardware: str) -> dict | None:

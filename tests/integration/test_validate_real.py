@@ -75,5 +75,10 @@ def test_live_case_measured_simulated_and_compared(vllm_python, tmp_path):
     speed = row["live_step_speed"]
     assert [r["run"] for r in speed["runs"]] == ["measured", "2"]
     assert all(r["steps"] >= 0.5 * n_calls and 0.5 < r["factor"] < 2.0 for r in speed["runs"])
+    assert all(r["decode_steps"] >= 10 and 0.3 < r["decode_factor"] < 3.0 for r in speed["runs"])
     assert json.loads((case / "report" / "live_steps.json").read_text())["steps"] == speed["steps"]
+    # and each run against the simulation rerun at that run's two factors
+    at = row["at_live_step_speed"]
+    assert [r["run"] for r in at["runs"]] == ["measured", "2"]
+    assert all(math.isfinite(v) for r in at["runs"] for v in r["errors"].values())
     assert "The step model on the live steps themselves" in (out / "summary.md").read_text()
