@@ -153,7 +153,8 @@ def live_step_speed(run_dirs: list[str | Path], profile: dict) -> dict | None:
             continue
         g = part.groupby(pd.cut(part[col], list(SHAPE_BINS[name]), right=True), observed=True)
         sums = g[["measured_ms", "scaled_ms"]].sum()
-        by_shape[name] = [{"bin": _bin_label(iv.left, iv.right), "steps": int(n), "ratio": float(r.measured_ms / r.scaled_ms),
+        by_shape[name] = [{"bin": _bin_label(iv.left, iv.right), "steps": int(n),
+                           "ratio": float(r.measured_ms / r.scaled_ms),
                            "measured_ms": float(r.measured_ms), "scaled_ms": float(r.scaled_ms)}
                           for (iv, r), n in zip(sums.iterrows(), g.size())]
     fs = [r["factor"] for r in runs]
