@@ -29,6 +29,7 @@ from the engine's iteration log (a live replay with `--launch` or a matrix case)
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def matched_steps(run_dir: str | Path, model) -> pd.DataFrame:
     finished at the step's log line (client times; a token reaches the client after the line);
     a step whose logged decode count differs from that is left out. Empty when the run has no
     steps.csv."""
-    from simulator.latency.base import StepFeatures
+    from simulator.latency.base import step_features
     from simulator.latency.linear import IDLE_WAKE_AFTER_S
 
     run_dir = Path(run_dir)
@@ -98,8 +99,8 @@ def matched_steps(run_dir: str | Path, model) -> pd.DataFrame:
         done = np.clip((start[i] - first[running]) / span[running], 0.0, 1.0)
         dctx = int(round(float((prompt[running] + out[running] * done + 1).sum())))
         idle = idle_before[i]
-        f = StepFeatures(new, new * (ctx + (new + 1) / 2.0), ctx + new if new else 0, 1 if new else 0, nd, dctx,
-                         nd + (1 if new else 0), int(bool(math.isnan(idle) or idle >= IDLE_WAKE_AFTER_S)))
+        f = replace(step_features([(new, ctx)] if new else [], nd, dctx, nd + (1 if new else 0)),
+                    idle_start=int(bool(math.isnan(idle) or idle >= IDLE_WAKE_AFTER_S)))
         rows.append(("prefill" if new else "decode", new, ctx, nd, float(st["elapsed_ms"].iloc[i]),
                      1000.0 * model.time_of(f)))
     return pd.DataFrame(rows, columns=cols)

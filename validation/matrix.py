@@ -399,10 +399,31 @@ def noise_floor_lines(cases: list[dict]) -> list[str]:
             "all four within it."]
 
 
+def mean_error_stats(pairs: list[tuple[str, dict]]) -> tuple[dict, int]:
+    """For (case, errors) pairs whose errors hold the four MEANS: per mean key, (largest
+    |error|, its case, median |error|) over the cases that have it; and how many cases have
+    all four within 5 %."""
+    stats = {}
+    for k in MEANS:
+        vals = [(abs(e[k]), c) for c, e in pairs if e.get(k) is not None]
+        if vals:
+            v, c = max(vals)
+            stats[k] = (v, c, statistics.median(x for x, _ in vals))
+    within = sum(1 for _, e in pairs if all(e.get(k) is not None and abs(e[k]) <= 0.05 for k in MEANS))
+    return stats, within
+
+
+def _mean_cells(errors: dict, sep: str = " | ") -> str:
+    from .report import signed_pct
+    return sep.join(signed_pct(errors.get(k)) for k in MEANS)
+
+
 def live_speed_lines(cases: list[dict]) -> list[str]:
     """The step model on each case's own live steps (validation.live_steps): the machine's
-    speed per run, and how far any shape is off once that speed is taken out."""
-    sp = [(r["case"], r["live_step_speed"]) for r in cases if r.get("live_step_speed")]
+    speed per run, how far any shape is off at that speed, and each run against the
+    simulation rerun at it."""
+    from .live_steps import MIN_STEPS, SHAPE_BINS, bin_labels
+    sp = [r for r in cases if r.get("live_step_speed")]
     if not sp:
         return []
     lines = ["", "The step model on the live steps themselves (validation/live_steps.py: every live step with one "
@@ -410,57 +431,47 @@ def live_speed_lines(cases: list[dict]) -> list[str]:
                  "execute part; 'per run': logged / profile execute over those steps, the machine's speed in that "
                  "run against profiling time, over steps with a prefill and over decode-only steps; 'farthest "
                  "shape bin': at each run's speed, Σ logged / Σ modelled execute of the shape bin (new tokens, "
-                 "cached context, decodes beside a prefill, decode batch; >= 10 steps) farthest from 1; 'at each run's "
-                 "speed': each run against the simulation rerun with its two factors, the median over the case's "
-                 "runs, a diagnostic of what is left beside the machine's speed):", "",
+                 f"cached context, decodes beside a prefill, decode batch; >= {MIN_STEPS} steps) farthest from 1; "
+                 "'at each run's speed': each run against the simulation rerun with its two factors, the median "
+                 "over the case's runs, a diagnostic of what is left beside the machine's speed):", "",
              "| case | steps with a prefill | per run | decode-only steps | per run | spread (prefill) | "
              "farthest shape bin | at each run's speed: mean TTFT / TPOT / E2E / JCT |",
              "|---|---:|---|---:|---|---:|---|---|"]
     pooled: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
-    from .report import signed_pct
-    at_speed = {r["case"]: r.get("at_live_step_speed") for r in cases}
-    for case, s in sp:
-        at = at_speed.get(case)
-        at_cell = "-" if not at else " / ".join(signed_pct(at["errors"].get(f"mean_{m}"))
-                                               for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"))
-        bins = [(col, b) for col, bs in s["by_shape"].items() for b in bs if b["steps"] >= 10]
+    for r in sp:
+        s, at = r["live_step_speed"], r.get("at_live_step_speed")
+        bins = [(col, b) for col, bs in s["by_shape"].items() for b in bs if b["steps"] >= MIN_STEPS]
         far = max(bins, key=lambda cb: abs(cb[1]["ratio"] - 1.0), default=None)
         for col, b in bins:
             pooled.setdefault((col, b["bin"]), []).append((b["steps"], b["measured_ms"], b["scaled_ms"]))
-        dec = " / ".join("-" if r.get("decode_factor") is None else f"x{r['decode_factor']:.3f}" for r in s["runs"])
-        lines.append(f"| {case} | {s['steps']} | " + " / ".join(f"x{r['factor']:.3f}" for r in s["runs"])
+        dec = " / ".join("-" if x.get("decode_factor") is None else f"x{x['decode_factor']:.3f}" for x in s["runs"])
+        lines.append(f"| {r['case']} | {s['steps']} | " + " / ".join(f"x{x['factor']:.3f}" for x in s["runs"])
                      + f" | {s.get('decode_steps', 0)} | {dec} | {100 * s['spread']:.1f}% | "
                      + ("-" if far is None else f"{far[0]} {far[1]['bin']}: x{far[1]['ratio']:.3f}")
-                     + f" | {at_cell} |")
-    fs = [r["factor"] for _, s in sp for r in s["runs"]]
-    spreads = [s["spread"] for _, s in sp if len(s["runs"]) > 1]
-    dfs = [r["decode_factor"] for _, s in sp for r in s["runs"] if r.get("decode_factor") is not None]
+                     + f" | {'-' if not at else _mean_cells(at['errors'], ' / ')} |")
+    fs = [x["factor"] for r in sp for x in r["live_step_speed"]["runs"]]
+    dfs = [x["decode_factor"] for r in sp for x in r["live_step_speed"]["runs"] if x.get("decode_factor") is not None]
+    spreads = [r["live_step_speed"]["spread"] for r in sp if len(r["live_step_speed"]["runs"]) > 1]
     line = (f"- the machine's speed over the {len(fs)} runs: x{min(fs):.3f} to x{max(fs):.3f} of the profile on "
             "steps with a prefill" + (f", x{min(dfs):.3f} to x{max(dfs):.3f} on decode-only steps" if dfs else ""))
     if spreads:
         line += (f"; within one case's runs a median spread of {100 * statistics.median(spreads):.1f}% "
                  f"(largest {100 * max(spreads):.1f}%)")
     lines += ["", line]
-    at = [(case, r["at_live_step_speed"]) for r in cases for case in [r["case"]] if r.get("at_live_step_speed")]
+    at = [(r["case"], r["at_live_step_speed"]["errors"]) for r in sp if r.get("at_live_step_speed")]
     if at:
-        keys = ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")
-        worst = {k: max((abs(a["errors"][f"mean_{k}"]), c) for c, a in at if a["errors"].get(f"mean_{k}") is not None)
-                 for k in keys}
-        within = sum(1 for _, a in at if all(v is not None and abs(v) <= 0.05 for v in a["errors"].values()))
-        meds = {k: statistics.median(abs(a["errors"][f"mean_{k}"]) for _, a in at
-                                     if a["errors"].get(f"mean_{k}") is not None) for k in keys}
+        stats, within = mean_error_stats(at)
         lines.append("- each run against the simulation rerun at that run's own two step factors (median over a "
                      "case's runs; what is left beside the machine's speed): worst mean "
-                     + ", ".join(f"{k.split('_')[0].upper()} {100 * worst[k][0]:.1f}% ({worst[k][1]})" for k in keys)
-                     + "; median " + " / ".join(f"{100 * meds[k]:.1f}" for k in keys)
+                     + ", ".join(f"{k.split('_')[1].upper()} {100 * v:.1f}% ({c})" for k, (v, c, _) in stats.items())
+                     + "; median " + " / ".join(f"{100 * m:.1f}" for _, _, m in stats.values())
                      + f" %; cases with all four within 5%: {within} of {len(at)}")
     if pooled:
-        from .live_steps import SHAPE_BINS, bin_labels
-        parts = []
         order = [(col, label) for col in SHAPE_BINS for label in bin_labels(col)]
+        parts = []
         for (col, label), vals in sorted(pooled.items(), key=lambda kv: order.index(kv[0])):
-            n = sum(v[0] for v in vals)
-            parts.append(f"{col} {label}: x{sum(v[1] for v in vals) / sum(v[2] for v in vals):.3f} ({n})")
+            parts.append(f"{col} {label}: x{sum(v[1] for v in vals) / sum(v[2] for v in vals):.3f} "
+                         f"({sum(v[0] for v in vals)})")
         lines.append("- at each run's speed, the shape bins over all cases (Σ logged / Σ modelled, steps in "
                      "brackets): " + "; ".join(parts))
     return lines
@@ -518,15 +529,10 @@ def summary_markdown(result: dict) -> list[str]:
             fe = a.get("frontend_s")
             lines.append(f"| {case} | x{min(fs):.3f}-x{max(fs):.3f} | "
                          f"x{a['step_time_scale']:.3f} / x{a['decode_step_time_scale']:.3f} | "
-                         f"{'-' if fe is None else f'{1000 * fe:.2f}'} | " + " | ".join(
-                signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
+                         f"{'-' if fe is None else f'{1000 * fe:.2f}'} | " + _mean_cells(e) + " |")
         lines += ["", "Worst |error| per mean at the reference speed:", ""]
-        for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s"):
-            vals = [(abs(a["errors"][f"mean_{m}"]), c) for c, a in ref if a["errors"].get(f"mean_{m}") is not None]
-            if vals:
-                v, c = max(vals)
-                lines.append(f"- mean {m}: {100 * v:.1f}% ({c})")
-        within = sum(1 for _, a in ref if all(v is not None and abs(v) <= 0.05 for v in a["errors"].values()))
+        stats, within = mean_error_stats([(c, a["errors"]) for c, a in ref])
+        lines += [f"- mean {k[len('mean_'):]}: {100 * v:.1f}% ({c})" for k, (v, c, _) in stats.items()]
         lines.append(f"- cases with all four means within 5%: {within} of {len(ref)}")
     at = [(r["case"], r["at_measured_step_speed"]) for r in ok if r.get("at_measured_step_speed")]
     if at:
@@ -536,8 +542,7 @@ def summary_markdown(result: dict) -> list[str]:
                   "|---|---:|---:|---:|---:|---:|"]
         for case, a in at:
             e = a["errors"]
-            lines.append(f"| {case} | x{a['step_time_scale']:.3f} | " + " | ".join(
-                signed_pct(e.get(f"mean_{m}")) for m in ("ttft_ms", "tpot_ms", "e2e_ms", "jct_s")) + " |")
+            lines.append(f"| {case} | x{a['step_time_scale']:.3f} | " + _mean_cells(e) + " |")
     lines += live_speed_lines(ok)
     if result.get("ranking"):
         lines += ["", "Ranking: does the simulator order the variants as the real engine does?", "",
@@ -730,7 +735,7 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
         hardware = case.hardware
         overrides = _recorded_overrides(run, hardware, model)
     else:
-        programs = scale_arrivals(load_trace(case.trace), case.load)
+        programs = planned = scale_arrivals(load_trace(case.trace), case.load)
         hardware = case.hardware or _calibrate(case, case_dir, pool, log)
         srv = pool.get(case.model, case.engine_args)
         from replay.live import run_live, write_server_steps
@@ -785,9 +790,8 @@ def run_case(case: Case, case_dir: Path, pool: _ServerPool, log, repeats: int = 
             from .live_steps import speed_finding
             row["live_step_speed"] = speed
             row["findings"].append(speed_finding(speed))
-            row["at_live_step_speed"] = _at_live_step_speed(
-                scale_arrivals(load_trace(case.trace), case.load), [measured, *extra], hardware, model, overrides,
-                speed)
+            row["at_live_step_speed"] = _at_live_step_speed(planned, [measured, *extra], hardware, model, overrides,
+                                                            speed)
             (report / "live_steps.json").write_text(json.dumps(
                 {**speed, "at_live_step_speed": row["at_live_step_speed"]}, indent=2) + "\n")
     return row
